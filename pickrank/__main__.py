@@ -1,0 +1,5 @@
+"""`python -m pickrank`."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,39 @@
+"""pickrank's exceptions: the library raises these, the CLI turns them into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+# Exit codes, documented in the README ("When things go wrong").
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class PickrankError(Exception):
+    """Base class: a problem pickrank can explain in one line."""
+
+    exit_code = EXIT_FATAL
+
+
+class UsageError(PickrankError):
+    """Bad arguments or input files: the user must change the command (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ModelLoadError(PickrankError):
+    """The model or processor cannot be loaded (missing, not CLIP, unsafe format, offline)."""
+
+
+class InputFailed(PickrankError):
+    """An input failed and `--on-error fail` asked to stop (exit 1)."""
+
+
+class OutputError(PickrankError):
+    """The output cannot be written (unwritable path, full disk)."""
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so that clean-up runs as for Ctrl-C (exit 143)."""

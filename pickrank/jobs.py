@@ -1,0 +1,203 @@
+"""Turn each command's input (paths, a best-of-n folder, a prompts CSV) into candidate sets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Iterator, TextIO
+
+from PIL import Image
+
+from .discover import expand, is_image_name
+from .errors import UsageError
+from .records import CandidateSet, Query
+
+
+def _peek(paths: Iterator[str]) -> tuple[str | None, Iterator[str]]:
+    """The first path (or None) and an iterator that still yields it, so discovery stays lazy."""
+    for first in paths:
+        def chain() -> Iterator[str]:
+            yield first
+            yield from paths
+        return first, chain()
+    return None, iter(())
+
+
+def score_job(prompt: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
+    """`pickrank score`: one prompt over every image the arguments name."""
+    check_prompt(prompt)
+    first, paths = _peek(expand(args, stdin))
+    if first is None:
+        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+    return [CandidateSet(queries=(Query(prompt=prompt),), paths=paths)]
+
+
+def check_prompt(prompt: str) -> None:
+    """An empty prompt is a usage error: it would rank images by nothing."""
+    if not prompt or not prompt.strip():
+        raise UsageError("the prompt is empty: give --prompt TEXT")
+
+
+# -- best-of-n -------------------------------------------------------------------------------------------
+
+def prompt_from_metadata(path: str) -> str | None:
+    """The generation prompt stored in an image's text metadata (A1111 `parameters`, `prompt`, `Description`)."""
+    try:
+        with Image.open(path) as im:
+            info = dict(getattr(im, "text", None) or {}) or {k: v for k, v in im.info.items() if isinstance(v, str)}
+    except Exception:  # an unreadable image has no prompt; it is reported when scored
+        return None
+    params = info.get("parameters")
+    if isinstance(params, str) and params.strip():
+        text = params.split("Negative prompt:", 1)[0]
+        if "Negative prompt:" not in params and "\nSteps:" in text:
+            text = text.split("\nSteps:", 1)[0]
+        if text.strip():
+            return text.strip()
+    for field in ("prompt", "Description", "description"):
+        value = info.get(field)
+        if isinstance(value, str) and value.strip():
+            if value.strip().startswith(("{", "[")):
+                try:
+                    json.loads(value)  # ComfyUI stores its whole graph as JSON under "prompt": not a prompt
+                    continue
+                except ValueError:
+                    pass
+            return value.strip()
+    return None
+
+
+def _group_prompt(folder: str, images: list[str], prompt: str | None) -> str | None:
+    if prompt:
+        return prompt
+    txt = os.path.join(folder, "prompt.txt")
+    if os.path.isfile(txt):
+        try:
+            with open(txt, encoding="utf-8-sig") as f:
+                text = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        if text:
+            return text
+    for path in images:
+        found = prompt_from_metadata(path)
+        if found:
+            return found
+    return None
+
+
+def best_of_n_job(folder: str, prompt: str | None = None) -> list[CandidateSet]:
+    """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own."""
+    if prompt is not None:
+        check_prompt(prompt)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: not a folder")
+    sets: list[CandidateSet] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # symlink loop
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        images = sorted(os.path.join(dirpath, f) for f in filenames if is_image_name(f))
+        if not images:
+            continue
+        group = os.path.relpath(dirpath, folder)
+        group = os.path.basename(os.path.abspath(folder)) if group == "." else group
+        text = _group_prompt(dirpath, images, prompt)
+        if text is None:
+            sets.append(CandidateSet(queries=(Query(prompt="", group=group),), source=dirpath,
+                                     error="no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata"))
+        else:
+            sets.append(CandidateSet(queries=(Query(prompt=text, group=group),), paths=images))
+    if not sets:
+        raise UsageError(f"no images found in {folder}")
+    return sets
+
+
+# -- batch ----------------------------------------------------------------------------------------------
+
+def read_prompts_csv(path: str) -> list[dict[str, str]]:
+    """Rows of a prompts CSV: UTF-8 (BOM allowed), delimiter sniffed among , ; tab |, blank lines skipped."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise UsageError(f"{path}: empty CSV")
+    header = text.splitlines()[0]
+    try:
+        dialect = csv.Sniffer().sniff(header, delimiters=",;\t|")
+        delimiter = dialect.delimiter
+    except csv.Error:
+        delimiter = ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    if "prompt" not in fields:
+        raise UsageError(f"{path}: no 'prompt' column (found: {', '.join(fields) or 'none'})")
+    rows = []
+    for row in reader:
+        row = {(k or "").strip(): (v or "") for k, v in row.items() if k is not None}
+        if not any(v.strip() for v in row.values()):
+            continue
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{path}: no rows")
+    return rows
+
+
+def _row_images(spec: str, base: str) -> list[str]:
+    """A row's `images` cell: a folder, a glob, or paths separated by ';', relative to the CSV's folder."""
+    parts = [p.strip() for p in spec.split(";") if p.strip()]
+    return [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(base, p) for p in
+            (os.path.expanduser(x) for x in parts)]
+
+
+def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
+    """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images."""
+    rows = read_prompts_csv(csv_path)
+    base = os.path.dirname(os.path.abspath(csv_path))
+    shared_queries: list[Query] = []
+    own: dict[str, list[Query]] = {}
+    order: list[str | None] = []  # set order: None stands for the shared set, at its first row
+    for n, row in enumerate(rows, start=1):
+        prompt = row.get("prompt", "")
+        if not prompt.strip():
+            raise UsageError(f"{csv_path}: row {n} has an empty prompt")
+        q = Query(prompt=prompt, id=(row.get("id") or "").strip() or str(n))
+        spec = (row.get("images") or "").strip()
+        if spec:
+            if spec not in own:
+                own[spec] = []
+                order.append(spec)
+            own[spec].append(q)
+        else:
+            if not shared_queries:
+                order.append(None)
+            shared_queries.append(q)
+    if shared_queries and not args:
+        raise UsageError(f"{csv_path}: {len(shared_queries)} row(s) have no 'images' and no PATH was given")
+    sets: list[CandidateSet] = []
+    for spec in order:
+        if spec is None:
+            first, paths = _peek(expand(args, stdin))
+            if first is None:
+                raise UsageError(f"no images found in {' '.join(args)}")
+            sets.append(CandidateSet(queries=tuple(shared_queries), paths=paths))
+        else:
+            first, paths = _peek(expand(_row_images(spec, base)))
+            if first is None:
+                sets.append(CandidateSet(queries=tuple(own[spec]), source=spec,
+                                         error=f"images {spec!r} match no file"))
+            else:
+                sets.append(CandidateSet(queries=tuple(own[spec]), paths=paths))
+    return sets

@@ -1,0 +1,287 @@
+"""The PickScore embedder: loading (safetensors only), device, dtype, and batched image/text embedding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ModelLoadError, UsageError
+from .reader import ImageSpec, normalize
+
+log = logging.getLogger("pickrank")
+
+DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
+DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+MAX_TOKENS = 77
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_PROCESSOR_FILES = ("preprocessor_config.json",)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model and processor come from, resolved from the command-line options."""
+
+    model: str
+    processor: str
+    revision: str | None = None
+    offline: bool = False
+
+    @property
+    def model_is_local(self) -> bool:
+        return os.path.isdir(self.model)
+
+
+def resolve_source(model: str | None = None, processor: str | None = None, revision: str | None = None,
+                   offline: bool = False) -> ModelSource:
+    """Apply the defaults: PICKRANK_MODEL, else PickScore_v1; the processor from the model folder if it has one."""
+    model = model or os.environ.get("PICKRANK_MODEL") or DEFAULT_MODEL
+    if processor is None:
+        has_processor = os.path.isdir(model) and all(
+            os.path.exists(os.path.join(model, f)) for f in _PROCESSOR_FILES
+        ) and any(os.path.exists(os.path.join(model, f)) for f in _TOKENIZER_FILES)
+        processor = model if has_processor else DEFAULT_PROCESSOR
+    return ModelSource(model=model, processor=processor, revision=revision, offline=offline)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """auto: CUDA, then MPS, then CPU; an explicit device is checked to exist."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available on this machine")
+    return dev
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX on x86, BF16 on Arm)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def check_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for the name, refusing what this device cannot run well."""
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+    if device.type == "cpu" and dtype == "fp16":
+        raise UsageError("--dtype fp16 is not supported on CPU: use bf16 (on CPUs with bf16 instructions) or fp32")
+    if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16() and not os.environ.get("PICKRANK_FORCE_BF16"):
+        raise UsageError("--dtype bf16 needs a CPU with bf16 instructions (AVX512-BF16/AMX), which this one lacks: "
+                         "use fp32")
+    return DTYPES[dtype]
+
+
+def _check_local_weights(folder: str) -> None:
+    """Refuse folders whose only checkpoint is a pickle (it can run code when loaded)."""
+    names = os.listdir(folder)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ModelLoadError(f"{folder}: no config.json, so not a transformers model folder")
+    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        return
+    pickles = [n for n in names if n.endswith(_WEIGHT_SUFFIXES)]
+    if pickles:
+        raise ModelLoadError(
+            f"{folder}: only a pickle checkpoint ({', '.join(sorted(pickles))}); pickrank loads safetensors only, "
+            "since unpickling can run arbitrary code. Convert it with model.save_pretrained(dir, "
+            "safe_serialization=True) in a trusted environment.")
+    raise ModelLoadError(f"{folder}: no model weights (*.safetensors) found")
+
+
+def _check_is_clip(source: ModelSource) -> None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.model, revision=source.revision, local_files_only=source.offline,
+                                            trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError/ValueError subclasses with long texts
+        raise ModelLoadError(_short_load_error(source.model, e, source.offline)) from e
+    if getattr(config, "model_type", None) != "clip":
+        raise ModelLoadError(f"{source.model} is a {getattr(config, 'model_type', 'unknown')!r} model, not CLIP: "
+                             "pickrank needs a CLIP model such as yuvalkirstain/PickScore_v1")
+
+
+def _short_load_error(what: str, e: Exception, offline: bool) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if offline:
+        return f"cannot load {what} offline (is it in the Hugging Face cache?): {text}"
+    if not os.path.exists(what) and ("/" not in what or what.startswith((".", "/"))):
+        return f"cannot load {what}: no such folder, and not a hub id"
+    return f"cannot load {what}: {text}"
+
+
+def local_fingerprint(folder: str) -> str:
+    """A hash of a local model folder's weight and config files' names, sizes and mtimes."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
+            st = os.stat(os.path.join(folder, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _features(out: object) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers 4) or a ModelOutput with pooler_output (transformers 5)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        pooled = out[1] if isinstance(out, tuple) else None
+    if pooled is None:
+        raise TypeError(f"unexpected model output {type(out).__name__}")
+    return pooled
+
+
+def load_processor_config(processor: str, offline: bool = False) -> dict:
+    """The raw preprocessor_config.json of a folder or hub repo."""
+    if os.path.isdir(processor):
+        path = os.path.join(processor, "preprocessor_config.json")
+        if not os.path.exists(path):
+            raise ModelLoadError(f"{processor}: no preprocessor_config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(processor, "preprocessor_config.json", local_files_only=offline)
+        except Exception as e:
+            raise ModelLoadError(_short_load_error(processor, e, offline)) from e
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Embedder:
+    """PickScore's two towers on one device and dtype; embeddings come back L2-normalised, fp32, on the CPU."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
+                 dtype: torch.dtype, fingerprint: str, source: ModelSource | None = None,
+                 batch_size: int = 8) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.fingerprint = fingerprint
+        self.source = source
+        self.batch_size = batch_size
+        # exp(logit_scale) in fp32 from the checkpoint, so the score's scale never depends on --dtype.
+        self.scale = float(model.logit_scale.detach().float().exp().item())
+        self.revision = getattr(model.config, "_commit_hash", None)
+        self._oom_warned = False
+
+    @classmethod
+    def load(cls, source: ModelSource, device: str = "auto", dtype: str = "fp32", batch_size: int | None = None
+             ) -> "Embedder":
+        """Load model, tokenizer and preprocessing config; errors become ModelLoadError/UsageError."""
+        from transformers import AutoTokenizer, CLIPModel
+        from transformers.utils import logging as hf_logging
+
+        dev = pick_device(device)
+        tdtype = check_dtype(dtype, dev)
+        if source.model_is_local:
+            _check_local_weights(source.model)
+        elif os.path.exists(source.model):
+            raise ModelLoadError(f"{source.model}: not a folder")
+        _check_is_clip(source)
+        hf_logging.set_verbosity_error()  # transformers' load reports would mix into our stderr
+        hf_logging.disable_progress_bar()
+        try:
+            model = CLIPModel.from_pretrained(source.model, revision=source.revision, use_safetensors=True,
+                                              local_files_only=source.offline, trust_remote_code=False,
+                                              attn_implementation="sdpa")
+        except Exception as e:
+            raise ModelLoadError(_short_load_error(source.model, e, source.offline)) from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.processor, local_files_only=source.offline,
+                                                      trust_remote_code=False)
+        except Exception as e:
+            raise ModelLoadError(_short_load_error(source.processor, e, source.offline)) from e
+        spec = ImageSpec.from_config(load_processor_config(source.processor, source.offline))
+        model.eval()
+        scale_model = model  # keep the fp32 logit_scale for the constructor before casting
+        revision = getattr(model.config, "_commit_hash", None) or "local"
+        ident = f"{os.path.abspath(source.model)}@{local_fingerprint(source.model)}" if source.model_is_local \
+            else f"{source.model}@{revision}"
+        fingerprint = f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"
+        emb = cls(scale_model, tokenizer, spec, dev, tdtype, fingerprint, source,
+                  batch_size or (32 if dev.type != "cpu" else 8))
+        emb.model = model.to(device=dev, dtype=tdtype)
+        return emb
+
+    def describe(self) -> dict:
+        """Model, revision, device and dtype, for logs and reports."""
+        return {"model": self.source.model if self.source else "?", "revision": self.revision,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Normalised text embeddings (padded to the longest in the batch, truncated at 77 tokens) and truncation flags."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        truncated = [n > MAX_TOKENS for n in lengths]
+        out = []
+        for i in range(0, len(texts), max(self.batch_size, 32)):
+            enc = self.tokenizer(texts[i:i + max(self.batch_size, 32)], padding=True, truncation=True,
+                                 max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
+            feats = _features(self.model.get_text_features(**enc)).float()
+            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu())
+        return torch.cat(out), truncated
+
+    def pixel_tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> normalised model input on the device, in the model's dtype."""
+        return torch.from_numpy(normalize(pixels, self.spec)).to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings for model-ready pixel values (float, N x 3 x H x W)."""
+        feats = _features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+    def embed_images(self, pixels: np.ndarray) -> torch.Tensor:
+        """Embed a batch of decoded uint8 images; on CUDA out-of-memory, halve the batch and retry."""
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(pixels):
+            n = min(self.batch_size, len(pixels) - i)
+            try:
+                out.append(self.embed_pixels(self.pixel_tensor(pixels[i:i + n])))
+                i += n
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self.batch_size = max(1, n // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not self._oom_warned:
+                    log.warning("out of GPU memory: batch size lowered to %d", self.batch_size)
+                    self._oom_warned = True
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def embed_image_batch(embedder: Embedder, pixels: np.ndarray) -> torch.Tensor:
+    """The unit any executor calls: decoded uint8 images (N, 3, H, W) -> normalised embeddings (N, D), fp32."""
+    return embedder.embed_images(pixels)

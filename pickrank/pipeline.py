@@ -1,0 +1,323 @@
+"""Wires the stages in order: discover -> read -> cache -> embed misses in batches -> score/rank -> records.
+
+This module is the one place that knows the order. Images stream through a bounded window of decode jobs
+in worker processes, so memory stays flat whatever the number of images; each distinct image (by content)
+reaches the model at most once per run, and each distinct prompt is encoded once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .cache import NullCache
+from .errors import InputFailed
+from .model import Embedder
+from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, decode_and_preprocess, read_bytes
+from .records import CandidateSet, Query, Record, RunSummary
+from .score import ranks, softmax_probs
+
+log = logging.getLogger("pickrank")
+
+
+def default_workers() -> int:
+    """Decode workers: one per CPU the process may use, at most 8 (more only adds start-up time)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run behaves, independent of what it scores."""
+
+    batch_size: int | None = None
+    workers: int | None = None
+    top: int | None = None
+    on_error: str = "continue"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One finished candidate set: its records in output order (query by query, best first)."""
+
+    records: tuple[Record, ...]
+    failed: int = 0
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the whole process group; the parent decides what to do, workers just stop quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One decode per worker process: Pillow and numpy must not fan out into more threads.
+    torch_threads = os.environ.get("OMP_NUM_THREADS")
+    if torch_threads is None:
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _decode_job(key: str, data: bytes, spec, max_pixels: int | None) -> Decoded | str:
+    """Worker entry: decoded pixels, or the reason as a string (exceptions pickle poorly)."""
+    try:
+        return decode_and_preprocess(key, data, spec, max_pixels)
+    except ReadError as e:
+        return str(e)
+    except Exception as e:  # a decoder bug must not kill the run: report it like any bad file
+        return f"cannot decode: {type(e).__name__}: {e}"
+
+
+class _Decoder:
+    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` in flight."""
+
+    def __init__(self, workers: int, window: int) -> None:
+        self.window = max(1, window)
+        self.pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+            if os.name == "posix":
+                ctx.set_forkserver_preload(["pickrank.reader"])
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+        self.queue: collections.deque[tuple[object, Future | Decoded | str]] = collections.deque()
+
+    def submit(self, tag: object, key: str, data: bytes, spec, max_pixels: int | None) -> None:
+        if self.pool is None:
+            self.queue.append((tag, _decode_job(key, data, spec, max_pixels)))
+        else:
+            self.queue.append((tag, self.pool.submit(_decode_job, key, data, spec, max_pixels)))
+
+    @property
+    def full(self) -> bool:
+        return len(self.queue) >= self.window
+
+    def pop(self) -> tuple[object, Decoded | str]:
+        tag, item = self.queue.popleft()
+        return tag, item.result() if isinstance(item, Future) else item
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+@dataclass
+class _SetState:
+    """A candidate set in flight: its entries (path, key or None, error or None) and how many keys it waits on."""
+
+    cset: CandidateSet
+    entries: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    waiting: int = 0
+    exhausted: bool = False
+
+
+class Engine:
+    """Scores candidate sets with one embedder and cache; `run` yields each Ranking as soon as it completes."""
+
+    def __init__(self, embedder: Embedder, cache: NullCache | None = None, options: RunOptions | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> None:
+        self.embedder = embedder
+        self.cache = cache or NullCache()
+        self.options = options or RunOptions()
+        self.on_progress = on_progress
+        self.summary = RunSummary()
+
+    # -- text side ---------------------------------------------------------------------------------------
+    def _encode_prompts(self, sets: list[CandidateSet]) -> tuple[dict[str, int], torch.Tensor, dict[str, bool]]:
+        prompts = list(dict.fromkeys(q.prompt for s in sets if s.error is None for q in s.queries))
+        if not prompts:
+            return {}, torch.empty(0, 0), {}
+        text, truncated = self.embedder.embed_texts(prompts)
+        flags = dict(zip(prompts, truncated))
+        for p, t in flags.items():
+            if t:
+                log.warning("prompt longer than 77 tokens, truncated as the reference does: %r",
+                            p if len(p) <= 80 else p[:77] + "...")
+                self.summary.truncated_prompts.append(p)
+        return {p: i for i, p in enumerate(prompts)}, text, flags
+
+    # -- the run -----------------------------------------------------------------------------------------
+    def run(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """Stream all sets' images through read -> cache -> decode -> embed and yield finished rankings in order."""
+        sets = list(sets)
+        prompt_index, text, truncated = self._encode_prompts(sets)
+        scale = self.embedder.scale
+        # Per distinct image: its scores against every prompt (P floats) when that is smaller than the
+        # embedding, else the embedding; either way memory per image is small and bounded by min(P, D).
+        dim = text.shape[1] if text.numel() else 0
+        keep_scores = len(prompt_index) <= dim
+
+        def to_memo(emb: torch.Tensor) -> torch.Tensor:
+            # One matrix-vector product per image: the result does not depend on which batch it came in.
+            return torch.stack([scale * (text @ e) for e in emb]) if keep_scores else emb
+
+        def score_of(v: torch.Tensor, pi: int) -> float:
+            return float(v[pi]) if keep_scores else float(scale * (text[pi] @ v))
+
+        memo: dict[str, torch.Tensor] = {}
+        failed_keys: dict[str, str] = {}
+        waiters: dict[str, list[_SetState]] = {}
+        states: collections.deque[_SetState] = collections.deque()
+        opts = self.options
+        batch_size = opts.batch_size or self.embedder.batch_size
+        workers = default_workers() if opts.workers is None else opts.workers
+        decoder = _Decoder(workers, window=max(2 * batch_size, 4 * workers))
+        batch: list[Decoded] = []
+        spec = self.embedder.spec
+        model_fp = self.embedder.fingerprint
+
+        def fail(path: str, reason: str) -> None:
+            self.summary.failures += 1
+            log.warning("%s: %s", path, reason)
+            if opts.on_error == "fail":
+                raise InputFailed(f"{path}: {reason}")
+
+        def resolve(key: str, vec: torch.Tensor | None, reason: str | None = None) -> None:
+            if vec is not None:
+                memo[key] = vec
+            else:
+                failed_keys[key] = reason or "failed"
+            for st in waiters.pop(key, []):
+                st.waiting -= 1
+                if reason is not None:
+                    for path, k, _ in st.entries:
+                        if k == key:
+                            fail(path, reason)
+
+        def flush_batch() -> None:
+            if not batch:
+                return
+            pixels = np.stack([d.pixels for d in batch])
+            emb = self.embedder.embed_images(pixels)
+            self.summary.embedded += len(batch)
+            self.cache.put_many({d.key: emb[i].numpy() for i, d in enumerate(batch)}, model_fp)
+            vecs = to_memo(emb)
+            for i, d in enumerate(batch):
+                resolve(d.key, vecs[i])
+            if self.on_progress:
+                self.on_progress(len(batch))
+            batch.clear()
+
+        def drain(block_until_room: bool) -> None:
+            while decoder.queue and (decoder.full or not block_until_room):
+                key, result = decoder.pop()
+                if isinstance(result, str):
+                    resolve(key, None, result)
+                    if self.on_progress:
+                        self.on_progress(1)
+                else:
+                    batch.append(result)
+                    if len(batch) >= batch_size:
+                        flush_batch()
+                if block_until_room and not decoder.full:
+                    break
+
+        def finished() -> Iterator[Ranking]:
+            while states and states[0].exhausted and states[0].waiting == 0:
+                yield self._rank(states.popleft(), memo, failed_keys, prompt_index, score_of, truncated)
+
+        try:
+            for cset in sets:
+                st = _SetState(cset)
+                states.append(st)
+                if cset.error is None:
+                    seen_in_set: set[str] = set()
+                    for path in cset.paths:
+                        self.summary.images += 1
+                        try:
+                            data = read_bytes(path)
+                        except ReadError as e:
+                            st.entries.append((path, None, str(e)))
+                            fail(path, str(e))
+                            if self.on_progress:
+                                self.on_progress(1)
+                            continue
+                        key = content_key(data)
+                        st.entries.append((path, key, None))
+                        if key in seen_in_set:
+                            continue  # a copy under another name: scored once, reported for each name
+                        seen_in_set.add(key)
+                        if key in memo or key in failed_keys:
+                            if key in failed_keys:
+                                fail(path, failed_keys[key])
+                            continue
+                        st.waiting += 1
+                        if key in waiters:
+                            waiters[key].append(st)
+                            continue
+                        waiters[key] = [st]
+                        hit = self.cache.get_many([key], model_fp).get(key)
+                        if hit is not None:
+                            self.summary.cache_hits += 1
+                            resolve(key, to_memo(torch.from_numpy(hit)[None])[0])
+                            if self.on_progress:
+                                self.on_progress(1)
+                            continue
+                        decoder.submit(key, key, data, spec, opts.max_pixels)
+                        del data
+                        if decoder.full:
+                            drain(block_until_room=True)
+                        yield from finished()
+                st.exhausted = True
+                yield from finished()
+            drain(block_until_room=False)
+            flush_batch()
+            yield from finished()
+        finally:
+            decoder.close()
+
+    def _rank(self, st: _SetState, memo: dict[str, torch.Tensor], failed_keys: dict[str, str],
+              prompt_index: dict[str, int], score_of: Callable[[torch.Tensor, int], float],
+              truncated: dict[str, bool]) -> Ranking:
+        cset = st.cset
+        records: list[Record] = []
+        top = self.options.top
+        if cset.error is not None:
+            for q in cset.queries:
+                records.append(Record(prompt=q.prompt or None, path=cset.source, id=q.id, group=q.group,
+                                      error=cset.error))
+            return Ranking(tuple(records), failed=1)
+        ok = [(p, k) for p, k, e in st.entries if e is None and k is not None and k in memo]
+        errors = [(p, e if e is not None else failed_keys.get(k or "", "failed")) for p, k, e in st.entries
+                  if not (e is None and k is not None and k in memo)]
+        for q in cset.queries:
+            pi = prompt_index[q.prompt]
+            scores = [score_of(memo[k], pi) for _, k in ok]
+            probs = softmax_probs(torch.tensor(scores, dtype=torch.float32)).tolist() if scores else []
+            rk = ranks(scores)
+            order = sorted(range(len(ok)), key=lambda i: rk[i])
+            for i in order:
+                if top is not None and rk[i] > top:
+                    break
+                records.append(Record(prompt=q.prompt, path=ok[i][0], score=scores[i], prob=probs[i], rank=rk[i],
+                                      id=q.id, group=q.group, truncated=truncated.get(q.prompt, False)))
+            for path, reason in errors:
+                records.append(Record(prompt=q.prompt, path=path, id=q.id, group=q.group, error=reason,
+                                      truncated=truncated.get(q.prompt, False)))
+        self.summary.rankings += len(cset.queries)
+        return Ranking(tuple(records), failed=len(errors))
+
+
+def score_sets(sets: Iterable[CandidateSet], embedder: Embedder, cache: NullCache | None = None,
+               options: RunOptions | None = None) -> list[Record]:
+    """Score candidate sets and return all records (a convenience for the library API and tests)."""
+    engine = Engine(embedder, cache, options)
+    return [r for ranking in engine.run(sets) for r in ranking.records]
+
+
+def single_set(prompt: str, paths: Iterable[str]) -> CandidateSet:
+    """One prompt over one candidate set (the `score` command)."""
+    return CandidateSet(queries=(Query(prompt=prompt),), paths=paths)
+
+
+def with_copied(record: Record, dest: str) -> Record:
+    """The record, noting where its image was copied."""
+    return replace(record, copied_to=dest)

@@ -1,0 +1,222 @@
+"""Read, decode and preprocess images exactly as the CLIP image processor does (no torch here: runs in workers)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# Pillow's own default limit on decoded pixels (about 89.5 megapixels); --max-pixels changes it.
+DEFAULT_MAX_PIXELS = 89_478_485
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The preprocessing config: what the CLIP image processor does, read from preprocessor_config.json."""
+
+    shortest_edge: int | None = 224
+    resize_hw: tuple[int, int] | None = None
+    crop_hw: tuple[int, int] | None = (224, 224)
+    resample: int = 3
+    rescale_factor: float | None = 1 / 255
+    image_mean: tuple[float, ...] | None = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] | None = (0.26862954, 0.26130258, 0.27577711)
+    convert_rgb: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ImageSpec":
+        """Build the spec from a preprocessor_config.json dict (old `size: 224` and new dict forms)."""
+
+        def hw(v: object) -> tuple[int, int] | None:
+            if isinstance(v, int):
+                return (v, v)
+            if isinstance(v, dict) and "height" in v and "width" in v:
+                return (int(v["height"]), int(v["width"]))
+            return None
+
+        size = cfg.get("size", 224)
+        shortest = None
+        resize_hw = None
+        if cfg.get("do_resize", True):
+            if isinstance(size, int):
+                shortest = size
+            elif isinstance(size, dict) and "shortest_edge" in size:
+                shortest = int(size["shortest_edge"])
+            else:
+                resize_hw = hw(size)
+                if resize_hw is None:
+                    raise ValueError(f"unsupported preprocessor size: {size!r}")
+        crop = hw(cfg.get("crop_size", 224)) if cfg.get("do_center_crop", True) else None
+        rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None
+        normalize = cfg.get("do_normalize", True)
+        mean = tuple(cfg.get("image_mean", cls.image_mean)) if normalize else None
+        std = tuple(cfg.get("image_std", cls.image_std)) if normalize else None
+        return cls(shortest_edge=shortest, resize_hw=resize_hw, crop_hw=crop, resample=int(cfg.get("resample", 3)),
+                   rescale_factor=rescale, image_mean=mean, image_std=std,
+                   convert_rgb=bool(cfg.get("do_convert_rgb", True)))
+
+    def fingerprint(self) -> str:
+        """A stable string naming this preprocessing, for cache keys."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A preprocessed image: uint8 pixels, channels first, after resize and crop (normalising is done in batch)."""
+
+    key: str
+    pixels: np.ndarray
+    thumbnail: bytes | None = None
+
+
+class ReadError(Exception):
+    """An image that cannot be read or decoded; the message is the short reason shown to users."""
+
+
+def read_bytes(path: str) -> bytes:
+    """The file's bytes, or ReadError with a short reason."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise ReadError("is a directory") from None
+    except PermissionError:
+        raise ReadError("permission denied") from None
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ReadError("broken symlink") from None
+        raise ReadError("no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ReadError("symlink loop") from None
+        raise ReadError(e.strerror or str(e)) from None
+    if not data:
+        raise ReadError("empty file")
+    return data
+
+
+def content_key(data: bytes) -> str:
+    """SHA-256 of the bytes: images are identified by content, so copies count once."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert to RGB as transformers' convert_to_rgb does: transparency composited onto white."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the first frame of an image from bytes, refusing decompression bombs before decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
+            try:
+                image = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        w, h = image.size
+        if max_pixels and w * h > max_pixels:
+            raise ReadError(f"too large to decode safely: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,} "
+                            f"(raise it with --max-pixels)")
+        image.seek(0)  # animated GIF/WebP/APNG: the first frame, as the reference's Image.open gives it
+        image.load()
+        return image
+    except ReadError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ReadError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e)
+        if "truncated" in msg or "broken data stream" in msg or "image file is truncated" in msg:
+            raise ReadError("truncated image") from None
+        raise ReadError(f"cannot decode: {msg}") from None
+
+
+def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Resize (PIL, as the reference) and centre-crop; return uint8 pixels shaped (3, H, W)."""
+    if spec.convert_rgb:
+        image = to_rgb(image)
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    if spec.shortest_edge is not None:
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample=spec.resample, reducing_gap=None)
+    elif spec.resize_hw is not None:
+        rh, rw = spec.resize_hw
+        image = image.resize((rw, rh), resample=spec.resample, reducing_gap=None)
+    arr = np.asarray(image)
+    if spec.crop_hw is not None:
+        ch, cw = spec.crop_hw
+        h, w = arr.shape[:2]
+        top, left = (h - ch) // 2, (w - cw) // 2
+        if top >= 0 and left >= 0:
+            arr = arr[top:top + ch, left:left + cw]
+        else:  # smaller than the crop: pad with zeros around it, as transformers' center_crop does
+            out = np.zeros((max(ch, h), max(cw, w), 3), dtype=arr.dtype)
+            t, l = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+            out[t:t + h, l:l + w] = arr
+            top, left = (out.shape[0] - ch) // 2, (out.shape[1] - cw) // 2
+            arr = out[top:top + ch, left:left + cw]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def normalize(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """uint8 (N, 3, H, W) -> float32 model input: rescale then normalise, as the reference processor."""
+    x = pixels.astype(np.float32)
+    if spec.rescale_factor is not None:
+        x *= np.float32(spec.rescale_factor)
+    if spec.image_mean is not None and spec.image_std is not None:
+        mean = np.asarray(spec.image_mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(spec.image_std, dtype=np.float32).reshape(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:
+    """A small JPEG of the image (long side `size`), for HTML reports."""
+    thumb = to_rgb(image).copy()
+    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                          thumbnail: bool = False) -> Decoded:
+    """The worker's unit: bytes -> Decoded, or ReadError."""
+    image = open_image(data, max_pixels)
+    try:
+        pixels = preprocess(image, spec)
+    except (OSError, ValueError) as e:
+        raise ReadError(f"cannot decode: {e}") from None
+    return Decoded(key, pixels, make_thumbnail(image) if thumbnail else None)
+
+
+def load_path(path: str, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Read, hash, decode and preprocess one file (the single-process path)."""
+    data = read_bytes(path)
+    return decode_and_preprocess(content_key(data), data, spec, max_pixels)
+
+
+# Truncated files must fail, not be silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
