@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -175,12 +176,77 @@ def load_processor_config(processor: str, offline: bool = False) -> dict:
         return json.load(f)
 
 
+def _weights_file_for(source: ModelSource, tensor: str) -> str:
+    """The local path of the safetensors file holding `tensor` (downloaded from the hub if needed)."""
+
+    def fetch(name: str) -> str:
+        if source.model_is_local:
+            return os.path.join(source.model, name)
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(source.model, name, revision=source.revision, local_files_only=source.offline)
+
+    index = "model.safetensors.index.json"
+    try:
+        single = fetch("model.safetensors")
+        if os.path.exists(single):
+            return single
+    except Exception:  # a sharded checkpoint has no model.safetensors: use its index
+        pass
+    with open(fetch(index), encoding="utf-8") as f:
+        return fetch(json.load(f)["weight_map"][tensor])
+
+
+class PickScoreTowers(torch.nn.Module):
+    """CLIP's two towers loaded separately: the text tower at once, the vision tower only when an image needs it.
+
+    With every image answered by the embedding cache, a run loads a third of the weights. The towers hold exactly
+    CLIPModel's weights, and get_*_features compute what CLIPModel's do.
+    """
+
+    def __init__(self, source: ModelSource, config: object, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        from safetensors import safe_open
+
+        self.source, self.config, self.device_, self.dtype_ = source, config, device, dtype
+        with safe_open(_weights_file_for(source, "logit_scale"), framework="pt") as f:
+            self.logit_scale = torch.nn.Parameter(f.get_tensor("logit_scale").float(), requires_grad=False)
+        self.text = self._load("text")
+        self._vision: torch.nn.Module | None = None
+
+    def _load(self, tower: str) -> torch.nn.Module:
+        from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+        cls = CLIPTextModelWithProjection if tower == "text" else CLIPVisionModelWithProjection
+        sub = copy.deepcopy(getattr(self.config, f"{tower}_config"))
+        sub.projection_dim = self.config.projection_dim  # CLIPConfig keeps it at the top level
+        try:
+            model = cls.from_pretrained(self.source.model, config=sub, revision=self.source.revision,
+                                        use_safetensors=True, local_files_only=self.source.offline,
+                                        trust_remote_code=False, attn_implementation="sdpa")
+        except Exception as e:
+            raise ModelLoadError(_short_load_error(self.source.model, e, self.source.offline)) from e
+        return model.eval().to(device=self.device_, dtype=self.dtype_)
+
+    @property
+    def vision(self) -> torch.nn.Module:
+        if self._vision is None:
+            self._vision = self._load("vision")
+        return self._vision
+
+    def get_text_features(self, **enc: torch.Tensor) -> torch.Tensor:
+        return self.text(**enc).text_embeds
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values=pixel_values).image_embeds
+
+
 class Embedder:
     """PickScore's two towers on one device and dtype; embeddings come back L2-normalised, fp32, on the CPU."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
                  dtype: torch.dtype, fingerprint: str, source: ModelSource | None = None,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, revision: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -191,14 +257,14 @@ class Embedder:
         self.batch_size = batch_size
         # exp(logit_scale) in fp32 from the checkpoint, so the score's scale never depends on --dtype.
         self.scale = float(model.logit_scale.detach().float().exp().item())
-        self.revision = getattr(model.config, "_commit_hash", None)
+        self.revision = revision
         self._oom_warned = False
 
     @classmethod
     def load(cls, source: ModelSource, device: str = "auto", dtype: str = "fp32", batch_size: int | None = None
              ) -> "Embedder":
-        """Load model, tokenizer and preprocessing config; errors become ModelLoadError/UsageError."""
-        from transformers import AutoTokenizer, CLIPModel
+        """Load the text tower, tokenizer and preprocessing config (the vision tower on first use)."""
+        from transformers import AutoTokenizer, CLIPConfig
         from transformers.utils import logging as hf_logging
 
         dev = pick_device(device)
@@ -211,27 +277,23 @@ class Embedder:
         hf_logging.set_verbosity_error()  # transformers' load reports would mix into our stderr
         hf_logging.disable_progress_bar()
         try:
-            model = CLIPModel.from_pretrained(source.model, revision=source.revision, use_safetensors=True,
-                                              local_files_only=source.offline, trust_remote_code=False,
-                                              attn_implementation="sdpa")
+            config = CLIPConfig.from_pretrained(source.model, revision=source.revision,
+                                                local_files_only=source.offline)
         except Exception as e:
             raise ModelLoadError(_short_load_error(source.model, e, source.offline)) from e
+        towers = PickScoreTowers(source, config, dev, tdtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.processor, local_files_only=source.offline,
                                                       trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(_short_load_error(source.processor, e, source.offline)) from e
         spec = ImageSpec.from_config(load_processor_config(source.processor, source.offline))
-        model.eval()
-        scale_model = model  # keep the fp32 logit_scale for the constructor before casting
-        revision = getattr(model.config, "_commit_hash", None) or "local"
+        revision = getattr(config, "_commit_hash", None)
         ident = f"{os.path.abspath(source.model)}@{local_fingerprint(source.model)}" if source.model_is_local \
-            else f"{source.model}@{revision}"
+            else f"{source.model}@{revision or source.revision or 'main'}"
         fingerprint = f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"
-        emb = cls(scale_model, tokenizer, spec, dev, tdtype, fingerprint, source,
-                  batch_size or (32 if dev.type != "cpu" else 8))
-        emb.model = model.to(device=dev, dtype=tdtype)
-        return emb
+        return cls(towers, tokenizer, spec, dev, tdtype, fingerprint, source,
+                   batch_size or (32 if dev.type != "cpu" else 8), revision=revision)
 
     def describe(self) -> dict:
         """Model, revision, device and dtype, for logs and reports."""
