@@ -1,0 +1,74 @@
+"""Preprocessing equals the CLIP image processor pixel for pixel; bad bytes become short reasons."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoProcessor
+
+from pickrank.reader import (ImageSpec, ReadError, content_key, decode_and_preprocess, normalize, open_image,
+                             preprocess, read_bytes)
+
+
+def make(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8), "RGBA")
+    if mode == "P":
+        im = im.convert("RGB").quantize(16)
+        im.info["transparency"] = 3
+        return im
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65535, (size[1], size[0])).astype(np.uint16))
+    return im.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I;16"])
+@pytest.mark.parametrize("size", [(300, 200), (201, 333), (224, 224), (1, 1), (1000, 50), (225, 223)])
+def test_preprocess_matches_clip_image_processor(model_dir, mode, size):
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    spec = ImageSpec.from_config(json.loads((model_dir / "preprocessor_config.json").read_text()))
+    buf = io.BytesIO()
+    make(mode, size, seed=hash((mode, size)) % 1000).save(buf, format="TIFF" if mode == "CMYK" else "PNG")
+    ref = processor(images=Image.open(io.BytesIO(buf.getvalue())), return_tensors="np")["pixel_values"][0]
+    mine = normalize(preprocess(open_image(buf.getvalue()), spec)[None], spec)[0]
+    assert mine.shape == ref.shape == (3, 224, 224)
+    assert np.abs(mine - ref).max() < 1e-5
+
+
+def test_spec_from_old_and_new_config_forms():
+    old = ImageSpec.from_config({"size": 224, "crop_size": 224, "resample": 3})
+    new = ImageSpec.from_config({"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
+                                 "resample": 3})
+    assert old == new and old.shortest_edge == 224 and old.crop_hw == (224, 224)
+    assert ImageSpec.from_config({"size": {"height": 256, "width": 128}}).resize_hw == (256, 128)
+    assert old.fingerprint() != ImageSpec.from_config({"size": 336}).fingerprint()
+
+
+def test_read_errors_are_short_reasons(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ReadError, match="empty file"):
+        read_bytes(str(tmp_path / "empty.png"))
+    with pytest.raises(ReadError, match="no such file"):
+        read_bytes(str(tmp_path / "missing.png"))
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ReadError, match="is a directory"):
+        read_bytes(str(tmp_path / "dir.png"))
+    with pytest.raises(ReadError, match="not an image"):
+        open_image(b"hello world, not an image")
+
+
+def test_content_key_is_sha256_of_bytes():
+    assert content_key(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_bomb_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")
+    with pytest.raises(ReadError, match="too large"):
+        decode_and_preprocess("k", buf.getvalue(), ImageSpec(), max_pixels=100_000_000)
+    assert decode_and_preprocess("k", buf.getvalue(), ImageSpec(), max_pixels=200_000_000).pixels.shape == \
+        (3, 224, 224)
