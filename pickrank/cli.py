@@ -55,28 +55,28 @@ class OnError(str, Enum):
 
 # Options shared by score, best-of-n and batch.
 ModelOpt = Annotated[Optional[str], typer.Option("--model", envvar="PICKRANK_MODEL",
-                     help="Hub id or local folder of the model [default: yuvalkirstain/PickScore_v1].")]
+                     help="Hub id or local folder of the model \\[default: yuvalkirstain/PickScore_v1].")]
 ProcessorOpt = Annotated[Optional[str], typer.Option(
-    help="Hub id or folder of the processor [default: the model folder if it has one, else "
+    help="Hub id or folder of the processor \\[default: the model folder if it has one, else "
          "laion/CLIP-ViT-H-14-laion2B-s32B-b79K].")]
 RevisionOpt = Annotated[Optional[str], typer.Option(help="Model revision (branch, tag or commit) on the hub.")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never use the network; weights must be cached.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).")]
 DTypeOpt = Annotated[DType, typer.Option(help="Model precision; fp32 is the reference.")]
-BatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Images per model call [default: 32 on GPU, 8 on CPU].")]
+BatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Images per model call \\[default: 32 on GPU, 8 on CPU].")]
 WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Decode worker processes; 0 decodes in the main "
-                                                   "process [default: CPU count, at most 8].")]
+                                                   "process \\[default: CPU count, at most 8].")]
 FormatOpt = Annotated[Optional[Format], typer.Option(
-    "--format", "-f", help="Output format [default: table on a terminal, else jsonl].")]
+    "--format", "-f", help="Output format \\[default: table on a terminal, else jsonl].")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write results to FILE (atomically).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or info messages.")]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", envvar="PICKRANK_CACHE",
-                     help="Embedding cache file [default: ~/.cache/pickrank/embeddings.sqlite3].")]
+                     help="Embedding cache file \\[default: ~/.cache/pickrank/embeddings.sqlite3].")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")]
 OnErrorOpt = Annotated[OnError, typer.Option(help="continue: report bad images and go on (exit 3); "
                                              "fail: stop at the first (exit 1).")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option(min=1, help="Refuse images with more pixels than this "
-                                                     "(decompression bombs) [default: Pillow's 89,478,485].")]
+                                                     "(decompression bombs) \\[default: Pillow's 89,478,485].")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 HtmlOpt = Annotated[Optional[str], typer.Option("--html", metavar="FILE",
                     help="Also write a self-contained HTML gallery of the ranking.")]
@@ -90,9 +90,9 @@ class EngineName(str, Enum):
 EngineOpt = Annotated[EngineName, typer.Option(help="local, or ray to run on a Ray cluster (pip install "
                                                "'pickrank[ray]').")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address "
-                          "[default: $RAY_ADDRESS, else a local Ray started for the run].")]
+                          "\\[default: $RAY_ADDRESS, else a local Ray started for the run].")]
 RayActorsOpt = Annotated[Optional[int], typer.Option(min=1, help="Embedding actors on a cluster without GPUs "
-                                                     "[default: 1 per GPU, else 2].")]
+                                                     "\\[default: 1 per GPU, else 2].")]
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ def score(
 @app.command("best-of-n")
 def best_of_n(
     folder: Annotated[str, typer.Argument(help="Folder of candidates; each subfolder with images is a group.")],
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt for every group [default: "
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt for every group \\[default: "
                                                   "prompt.txt in the group, else the PNG metadata's prompt].")] = None,
     top: Annotated[int, typer.Option(min=1, help="Keep the best K of each group.")] = 1,
     copy_to: Annotated[Optional[str], typer.Option(help="Copy the winners into this folder (never overwrites).")
@@ -422,6 +422,43 @@ def cache_prune(
     n = c.prune(older_than)
     c.close()
     typer.echo(f"deleted {n} entries")
+
+
+@app.command()
+def report(
+    results: Annotated[str, typer.Argument(metavar="RESULTS.jsonl", help="Results saved with -f jsonl (or -f json); "
+                                           "- for stdin.")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="The HTML page to write "
+                                                  "\\[default: RESULTS with .html].")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Render saved results as a self-contained HTML gallery (image files must still exist for thumbnails).
+
+    Example: pickrank report scores.jsonl -o report.html
+    """
+    _setup_logging(quiet)
+    if output is None:
+        if results == "-":
+            _fail("give -o FILE when reading results from stdin", EXIT_USAGE)
+        output = os.path.splitext(results)[0] + ".html"
+    try:
+        from .html import render_results
+
+        rankings, missing = render_results(results, output)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_SIGINT)
+    except PickrankError as e:
+        if debug:
+            raise
+        _fail(str(e), e.exit_code)
+    except Exception as e:
+        if debug:
+            raise
+        _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_FATAL)
+    if missing:
+        log.warning("%d image file(s) no longer exist: shown as placeholders", missing)
+    log.info("wrote %s (%d ranking(s))", output, rankings)
 
 
 def run() -> None:

@@ -34,8 +34,9 @@ def csv_safe(value: object) -> object:
 class Output:
     """A text destination: stdout, or a file written to a temp file and renamed into place on close."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, label: str = "-o") -> None:
         self.path = path
+        self.label = label  # how messages name the option that gave the path
         self._tmp: str | None = None
         if path is None or path == "-":
             self.stream: IO[str] = sys.stdout
@@ -43,13 +44,13 @@ class Output:
             return
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
-            raise OutputError(f"-o {path}: is a folder")
+            raise OutputError(f"{label} {path}: is a folder")
         try:
             fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         except FileNotFoundError:
-            raise OutputError(f"-o {path}: folder {folder} does not exist") from None
+            raise OutputError(f"{label} {path}: folder {folder} does not exist") from None
         except OSError as e:
-            raise OutputError(f"-o {path}: cannot write there: {e.strerror or e}") from None
+            raise OutputError(f"{label} {path}: cannot write there: {e.strerror or e}") from None
         self.stream = os.fdopen(fd, "w", encoding="utf-8", newline="")
 
     @property
@@ -65,9 +66,12 @@ class Output:
             self.stream.flush()
             os.fsync(self.stream.fileno())
             self.stream.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
             os.replace(self._tmp, self.path)  # type: ignore[arg-type]
         except OSError as e:
-            raise OutputError(f"-o {self.path}: {e.strerror or e}") from None
+            raise OutputError(f"{self.label} {self.path}: {e.strerror or e}") from None
         finally:
             if self._tmp and os.path.exists(self._tmp):
                 os.unlink(self._tmp)
