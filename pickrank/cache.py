@@ -114,12 +114,7 @@ class EmbeddingCache(NullCache):
         if not self._disabled:
             log.warning("embedding cache %s disabled for this run: %s", self.path, e)
         self._disabled = True
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
-        self._db = None
+        self.close()
 
     def get_many(self, keys: list[str], model: str) -> dict[str, np.ndarray]:
         """Cached embeddings for those keys that have one under this model fingerprint."""

@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import IO, Iterable, Iterator
 
 from . import __version__
-from .errors import OutputError, UsageError
+from .errors import UsageError
 from .records import Record
 from .writers import Output
 

@@ -54,6 +54,22 @@ def images(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def count_embeds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A thin counting wrapper around the real Embedder.embed_images: how many images reached the model."""
+    from pickrank.model import Embedder
+
+    calls: list[int] = []
+    real = Embedder.embed_images
+
+    def counting(self, pixels):
+        calls.append(len(pixels))
+        return real(self, pixels)
+
+    monkeypatch.setattr(Embedder, "embed_images", counting)
+    return calls
+
+
+@pytest.fixture
 def runner():
     from typer.testing import CliRunner
 

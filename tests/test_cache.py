@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from pickrank.cache import EmbeddingCache, default_cache_path
 from pickrank.cli import app
 from pickrank.devtools import build_model
-from pickrank.model import Embedder, PickScoreTowers
+from pickrank.model import PickScoreTowers
 
 from .conftest import draw_image
 
@@ -27,19 +26,6 @@ def jsonl(text: str) -> list[dict]:
 
 def scores(res) -> dict[str, float]:
     return {r["path"]: r["score"] for r in jsonl(res.stdout)}
-
-
-@pytest.fixture
-def count_embeds(monkeypatch):
-    calls: list[int] = []
-    real = Embedder.embed_images
-
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return real(self, pixels)
-
-    monkeypatch.setattr(Embedder, "embed_images", counting)
-    return calls
 
 
 @pytest.fixture

@@ -29,20 +29,6 @@ def jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-@pytest.fixture
-def count_embeds(monkeypatch):
-    """A thin counting wrapper around the real Embedder.embed_images: how many images reached the model."""
-    calls: list[int] = []
-    real = Embedder.embed_images
-
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return real(self, pixels)
-
-    monkeypatch.setattr(Embedder, "embed_images", counting)
-    return calls
-
-
 # -- score: inputs ------------------------------------------------------------------------------------------
 
 def test_score_folder_jsonl_by_default_when_piped(runner, model_dir, images):
