@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch (an unpinned torch pulls a multi-GB CUDA build); users may install any torch>=2.1.
 TORCH ?= torch==2.13.0
-EXTRAS ?= test
+EXTRAS ?= test,eval,ray
 
 .PHONY: install test bench clean
 

@@ -168,6 +168,12 @@ def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | Non
     """Everything a scoring command does, with errors translated into messages and exit codes in one place."""
     _setup_logging(c.quiet)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if c.max_pixels is None:  # no --max-pixels: Pillow's limit, never none (None would mean unlimited downstream)
+        from dataclasses import replace
+
+        from .reader import DEFAULT_MAX_PIXELS
+
+        c = replace(c, max_pixels=DEFAULT_MAX_PIXELS)
     sinks: list = []  # the result writer and the HTML report: closed (kept) whatever happens
     code = EXIT_OK
     try:
@@ -207,9 +213,13 @@ def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | Non
         code = EXIT_FATAL
         print(f"pickrank: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
     finally:
+        keep = code in (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM)
         for sink in sinks:
             try:
-                sink.close()  # an interrupted run still leaves whole records, in a valid file
+                if keep or not hasattr(sink, "discard"):
+                    sink.close()  # an interrupted run still leaves whole records, in a valid file
+                else:
+                    sink.discard()  # a failed run leaves an earlier -o file as it was
             except BrokenPipeError:
                 pass
             except Exception as e:
@@ -459,6 +469,95 @@ def report(
     if missing:
         log.warning("%d image file(s) no longer exist: shown as placeholders", missing)
     log.info("wrote %s (%d ranking(s))", output, rankings)
+
+
+@app.command("eval")
+def eval_(
+    data: Annotated[str, typer.Argument(metavar="DATA", help="Pick-a-Pic parquet (a file, a folder or a quoted "
+                                        "glob of shards; needs pip install 'pickrank[eval]'), or CSV/JSONL with "
+                                        "prompt, image_0, image_1, label (0, 1 or 0.5; paths relative to the file).")],
+    validation: Annotated[Optional[str], typer.Option("--validation", metavar="FILE", help="Choose the tie "
+                          "threshold from 0, 0.1, ..., 1 on this labelled file (max accuracy), then apply it.")
+                          ] = None,
+    tie_threshold: Annotated[Optional[float], typer.Option("--tie-threshold", min=0.0, max=1.0, help="Predict a "
+                             "tie when |p0 - p1| <= this [default: 0, or chosen with --validation].")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% interval "
+                                           "(0: none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write per-pair results "
+                      "as JSON Lines (index, prompt, score_0, score_1, p_0, p_1, label, prediction, credit).")] = None,
+    json_summary: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    model: ModelOpt = None, processor: ProcessorOpt = None, revision: RevisionOpt = None, offline: OfflineOpt = False,
+    device: DeviceOpt = "auto", dtype: DTypeOpt = DType.fp32, batch_size: BatchOpt = None,
+    max_pixels: MaxPixelsOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Measure pairwise preference accuracy on labelled pairs, with the Pick-a-Pic paper's tie protocol.
+
+    Example: pickrank eval test.parquet --validation validation.parquet -o pairs.jsonl
+    """
+    import json
+
+    _setup_logging(quiet)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    out = None
+    code = EXIT_OK
+    try:
+        if tie_threshold is not None and validation is not None:
+            raise UsageError("give --tie-threshold or --validation, not both")
+        from .evaluate import Dataset, evaluate, format_summary
+        from .reader import DEFAULT_MAX_PIXELS
+        from .writers import Output
+
+        # Inputs and the output path are checked before the (slow) model load.
+        dataset = Dataset(data)
+        val = Dataset(validation) if validation is not None else None
+        out = Output(output) if output else None
+        from tqdm import tqdm
+
+        from .model import Embedder, resolve_source
+
+        source = resolve_source(model, processor, revision, offline)
+        embedder = Embedder.load(source, device=device, dtype=dtype.value, batch_size=batch_size)
+        d = embedder.describe()
+        log.info("%s on %s, %s", source.model, d["device"], d["dtype"])
+        total = dataset.count if val is None else (
+            dataset.count + val.count if dataset.count is not None and val.count is not None else None)
+        bar = tqdm(total=total or None, unit="pair", file=sys.stderr, disable=True if quiet else None,
+                   dynamic_ncols=True, leave=False)
+        try:
+            result = evaluate(dataset, embedder, threshold=tie_threshold, validation=val, resamples=bootstrap,
+                              seed=seed, out=out, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                              on_progress=bar.update)
+        finally:
+            bar.close()
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if json_summary else format_summary(result))
+        code = EXIT_PARTIAL if result.skipped else EXIT_OK
+    except KeyboardInterrupt:
+        code = EXIT_SIGINT
+        print("pickrank: interrupted", file=sys.stderr)
+    except Terminated:
+        code = EXIT_SIGTERM
+        print("pickrank: terminated", file=sys.stderr)
+    except PickrankError as e:
+        if debug:
+            raise
+        code = e.exit_code
+        print(f"pickrank: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if debug:
+            raise
+        code = EXIT_FATAL
+        print(f"pickrank: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+    finally:
+        if out is not None and code in (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM):
+            try:
+                out.close()  # complete, or interrupted: the per-pair lines written so far are whole
+            except PickrankError as e:
+                print(f"pickrank: error: {e}", file=sys.stderr)
+                code = code or EXIT_FATAL
+        elif out is not None:
+            out.discard()  # a failed run leaves any earlier file in place
+    raise typer.Exit(code)
 
 
 def run() -> None:

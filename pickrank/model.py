@@ -147,7 +147,7 @@ def local_fingerprint(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _features(out: object) -> torch.Tensor:
+def features(out: object) -> torch.Tensor:
     """get_*_features returns a tensor (transformers 4) or a ModelOutput with pooler_output (transformers 5)."""
     if isinstance(out, torch.Tensor):
         return out
@@ -309,7 +309,7 @@ class Embedder:
         for i in range(0, len(texts), max(self.batch_size, 32)):
             enc = self.tokenizer(texts[i:i + max(self.batch_size, 32)], padding=True, truncation=True,
                                  max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
-            feats = _features(self.model.get_text_features(**enc)).float()
+            feats = features(self.model.get_text_features(**enc)).float()
             out.append(torch.nn.functional.normalize(feats, dim=-1).cpu())
         return torch.cat(out), truncated
 
@@ -320,7 +320,7 @@ class Embedder:
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings for model-ready pixel values (float, N x 3 x H x W)."""
-        feats = _features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+        feats = features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
 
     def embed_images(self, pixels: np.ndarray) -> torch.Tensor:

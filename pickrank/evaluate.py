@@ -1,0 +1,531 @@
+"""`pickrank eval`: pairwise preference accuracy on Pick-a-Pic-style data, with the paper's tie protocol.
+
+For each pair the model's two scores become p0, p1 = softmax(score_0, score_1). The prediction is a tie when
+|p0 - p1| <= threshold, else the image with the larger probability. Credit: 1 when the prediction equals the
+label (a tie predicted for a tie label counts), 0.5 when exactly one of label and prediction is a tie, else 0.
+Accuracy is the mean credit. The threshold is given, or chosen from 0, 0.1, ..., 1 on a validation file by
+maximum accuracy (the smallest on equal accuracy) and then applied to the data, as the Pick-a-Pic paper does.
+
+Inputs:
+
+* Pick-a-Pic parquet (a file, a folder of *.parquet shards, or a quoted glob of shards): columns `caption`,
+  `jpg_0`, `jpg_1` (image bytes), `label_0`, `label_1`; read in row batches with pyarrow
+  (`pip install 'pickrank[eval]'`), so memory stays flat. Labels: (1, 0) -> image 0 preferred, (0, 1) -> image 1, (0.5, 0.5) -> tie.
+* CSV or JSON Lines with `prompt`, `image_0`, `image_1`, `label` (0, 1 or 0.5); image paths are relative to the
+  file's folder.
+
+Images are decoded from bytes in memory (no temp files) exactly as the reference processor does; each distinct
+image (by SHA-256 of its bytes) is embedded once and each distinct prompt encoded once, within a bounded memo.
+A pair whose image cannot be read is skipped with a warning (the command then exits 3).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import PickrankError, UsageError
+from .reader import DEFAULT_MAX_PIXELS, ReadError, content_key, decode_and_preprocess, read_bytes
+
+if TYPE_CHECKING:
+    from .model import Embedder
+
+log = logging.getLogger("pickrank")
+
+TIE = 0.5
+THRESHOLDS: tuple[float, ...] = tuple(i / 10 for i in range(11))
+PAIR_FIELDS = ("index", "prompt", "score_0", "score_1", "p_0", "p_1", "label", "prediction", "credit", "error")
+PARQUET_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+TABLE_COLUMNS = ("prompt", "image_0", "image_1", "label")
+PYARROW_HINT = "reading parquet needs pyarrow: pip install 'pickrank[eval]'"
+
+
+# -- the protocol -----------------------------------------------------------------------------------------
+
+def pair_probs(score_0: float, score_1: float) -> tuple[float, float]:
+    """softmax(score_0, score_1), computed stably in float64."""
+    d = float(score_0) - float(score_1)
+    if d >= 0:
+        e = math.exp(-d)
+        return 1.0 / (1.0 + e), e / (1.0 + e)
+    e = math.exp(d)
+    return e / (1.0 + e), 1.0 / (1.0 + e)
+
+
+def predict(p_0: float, p_1: float, threshold: float) -> float:
+    """0 (image 0 preferred), 1 (image 1) or 0.5 (a tie: |p0 - p1| <= threshold)."""
+    if abs(p_0 - p_1) <= threshold:
+        return TIE
+    return 0.0 if p_0 > p_1 else 1.0
+
+
+def credit(label: float, prediction: float) -> float:
+    """1 for an exact match (ties included), 0.5 when either the label or the prediction is a tie, else 0."""
+    if label == prediction:
+        return 1.0
+    if label == TIE or prediction == TIE:
+        return 0.5
+    return 0.0
+
+
+def accuracy(labels: Sequence[float], probs: Sequence[tuple[float, float]], threshold: float) -> float:
+    """Mean credit of the pairs at this tie threshold."""
+    if not labels:
+        return float("nan")
+    return sum(credit(lab, predict(p0, p1, threshold)) for lab, (p0, p1) in zip(labels, probs)) / len(labels)
+
+
+def choose_threshold(labels: Sequence[float], probs: Sequence[tuple[float, float]],
+                     candidates: Iterable[float] = THRESHOLDS) -> tuple[float, float]:
+    """The threshold with the highest accuracy (the smallest of equals), and that accuracy."""
+    best_t, best_acc = 0.0, -1.0
+    for t in candidates:
+        acc = accuracy(labels, probs, t)
+        if acc > best_acc + 1e-12:
+            best_t, best_acc = t, acc
+    return best_t, best_acc
+
+
+def bootstrap_interval(credits: Sequence[float], resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean credit (pairs resampled with replacement; threshold fixed)."""
+    x = np.asarray(credits, dtype=np.float64)
+    if resamples <= 0 or x.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for i in range(resamples):  # one resample at a time: memory O(pairs), whatever the number of pairs
+        means[i] = x[rng.integers(0, x.size, x.size)].mean()
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    """One labelled comparison; images are bytes (parquet) or paths (CSV/JSONL). `error` marks a bad row."""
+
+    index: int
+    prompt: str
+    image_0: bytes | str | None
+    image_1: bytes | str | None
+    label: float | None
+    error: str | None = None
+
+
+def _import_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PickrankError(PYARROW_HINT) from None
+    return pq
+
+
+def _label(value: object) -> float:
+    v = float(value)  # type: ignore[arg-type]
+    if v not in (0.0, 1.0, TIE):
+        raise ValueError(value)
+    return v
+
+
+def parquet_label(label_0: object, label_1: object) -> float:
+    """(1, 0) -> 0, (0, 1) -> 1, (0.5, 0.5) -> 0.5; anything else is a ValueError."""
+    pair = (float(label_0), float(label_1))  # type: ignore[arg-type]
+    mapping = {(1.0, 0.0): 0.0, (0.0, 1.0): 1.0, (TIE, TIE): TIE}
+    if pair not in mapping:
+        raise ValueError(f"labels (label_0, label_1) = {pair} are not (1, 0), (0, 1) or (0.5, 0.5)")
+    return mapping[pair]
+
+
+def _image_bytes(value: object) -> bytes | None:
+    if isinstance(value, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes")
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
+class Dataset:
+    """A data file (or a folder of parquet shards), checked when opened; `pairs()` streams its rows."""
+
+    def __init__(self, path: str, rows_per_batch: int = 64) -> None:
+        self.path = path
+        self.rows_per_batch = rows_per_batch
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".parquet"))
+            if not self.files:
+                raise UsageError(f"{path}: a folder without *.parquet files")
+            self.kind = "parquet"
+        elif not os.path.exists(path) and glob.has_magic(path):  # a quoted glob of shards: 'data/test-*.parquet'
+            self.files = sorted(glob.glob(path))
+            if not self.files or not all(f.endswith(".parquet") for f in self.files):
+                raise UsageError(f"{path}: the pattern must match *.parquet files only"
+                                 + ("" if self.files else " (it matches nothing)"))
+            self.kind = "parquet"
+        elif not os.path.exists(path):
+            raise UsageError(f"{path}: no such file")
+        else:
+            self.files = [path]
+            ext = os.path.splitext(path)[1].lower()
+            kinds = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+            if ext not in kinds:
+                raise UsageError(f"{path}: unknown data format (use .parquet, .csv or .jsonl)")
+            self.kind = kinds[ext]
+        self.count: int | None = None
+        if self.kind == "parquet":
+            pq = _import_parquet()
+            total = 0
+            for f in self.files:
+                try:
+                    pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+                except Exception as e:
+                    raise UsageError(f"{f}: not a readable parquet file: {e}") from None
+                missing = [c for c in PARQUET_COLUMNS if c not in pf.schema_arrow.names]
+                if missing:
+                    raise UsageError(f"{f}: missing column(s) {', '.join(missing)} (Pick-a-Pic layout: "
+                                     f"{', '.join(PARQUET_COLUMNS)})")
+                total += pf.metadata.num_rows
+            self.count = total
+
+    def pairs(self) -> Iterator[Pair]:
+        if self.kind == "parquet":
+            yield from self._parquet_pairs()
+        elif self.kind == "csv":
+            yield from self._table_pairs(self._csv_rows())
+        else:
+            yield from self._table_pairs(self._jsonl_rows())
+
+    def _parquet_pairs(self) -> Iterator[Pair]:
+        pq = _import_parquet()
+        index = 0
+        for f in self.files:
+            # pre_buffer (pyarrow's default) keeps every row group read so far in memory: memory would grow with
+            # the file; without it, and with a small read buffer, it stays flat.
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+            for batch in pf.iter_batches(batch_size=self.rows_per_batch, columns=list(PARQUET_COLUMNS)):
+                cols = {c: batch.column(c).to_pylist() for c in PARQUET_COLUMNS}
+                for i in range(batch.num_rows):
+                    prompt = cols["caption"][i]
+                    im0, im1 = _image_bytes(cols["jpg_0"][i]), _image_bytes(cols["jpg_1"][i])
+                    error = None
+                    label = None
+                    try:
+                        label = parquet_label(cols["label_0"][i], cols["label_1"][i])
+                    except (TypeError, ValueError) as e:
+                        error = str(e) if isinstance(e, ValueError) else "missing label"
+                    if im0 is None or im1 is None:
+                        error = error or "missing image bytes"
+                    if not isinstance(prompt, str):
+                        error = error or "missing caption"
+                    yield Pair(index, prompt or "", im0, im1, label, error)
+                    index += 1
+                del cols
+
+    def _csv_rows(self) -> Iterator[tuple[int, dict]]:
+        try:
+            f = open(self.path, newline="", encoding="utf-8-sig")
+        except OSError as e:
+            raise UsageError(f"{self.path}: {e.strerror or e}") from None
+        with f:
+            reader = csv.DictReader(f)
+            missing = [c for c in TABLE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UsageError(f"{self.path}: missing column(s) {', '.join(missing)} "
+                                 f"(needs {', '.join(TABLE_COLUMNS)})")
+            yield from enumerate(reader)
+
+    def _jsonl_rows(self) -> Iterator[tuple[int, dict]]:
+        try:
+            f = open(self.path, encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"{self.path}: {e.strerror or e}") from None
+        with f:
+            index = 0
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{self.path}:{lineno}: not JSON: {e.msg}") from None
+                if not isinstance(row, dict) or any(c not in row for c in TABLE_COLUMNS):
+                    raise UsageError(f"{self.path}:{lineno}: needs the keys {', '.join(TABLE_COLUMNS)}")
+                yield index, row
+                index += 1
+
+    def _table_pairs(self, rows: Iterator[tuple[int, dict]]) -> Iterator[Pair]:
+        base = os.path.dirname(os.path.abspath(self.path))
+
+        def resolve(p: object) -> str | None:
+            if not isinstance(p, str) or not p.strip():
+                return None
+            p = os.path.expanduser(p.strip())
+            return p if os.path.isabs(p) else os.path.join(base, p)
+
+        for index, row in rows:
+            error = None
+            label = None
+            try:
+                label = _label(row["label"])
+            except (TypeError, ValueError):
+                error = f"label {row['label']!r} is not 0, 1 or 0.5"
+            im0, im1 = resolve(row["image_0"]), resolve(row["image_1"])
+            if im0 is None or im1 is None:
+                error = error or "missing image path"
+            prompt = row["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                error = error or "missing prompt"
+            yield Pair(index, prompt if isinstance(prompt, str) else "", im0, im1, label, error)
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+
+class _Memo(collections.OrderedDict):
+    """A bounded least-recently-used dict."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_fresh(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class PairScorer:
+    """Scores pairs chunk by chunk: reads and decodes images in threads, embeds each distinct image and prompt once
+    (bounded memos of fp32 embeddings), and returns (score_0, score_1) or the reason a pair failed."""
+
+    def __init__(self, embedder: "Embedder", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 workers: int | None = None, memo_size: int = 65536) -> None:
+        from .pipeline import default_workers
+
+        self.embedder = embedder
+        self.max_pixels = max_pixels
+        self.workers = default_workers() if workers is None else max(1, workers)
+        self.images = _Memo(memo_size)
+        self.failed = _Memo(memo_size)
+        self.texts = _Memo(memo_size)
+        self.truncated = 0
+        self.embedded = 0
+
+    def _load(self, ref: bytes | str, which: int) -> tuple[str, bytes]:
+        if isinstance(ref, bytes):
+            return content_key(ref), ref
+        try:
+            data = read_bytes(ref)
+        except ReadError as e:
+            raise ReadError(f"image_{which} {ref}: {e}") from None
+        return content_key(data), data
+
+    def _decode(self, item: tuple[str, bytes]):
+        key, data = item
+        try:
+            return decode_and_preprocess(key, data, self.embedder.spec, self.max_pixels)
+        except ReadError as e:
+            return str(e)
+        except Exception as e:  # a decoder bug: report it like a bad image
+            return f"cannot decode: {type(e).__name__}: {e}"
+
+    def score(self, pairs: list[Pair], pool: ThreadPoolExecutor) -> list[tuple[float, float] | str]:
+        keys: list[tuple[str, str] | str] = []
+        todo: dict[str, bytes] = {}
+        for p in pairs:
+            if p.error is not None:
+                keys.append(p.error)
+                continue
+            try:
+                (k0, d0), (k1, d1) = self._load(p.image_0, 0), self._load(p.image_1, 1)  # type: ignore[arg-type]
+            except ReadError as e:
+                keys.append(str(e))
+                continue
+            for k, d in ((k0, d0), (k1, d1)):
+                if self.images.get_fresh(k) is None and self.failed.get(k) is None:
+                    todo.setdefault(k, d)
+            keys.append((k0, k1))
+        if todo:
+            decoded = list(pool.map(self._decode, todo.items()))
+            ok = [d for d in decoded if not isinstance(d, str)]
+            for k, d in zip(todo, decoded):
+                if isinstance(d, str):
+                    self.failed.put(k, d)
+            if ok:
+                emb = self.embedder.embed_images(np.stack([d.pixels for d in ok]))
+                self.embedded += len(ok)
+                for i, d in enumerate(ok):
+                    self.images.put(d.key, emb[i].clone())
+        prompts = [p.prompt for p, k in zip(pairs, keys) if not isinstance(k, str)]
+        new = [t for t in dict.fromkeys(prompts) if self.texts.get_fresh(t) is None]
+        if new:
+            emb, truncated = self.embedder.embed_texts(new)
+            self.truncated += sum(truncated)
+            for i, t in enumerate(new):
+                self.texts.put(t, emb[i].clone())
+        scale = self.embedder.scale
+        out: list[tuple[float, float] | str] = []
+        for p, k in zip(pairs, keys):
+            if isinstance(k, str):
+                out.append(k)
+                continue
+            bad = [self.failed.get(x) for x in k if self.images.get(x) is None]
+            if bad:
+                out.append(f"image_{0 if self.images.get(k[0]) is None else 1}: {bad[0] or 'failed'}")
+                continue
+            t = self.texts[p.prompt]
+            out.append((float(scale * (t @ self.images[k[0]])), float(scale * (t @ self.images[k[1]]))))
+        return out
+
+
+def score_pairs(dataset: Dataset, embedder: "Embedder", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                chunk: int | None = None, on_progress: Callable[[int], None] | None = None,
+                scorer: PairScorer | None = None) -> Iterator[tuple[Pair, tuple[float, float] | str]]:
+    """Stream (pair, (score_0, score_1) or error) for every row of the dataset, in order."""
+    scorer = scorer or PairScorer(embedder, max_pixels)
+    chunk = chunk or max(32, 4 * embedder.batch_size)
+    buf: list[Pair] = []
+    with ThreadPoolExecutor(max_workers=scorer.workers) as pool:
+        def flush() -> Iterator[tuple[Pair, tuple[float, float] | str]]:
+            results = scorer.score(buf, pool)
+            yield from zip(list(buf), results)
+            if on_progress:
+                on_progress(len(buf))
+            buf.clear()
+
+        for pair in dataset.pairs():
+            buf.append(pair)
+            if len(buf) >= chunk:
+                yield from flush()
+        if buf:
+            yield from flush()
+
+
+# -- the whole evaluation ---------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    """What `pickrank eval` reports."""
+
+    data: str
+    accuracy: float
+    pairs: int
+    skipped: int
+    label_ties: int
+    predicted_ties: int
+    threshold: float
+    threshold_source: str
+    ci: tuple[float, float] | None
+    resamples: int
+    seed: int
+    validation: dict | None = None
+    truncated_prompts: int = 0
+    embedded_images: int = 0
+    model: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ci"] = list(self.ci) if self.ci else None
+        return d
+
+
+def _scored(dataset: Dataset, embedder: "Embedder", max_pixels: int | None, scorer: PairScorer,
+            on_progress: Callable[[int], None] | None) -> tuple[list[float], list[tuple[float, float]], int]:
+    labels, probs, skipped = [], [], 0
+    for pair, res in score_pairs(dataset, embedder, max_pixels, on_progress=on_progress, scorer=scorer):
+        if isinstance(res, str):
+            skipped += 1
+            log.warning("%s: pair %d skipped: %s", dataset.path, pair.index, res)
+            continue
+        labels.append(pair.label)
+        probs.append(pair_probs(*res))
+    return labels, probs, skipped
+
+
+def evaluate(dataset: Dataset, embedder: "Embedder", threshold: float | None = None,
+             validation: Dataset | None = None, resamples: int = 1000, seed: int = 0, out=None,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             on_progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a writers.Output)."""
+    if threshold is not None and validation is not None:
+        raise UsageError("give either a tie threshold or a validation file to choose it, not both")
+    scorer = PairScorer(embedder, max_pixels)
+    val_info = None
+    if validation is not None:
+        labels, probs, vskipped = _scored(validation, embedder, max_pixels, scorer, on_progress)
+        if not labels:
+            raise PickrankError(f"{validation.path}: no pair could be scored, so no threshold can be chosen")
+        threshold, vacc = choose_threshold(labels, probs)
+        val_info = {"data": validation.path, "pairs": len(labels), "skipped": vskipped, "accuracy": vacc,
+                    "accuracy_by_threshold": {str(t): accuracy(labels, probs, t) for t in THRESHOLDS}}
+        source = f"chosen on {validation.path}"
+        log.info("tie threshold %.1f chosen on %s (accuracy %.4f on %d pairs)", threshold, validation.path, vacc,
+                 len(labels))
+    else:
+        source = "default" if threshold is None else "given"
+        threshold = 0.0 if threshold is None else float(threshold)
+    credits: list[float] = []
+    label_ties = pred_ties = skipped = 0
+    for pair, res in score_pairs(dataset, embedder, max_pixels, on_progress=on_progress, scorer=scorer):
+        rec = dict.fromkeys(PAIR_FIELDS)
+        rec.update(index=pair.index, prompt=pair.prompt, label=pair.label)
+        if isinstance(res, str):
+            skipped += 1
+            log.warning("%s: pair %d skipped: %s", dataset.path, pair.index, res)
+            rec["error"] = res
+        else:
+            p0, p1 = pair_probs(*res)
+            pred = predict(p0, p1, threshold)
+            c = credit(pair.label, pred)  # type: ignore[arg-type]
+            credits.append(c)
+            label_ties += pair.label == TIE
+            pred_ties += pred == TIE
+            rec.update(score_0=res[0], score_1=res[1], p_0=p0, p_1=p1, prediction=pred, credit=c)
+        if out is not None:
+            out.stream.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    if not credits:
+        if skipped:
+            raise PickrankError(f"{dataset.path}: none of the {skipped} pair(s) could be scored")
+        raise UsageError(f"{dataset.path}: no pairs")
+    if scorer.truncated:
+        log.warning("%d prompt(s) longer than 77 tokens were truncated, as the reference does", scorer.truncated)
+    return EvalResult(data=dataset.path, accuracy=float(np.mean(credits)), pairs=len(credits), skipped=skipped,
+                      label_ties=label_ties, predicted_ties=pred_ties, threshold=threshold,
+                      threshold_source=source, ci=bootstrap_interval(credits, resamples, seed),
+                      resamples=resamples, seed=seed, validation=val_info, truncated_prompts=scorer.truncated,
+                      embedded_images=scorer.embedded, model=embedder.describe())
+
+
+def format_summary(r: EvalResult) -> str:
+    """The human-readable report `pickrank eval` prints."""
+    ci = (f"  (95% bootstrap CI {r.ci[0]:.4f}-{r.ci[1]:.4f}, {r.resamples} resamples, seed {r.seed})"
+          if r.ci else "")
+    lines = [
+        f"data        {r.data}",
+        f"model       {r.model.get('model', '?')} ({r.model.get('device', '?')}, {r.model.get('dtype', '?')})",
+        f"accuracy    {r.accuracy:.4f}{ci}",
+        f"pairs       {r.pairs}" + (f" ({r.skipped} skipped)" if r.skipped else ""),
+        f"ties        {r.label_ties} in the labels, {r.predicted_ties} predicted",
+    ]
+    if r.validation:
+        v = r.validation
+        lines.append(f"threshold   {r.threshold:.1f} (chosen on {v['data']} from 0, 0.1, ..., 1: accuracy "
+                     f"{v['accuracy']:.4f} on {v['pairs']} pairs)")
+    else:
+        lines.append(f"threshold   {r.threshold:g} ({r.threshold_source})")
+    return "\n".join(lines)
