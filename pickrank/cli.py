@@ -164,16 +164,61 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _exit_code(e: BaseException, debug: bool) -> int:
+    """The one place exceptions become a one-line message on stderr and an exit code (--debug re-raises)."""
+    if isinstance(e, KeyboardInterrupt):
+        print("pickrank: interrupted; results so far were kept", file=sys.stderr)
+        return EXIT_SIGINT
+    if isinstance(e, Terminated):
+        print("pickrank: terminated; results so far were kept", file=sys.stderr)
+        return EXIT_SIGTERM
+    if isinstance(e, BrokenPipeError):
+        # The reader went away (| head): stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    if debug or isinstance(e, typer.Exit) or not isinstance(e, Exception):  # --debug, or an exit passing through
+        raise e
+    if isinstance(e, PickrankError):
+        print(f"pickrank: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"pickrank: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+    return EXIT_FATAL
+
+
+def _close_sinks(sinks: list, code: int) -> int:
+    """Keep outputs of finished or interrupted runs (whole records); discard those of failed runs."""
+    keep = code in (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM)
+    for sink in sinks:
+        try:
+            if keep or not hasattr(sink, "discard"):
+                sink.close()
+            else:
+                sink.discard()  # a failed run leaves an earlier -o file as it was
+        except BrokenPipeError:
+            pass
+        except Exception as e:
+            print(f"pickrank: error: {e}", file=sys.stderr)
+            code = code or EXIT_FATAL
+    return code
+
+
+def _load_embedder(model, processor, revision, offline, device, dtype, batch_size):
+    """Resolve and load the model, and say on stderr what runs where."""
+    from .model import Embedder, resolve_source
+
+    source = resolve_source(model, processor, revision, offline)
+    embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size)
+    d = embedder.describe()
+    slow = " (CPU is slow: about 2 s per image for PickScore; a GPU or --dtype bf16 helps)" \
+        if embedder.device.type == "cpu" else ""
+    log.info("%s on %s, %s%s", source.model, d["device"], d["dtype"], slow)
+    return embedder
+
+
 def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | None = None) -> None:
     """Everything a scoring command does, with errors translated into messages and exit codes in one place."""
     _setup_logging(c.quiet)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    if c.max_pixels is None:  # no --max-pixels: Pillow's limit, never none (None would mean unlimited downstream)
-        from dataclasses import replace
-
-        from .reader import DEFAULT_MAX_PIXELS
-
-        c = replace(c, max_pixels=DEFAULT_MAX_PIXELS)
     sinks: list = []  # the result writer and the HTML report: closed (kept) whatever happens
     code = EXIT_OK
     try:
@@ -191,40 +236,10 @@ def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | Non
         if copy_to:
             os.makedirs(copy_to, exist_ok=True)
         code = _score(c, sets, sinks, copy_to)
-    except KeyboardInterrupt:
-        code = EXIT_SIGINT
-        print("pickrank: interrupted; results so far were kept", file=sys.stderr)
-    except Terminated:
-        code = EXIT_SIGTERM
-        print("pickrank: terminated; results so far were kept", file=sys.stderr)
-    except BrokenPipeError:
-        # The reader went away (| head): stop quietly, and keep Python from complaining at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = EXIT_OK
-    except PickrankError as e:
-        if c.debug:
-            raise
-        code = e.exit_code
-        print(f"pickrank: error: {e}", file=sys.stderr)
-    except Exception as e:
-        if c.debug:
-            raise
-        code = EXIT_FATAL
-        print(f"pickrank: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+    except BaseException as e:
+        code = _exit_code(e, c.debug)
     finally:
-        keep = code in (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM)
-        for sink in sinks:
-            try:
-                if keep or not hasattr(sink, "discard"):
-                    sink.close()  # an interrupted run still leaves whole records, in a valid file
-                else:
-                    sink.discard()  # a failed run leaves an earlier -o file as it was
-            except BrokenPipeError:
-                pass
-            except Exception as e:
-                print(f"pickrank: error: {e}", file=sys.stderr)
-                code = code or EXIT_FATAL
+        code = _close_sinks(sinks, code)
     raise typer.Exit(code)
 
 
@@ -244,15 +259,10 @@ def _score(c: Common, sets: list, sinks: list, copy_to: str | None) -> int:
     from tqdm import tqdm
 
     from .cache import open_cache
-    from .model import Embedder, resolve_source
     from .pipeline import RunOptions
 
-    source = resolve_source(c.model, c.processor, c.revision, c.offline)
-    embedder = Embedder.load(source, device=c.device, dtype=c.dtype, batch_size=c.batch_size)
+    embedder = _load_embedder(c.model, c.processor, c.revision, c.offline, c.device, c.dtype, c.batch_size)
     d = embedder.describe()
-    slow = " (CPU is slow: about 2 s per image for PickScore; a GPU or --dtype bf16 helps)" \
-        if embedder.device.type == "cpu" else ""
-    log.info("%s on %s, %s%s", source.model, d["device"], d["dtype"], slow)
     for sink in sinks:
         if hasattr(sink, "set_meta"):
             sink.set_meta(d)
@@ -308,6 +318,10 @@ def _common(**kw) -> Common:
     kw["format"] = kw["format"].value if kw["format"] else None
     kw["on_error"] = kw["on_error"].value
     kw["engine"] = kw["engine"].value
+    if kw["max_pixels"] is None:  # Pillow's limit; None would mean no limit downstream
+        from .reader import DEFAULT_MAX_PIXELS
+
+        kw["max_pixels"] = DEFAULT_MAX_PIXELS
     return Common(**kw)
 
 
@@ -456,16 +470,8 @@ def report(
         from .html import render_results
 
         rankings, missing = render_results(results, output)
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_SIGINT)
-    except PickrankError as e:
-        if debug:
-            raise
-        _fail(str(e), e.exit_code)
-    except Exception as e:
-        if debug:
-            raise
-        _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_FATAL)
+    except BaseException as e:
+        raise typer.Exit(_exit_code(e, debug))
     if missing:
         log.warning("%d image file(s) no longer exist: shown as placeholders", missing)
     log.info("wrote %s (%d ranking(s))", output, rankings)
@@ -514,12 +520,7 @@ def eval_(
         out = Output(output) if output else None
         from tqdm import tqdm
 
-        from .model import Embedder, resolve_source
-
-        source = resolve_source(model, processor, revision, offline)
-        embedder = Embedder.load(source, device=device, dtype=dtype.value, batch_size=batch_size)
-        d = embedder.describe()
-        log.info("%s on %s, %s", source.model, d["device"], d["dtype"])
+        embedder = _load_embedder(model, processor, revision, offline, device, dtype.value, batch_size)
         total = dataset.count if val is None else (
             dataset.count + val.count if dataset.count is not None and val.count is not None else None)
         bar = tqdm(total=total or None, unit="pair", file=sys.stderr, disable=True if quiet else None,
@@ -532,31 +533,10 @@ def eval_(
             bar.close()
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if json_summary else format_summary(result))
         code = EXIT_PARTIAL if result.skipped else EXIT_OK
-    except KeyboardInterrupt:
-        code = EXIT_SIGINT
-        print("pickrank: interrupted", file=sys.stderr)
-    except Terminated:
-        code = EXIT_SIGTERM
-        print("pickrank: terminated", file=sys.stderr)
-    except PickrankError as e:
-        if debug:
-            raise
-        code = e.exit_code
-        print(f"pickrank: error: {e}", file=sys.stderr)
-    except Exception as e:
-        if debug:
-            raise
-        code = EXIT_FATAL
-        print(f"pickrank: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+    except BaseException as e:
+        code = _exit_code(e, debug)
     finally:
-        if out is not None and code in (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM):
-            try:
-                out.close()  # complete, or interrupted: the per-pair lines written so far are whole
-            except PickrankError as e:
-                print(f"pickrank: error: {e}", file=sys.stderr)
-                code = code or EXIT_FATAL
-        elif out is not None:
-            out.discard()  # a failed run leaves any earlier file in place
+        code = _close_sinks([out] if out is not None else [], code)
     raise typer.Exit(code)
 
 

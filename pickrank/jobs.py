@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from typing import Iterator, TextIO
 
@@ -13,6 +14,8 @@ from PIL import Image
 from .discover import expand, is_image_name
 from .errors import UsageError
 from .records import CandidateSet, Query
+
+log = logging.getLogger("pickrank")
 
 
 def _peek(paths: Iterator[str]) -> tuple[str | None, Iterator[str]]:
@@ -110,6 +113,7 @@ def best_of_n_job(folder: str, prompt: str | None = None) -> list[CandidateSet]:
         group = os.path.basename(os.path.abspath(folder)) if group == "." else group
         text = _group_prompt(dirpath, images, prompt)
         if text is None:
+            log.warning("%s: no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata", dirpath)
             sets.append(CandidateSet(queries=(Query(prompt="", group=group),), source=dirpath,
                                      error="no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata"))
         else:
@@ -131,7 +135,9 @@ def read_prompts_csv(path: str) -> list[dict[str, str]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{path}: not UTF-8 (line {line}, byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                         "save it as UTF-8") from None
     if not text.strip():
         raise UsageError(f"{path}: empty CSV")
     header = text.splitlines()[0]
@@ -145,11 +151,14 @@ def read_prompts_csv(path: str) -> list[dict[str, str]]:
     if "prompt" not in fields:
         raise UsageError(f"{path}: no 'prompt' column (found: {', '.join(fields) or 'none'})")
     rows = []
-    for row in reader:
-        row = {(k or "").strip(): (v or "") for k, v in row.items() if k is not None}
-        if not any(v.strip() for v in row.values()):
-            continue
-        rows.append(row)
+    try:
+        for row in reader:
+            row = {(k or "").strip(): (v or "") for k, v in row.items() if k is not None}
+            if not any(v.strip() for v in row.values()):
+                continue
+            rows.append(row)
+    except csv.Error as e:  # e.g. a field over the csv module's size limit, or a NUL byte
+        raise UsageError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
     if not rows:
         raise UsageError(f"{path}: no rows")
     return rows
@@ -169,11 +178,15 @@ def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> li
     shared_queries: list[Query] = []
     own: dict[str, list[Query]] = {}
     order: list[str | None] = []  # set order: None stands for the shared set, at its first row
+    ids: dict[str, int] = {}
     for n, row in enumerate(rows, start=1):
         prompt = row.get("prompt", "")
         if not prompt.strip():
             raise UsageError(f"{csv_path}: row {n} has an empty prompt")
         q = Query(prompt=prompt, id=(row.get("id") or "").strip() or str(n))
+        if q.id in ids:  # each row is still its own ranking, in row order
+            log.warning("%s: id %r of row %d repeats row %d's", csv_path, q.id, n, ids[q.id])
+        ids.setdefault(q.id, n)
         spec = (row.get("images") or "").strip()
         if spec:
             if spec not in own:
@@ -196,6 +209,8 @@ def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> li
         else:
             first, paths = _peek(expand(_row_images(spec, base)))
             if first is None:
+                log.warning("%s: images %r match no file (row %s)", csv_path, spec,
+                            ", ".join(q.id or "?" for q in own[spec]))
                 sets.append(CandidateSet(queries=tuple(own[spec]), source=spec,
                                          error=f"images {spec!r} match no file"))
             else:

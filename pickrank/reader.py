@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -82,13 +83,19 @@ class ReadError(Exception):
 
 
 def read_bytes(path: str) -> bytes:
-    """The file's bytes, or ReadError with a short reason."""
+    """The file's bytes, or ReadError with a short reason.
+
+    Only regular files are read: the file is opened without blocking and checked first, so a FIFO or a device
+    named like an image is refused instead of hanging the run or reading forever.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, flags)
     except IsADirectoryError:
         raise ReadError("is a directory") from None
     except PermissionError:
+        if os.path.isdir(path):  # Windows cannot open folders
+            raise ReadError("is a directory") from None
         raise ReadError("permission denied") from None
     except FileNotFoundError:
         if os.path.islink(path):
@@ -98,6 +105,22 @@ def read_bytes(path: str) -> bytes:
         if e.errno == errno.ELOOP:
             raise ReadError("symlink loop") from None
         raise ReadError(e.strerror or str(e)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ReadError("is a directory")
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+            raise ReadError(f"not a regular file ({kind})")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # the file object owns it now
+            data = f.read()
+    except OSError as e:
+        raise ReadError(e.strerror or str(e)) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if not data:
         raise ReadError("empty file")
     return data
@@ -143,7 +166,7 @@ def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
         raise ReadError("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e)
-        if "truncated" in msg or "broken data stream" in msg or "image file is truncated" in msg:
+        if "truncated" in msg.lower() or "broken data stream" in msg:
             raise ReadError("truncated image") from None
         raise ReadError(f"cannot decode: {msg}") from None
 

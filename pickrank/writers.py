@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -101,13 +102,21 @@ class Writer:
     def close(self) -> None:
         self.out.close()
 
+    def discard(self) -> None:
+        """Give up: a file target is left as it was before the run (stdout is just flushed)."""
+        if self.out.path is None:
+            self.out.stream.flush()
+        else:
+            self.out.discard()
+
 
 class JsonlWriter(Writer):
     """One JSON object per line, flushed after each ranking so that pipes see results as they complete."""
 
     def write(self, records: Iterable[Record]) -> None:
-        for r in records:
-            self.out.stream.write(json.dumps(r.to_dict(self.fields), ensure_ascii=False) + "\n")
+        # One write per ranking: an interrupt lands between rankings, never inside a line.
+        self.out.stream.write("".join(json.dumps(r.to_dict(self.fields), ensure_ascii=False) + "\n"
+                                      for r in records))
         self.out.stream.flush()
 
 
@@ -120,10 +129,10 @@ class JsonWriter(Writer):
         self.out.stream.write("[")
 
     def write(self, records: Iterable[Record]) -> None:
-        for r in records:
-            self.out.stream.write(("," if self.count else "") + "\n  " +
-                                  json.dumps(r.to_dict(self.fields), ensure_ascii=False))
-            self.count += 1
+        items = [json.dumps(r.to_dict(self.fields), ensure_ascii=False) for r in records]
+        if items:  # one write per ranking, so an interrupt never leaves half an element
+            self.out.stream.write(("," if self.count else "") + "\n  " + ",\n  ".join(items))
+            self.count += len(items)
         self.out.stream.flush()
 
     def close(self) -> None:
@@ -140,9 +149,13 @@ class CsvWriter(Writer):
         self.csv.writerow(fields)
 
     def write(self, records: Iterable[Record]) -> None:
+        rows = []
         for r in records:
             d = r.to_dict(self.fields)
-            self.csv.writerow(["" if d[k] is None else csv_safe(d[k]) for k in self.fields])
+            rows.append(["" if d[k] is None else csv_safe(d[k]) for k in self.fields])
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        self.out.stream.write(buf.getvalue())  # one write per ranking: rows are never cut by an interrupt
         self.out.stream.flush()
 
 
