@@ -542,6 +542,8 @@ def eval_(
 
 def run() -> None:
     """Console-script entry point: usage errors exit 2, as Click does."""
+    # Before torch loads: idle OpenMP threads must sleep, not spin on the cores the decode workers need.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except UsageError as e:  # raised outside _run (should not happen, but keep the promise of one line)

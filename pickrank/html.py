@@ -18,7 +18,6 @@ import html
 import json
 import multiprocessing
 import os
-import signal
 import sys
 import urllib.parse
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,6 +27,7 @@ from typing import IO, Iterable, Iterator
 from . import __version__
 from .errors import UsageError
 from .records import Record
+from .reader import worker_init
 from .writers import Output
 
 THUMB_SIZE = 256
@@ -165,10 +165,6 @@ def _check_html_path(path: str, option: str) -> None:
 
 # -- thumbnails ------------------------------------------------------------------------------------------
 
-def _thumb_worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-
-
 def make_thumb(path: str) -> bytes | str:
     """A JPEG thumbnail of the file (long side THUMB_SIZE), or the reason there is none (worker entry)."""
     from .reader import ReadError, make_thumbnail, open_image, read_bytes
@@ -205,7 +201,7 @@ class _Thumbnails:
             if os.name == "posix":
                 ctx.set_forkserver_preload(["pickrank.reader"])  # as the decode pool: never __main__
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                            initializer=_thumb_worker_init)
+                                            initializer=worker_init)
         if self.pool is not None:
             for p in self.pending:
                 self.items[p] = self._submit(p)

@@ -11,7 +11,6 @@ import collections
 import logging
 import multiprocessing
 import os
-import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
@@ -22,7 +21,8 @@ import torch
 from .cache import NullCache
 from .errors import InputFailed
 from .model import Embedder
-from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, decode_and_preprocess, read_bytes
+from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, read_bytes, worker_init
+from .reader import decode_job as _decode_job
 from .records import CandidateSet, Query, Record, RunSummary
 from .score import ranks, softmax_probs
 
@@ -57,25 +57,6 @@ class Ranking:
     failed: int = 0
 
 
-def _worker_init() -> None:
-    # Ctrl-C goes to the whole process group; the parent decides what to do, workers just stop quietly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # One decode per worker process: Pillow and numpy must not fan out into more threads.
-    torch_threads = os.environ.get("OMP_NUM_THREADS")
-    if torch_threads is None:
-        os.environ["OMP_NUM_THREADS"] = "1"
-
-
-def _decode_job(key: str, data: bytes, spec, max_pixels: int | None) -> Decoded | str:
-    """Worker entry: decoded pixels, or the reason as a string (exceptions pickle poorly)."""
-    try:
-        return decode_and_preprocess(key, data, spec, max_pixels)
-    except ReadError as e:
-        return str(e)
-    except Exception as e:  # a decoder bug must not kill the run: report it like any bad file
-        return f"cannot decode: {type(e).__name__}: {e}"
-
-
 class _Decoder:
     """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` in flight."""
 
@@ -86,7 +67,7 @@ class _Decoder:
             ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
             if os.name == "posix":
                 ctx.set_forkserver_preload(["pickrank.reader"])
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
         self.queue: collections.deque[tuple[object, Future | Decoded | str]] = collections.deque()
 
     def submit(self, tag: object, key: str, data: bytes, spec, max_pixels: int | None) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
 import warnings
 from dataclasses import asdict, dataclass
@@ -233,6 +234,24 @@ def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec, max_pixels: in
     except (OSError, ValueError) as e:
         raise ReadError(f"cannot decode: {e}") from None
     return Decoded(key, pixels, make_thumbnail(image) if thumbnail else None)
+
+
+def worker_init() -> None:
+    """Initialise a decode worker process."""
+    # Ctrl-C goes to the whole process group; the parent decides what to do, workers just stop quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One image per worker at a time: numpy/Pillow must not fan out into more threads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def decode_job(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None) -> Decoded | str:
+    """A worker's unit (this module imports no torch, so workers stay small): pixels, or the reason as a string."""
+    try:
+        return decode_and_preprocess(key, data, spec, max_pixels)
+    except ReadError as e:
+        return str(e)
+    except Exception as e:  # a decoder bug must not kill the run: report it like any bad file
+        return f"cannot decode: {type(e).__name__}: {e}"
 
 
 def load_path(path: str, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
