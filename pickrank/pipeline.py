@@ -22,6 +22,7 @@ from .cache import NullCache
 from .errors import InputFailed
 from .model import Embedder
 from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, read_bytes, worker_init
+from .reader import ImageSpec, decode_many
 from .reader import decode_job as _decode_job
 from .records import CandidateSet, Query, Record, RunSummary
 from .score import ranks, softmax_probs
@@ -58,31 +59,52 @@ class Ranking:
 
 
 class _Decoder:
-    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` in flight."""
+    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` in flight.
 
-    def __init__(self, workers: int, window: int) -> None:
+    Jobs go to the pool in chunks of a few images: one round trip per chunk keeps the main process's share of the
+    work (which competes with the workers for the cores) small.
+    """
+
+    def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4) -> None:
         self.window = max(1, window)
+        self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
         self.pool: ProcessPoolExecutor | None = None
         if workers > 0:
             ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
             if os.name == "posix":
                 ctx.set_forkserver_preload(["pickrank.reader"])
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
-        self.queue: collections.deque[tuple[object, Future | Decoded | str]] = collections.deque()
+        self.queue: collections.deque[tuple[object, Future | list, int]] = collections.deque()
+        self.pending: list[tuple[object, str, bytes]] = []
 
-    def submit(self, tag: object, key: str, data: bytes, spec, max_pixels: int | None) -> None:
+    def submit(self, tag: object, key: str, data: bytes) -> None:
         if self.pool is None:
-            self.queue.append((tag, _decode_job(key, data, spec, max_pixels)))
-        else:
-            self.queue.append((tag, self.pool.submit(_decode_job, key, data, spec, max_pixels)))
+            self.queue.append((tag, [_decode_job(key, data, self.spec, self.max_pixels)], 0))
+            return
+        self.pending.append((tag, key, data))
+        if len(self.pending) >= self.chunk:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self.pending and self.pool is not None:
+            jobs = [(key, data) for _, key, data in self.pending]
+            fut = self.pool.submit(decode_many, jobs, self.spec, self.max_pixels)
+            self.queue.extend((tag, fut, i) for i, (tag, _, _) in enumerate(self.pending))
+            self.pending = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.pending)
 
     @property
     def full(self) -> bool:
-        return len(self.queue) >= self.window
+        return len(self.queue) + len(self.pending) >= self.window
 
     def pop(self) -> tuple[object, Decoded | str]:
-        tag, item = self.queue.popleft()
-        return tag, item.result() if isinstance(item, Future) else item
+        if not self.queue:
+            self._dispatch()
+        tag, holder, i = self.queue.popleft()
+        return tag, (holder.result() if isinstance(holder, Future) else holder)[i]
 
     def close(self) -> None:
         if self.pool is not None:
@@ -150,9 +172,9 @@ class Engine:
         opts = self.options
         batch_size = opts.batch_size or self.embedder.batch_size
         workers = default_workers() if opts.workers is None else opts.workers
-        decoder = _Decoder(workers, window=max(2 * batch_size, 4 * workers))
+        decoder = _Decoder(workers, window=max(2 * batch_size, 8 * workers), spec=self.embedder.spec,
+                           max_pixels=opts.max_pixels)
         batch: list[Decoded] = []
-        spec = self.embedder.spec
         model_fp = self.embedder.fingerprint
 
         def fail(path: str, reason: str) -> None:
@@ -188,7 +210,7 @@ class Engine:
             batch.clear()
 
         def drain(block_until_room: bool) -> None:
-            while decoder.queue and (decoder.full or not block_until_room):
+            while decoder.busy and (decoder.full or not block_until_room):
                 key, result = decoder.pop()
                 if isinstance(result, str):
                     resolve(key, None, result)
@@ -242,7 +264,7 @@ class Engine:
                             if self.on_progress:
                                 self.on_progress(1)
                             continue
-                        decoder.submit(key, key, data, spec, opts.max_pixels)
+                        decoder.submit(key, key, data)
                         del data
                         if decoder.full:
                             drain(block_until_room=True)
