@@ -261,6 +261,10 @@ def _score(c: Common, sets: list, sinks: list, copy_to: str | None) -> int:
     from .cache import open_cache
     from .pipeline import RunOptions
 
+    if c.engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()  # without the extra: a one-line usage error before the (slow) model load
     embedder = _load_embedder(c.model, c.processor, c.revision, c.offline, c.device, c.dtype, c.batch_size)
     d = embedder.describe()
     for sink in sinks:

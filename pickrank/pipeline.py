@@ -13,7 +13,7 @@ import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .errors import InputFailed
 from .model import Embedder
 from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, read_bytes, worker_init
 from .reader import ImageSpec, decode_many
-from .reader import decode_job as _decode_job
+from .reader import decode_job
 from .records import CandidateSet, Query, Record, RunSummary
 from .score import ranks, softmax_probs
 
@@ -79,7 +79,7 @@ class _Decoder:
 
     def submit(self, tag: object, key: str, data: bytes) -> None:
         if self.pool is None:
-            self.queue.append((tag, [_decode_job(key, data, self.spec, self.max_pixels)], 0))
+            self.queue.append((tag, [decode_job(key, data, self.spec, self.max_pixels)], 0))
             return
         self.pending.append((tag, key, data))
         if len(self.pending) >= self.chunk:
@@ -122,16 +122,93 @@ class _SetState:
     exhausted: bool = False
 
 
+# What a backend hands back for finished work: embedded keys with their (N, D) fp32 embeddings on the CPU, and the
+# keys that failed, with the reason.
+Done = tuple[list[str], torch.Tensor, list[tuple[str, str]]]
+
+
+class Backend(Protocol):
+    """Where the cache misses are decoded and embedded: `Engine.run` submits each miss once, polls for finished
+    work, and expects every submitted key back exactly once (embedded or failed)."""
+
+    full: bool  # too much in flight: the engine polls (blocking) before submitting more
+
+    def submit(self, key: str, data: bytes) -> None: ...
+
+    def poll(self, block: bool) -> list[Done]: ...
+
+    def finish(self) -> None: ...  # no more submits: poll(block=True) now returns what is left
+
+    def close(self) -> None: ...  # always called, also after an error or Ctrl-C
+
+
+class _LocalBackend:
+    """Decodes misses in the bounded process pool and embeds them in batches, in this process."""
+
+    def __init__(self, embedder: Embedder, options: RunOptions) -> None:
+        self.embedder = embedder
+        self.batch_size = options.batch_size or embedder.batch_size
+        workers = default_workers() if options.workers is None else options.workers
+        self.decoder = _Decoder(workers, window=max(2 * self.batch_size, 8 * workers), spec=embedder.spec,
+                                max_pixels=options.max_pixels)
+        self.batch: list[Decoded] = []
+        self.finished = False
+
+    def submit(self, key: str, data: bytes) -> None:
+        self.decoder.submit(key, key, data)
+
+    @property
+    def full(self) -> bool:
+        return self.decoder.full
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def poll(self, block: bool) -> list[Done]:
+        """Decode results while the window is full (after finish: all of them), and each batch's embeddings as it
+        fills (after finish: the last, partial one too). Non-blocking polls return nothing here."""
+        out: list[Done] = []
+        if not block:
+            return out
+        while self.decoder.busy and (self.decoder.full or self.finished):
+            key, result = self.decoder.pop()
+            if isinstance(result, str):
+                out.append(([], torch.empty(0, 0), [(key, result)]))
+            else:
+                self.batch.append(result)
+                if len(self.batch) >= self.batch_size:
+                    out.append(self._embed())
+        if self.finished and self.batch:
+            out.append(self._embed())
+        return out
+
+    def _embed(self) -> Done:
+        pixels = np.stack([d.pixels for d in self.batch])
+        keys = [d.key for d in self.batch]
+        self.batch.clear()
+        return keys, self.embedder.embed_images(pixels), []
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
 class Engine:
-    """Scores candidate sets with one embedder and cache; `run` yields each Ranking as soon as it completes."""
+    """Scores candidate sets with one embedder and cache; `run` yields each Ranking as soon as it completes.
+
+    Reading, hashing, the cache, scoring and ranking happen here; the misses go to a backend, made on the first
+    miss (so a fully cached run starts no worker): decode processes and this process by default, or what `backend`
+    makes (`ray_engine.RayEngine` passes one that runs them on a Ray cluster).
+    """
 
     def __init__(self, embedder: Embedder, cache: NullCache | None = None, options: RunOptions | None = None,
-                 on_progress: Callable[[int], None] | None = None) -> None:
+                 on_progress: Callable[[int], None] | None = None,
+                 backend: Callable[[], Backend] | None = None) -> None:
         self.embedder = embedder
         self.cache = cache or NullCache()
         self.options = options or RunOptions()
         self.on_progress = on_progress
         self.summary = RunSummary()
+        self.make_backend = backend or (lambda: _LocalBackend(self.embedder, self.options))
 
     # -- text side ---------------------------------------------------------------------------------------
     def _encode_prompts(self, sets: list[CandidateSet]) -> tuple[dict[str, int], torch.Tensor, dict[str, bool]]:
@@ -149,7 +226,8 @@ class Engine:
 
     # -- the run -----------------------------------------------------------------------------------------
     def run(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
-        """Stream all sets' images through read -> cache -> decode -> embed and yield finished rankings in order."""
+        """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
+        order."""
         sets = list(sets)
         prompt_index, text, truncated = self._encode_prompts(sets)
         scale = self.embedder.scale
@@ -170,12 +248,8 @@ class Engine:
         waiters: dict[str, list[_SetState]] = {}
         states: collections.deque[_SetState] = collections.deque()
         opts = self.options
-        batch_size = opts.batch_size or self.embedder.batch_size
-        workers = default_workers() if opts.workers is None else opts.workers
-        decoder = _Decoder(workers, window=max(2 * batch_size, 8 * workers), spec=self.embedder.spec,
-                           max_pixels=opts.max_pixels)
-        batch: list[Decoded] = []
         model_fp = self.embedder.fingerprint
+        backend: Backend | None = None
 
         def fail(path: str, reason: str) -> None:
             self.summary.failures += 1
@@ -195,33 +269,21 @@ class Engine:
                         if k == key:
                             fail(path, reason)
 
-        def flush_batch() -> None:
-            if not batch:
-                return
-            pixels = np.stack([d.pixels for d in batch])
-            emb = self.embedder.embed_images(pixels)
-            self.summary.embedded += len(batch)
-            self.cache.put_many({d.key: emb[i].numpy() for i, d in enumerate(batch)}, model_fp)
-            vecs = to_memo(emb)
-            for i, d in enumerate(batch):
-                resolve(d.key, vecs[i])
-            if self.on_progress:
-                self.on_progress(len(batch))
-            batch.clear()
-
-        def drain(block_until_room: bool) -> None:
-            while decoder.busy and (decoder.full or not block_until_room):
-                key, result = decoder.pop()
-                if isinstance(result, str):
-                    resolve(key, None, result)
+        def take(done: list[Done]) -> None:
+            """Finished work from the backend: failures reported; embeddings cached (per batch) and memoised."""
+            for keys, emb, failures in done:
+                for key, reason in failures:
+                    resolve(key, None, reason)
                     if self.on_progress:
                         self.on_progress(1)
-                else:
-                    batch.append(result)
-                    if len(batch) >= batch_size:
-                        flush_batch()
-                if block_until_room and not decoder.full:
-                    break
+                if keys:
+                    self.summary.embedded += len(keys)
+                    self.cache.put_many({k: emb[i].numpy() for i, k in enumerate(keys)}, model_fp)
+                    vecs = to_memo(emb)
+                    for i, k in enumerate(keys):
+                        resolve(k, vecs[i])
+                    if self.on_progress:
+                        self.on_progress(len(keys))
 
         def finished() -> Iterator[Ranking]:
             while states and states[0].exhausted and states[0].waiting == 0:
@@ -264,18 +326,28 @@ class Engine:
                             if self.on_progress:
                                 self.on_progress(1)
                             continue
-                        decoder.submit(key, key, data)
+                        if backend is None:
+                            backend = self.make_backend()
+                        backend.submit(key, data)
                         del data
-                        if decoder.full:
-                            drain(block_until_room=True)
+                        while backend.full:
+                            take(backend.poll(block=True))
+                        take(backend.poll(block=False))
                         yield from finished()
                 st.exhausted = True
                 yield from finished()
-            drain(block_until_room=False)
-            flush_batch()
+            if backend is not None:
+                backend.finish()
+                while waiters:
+                    done = backend.poll(block=True)
+                    if not done:  # a backend must answer every key it took
+                        raise RuntimeError(f"{type(backend).__name__} returned no result for {len(waiters)} image(s)")
+                    take(done)
+                    yield from finished()
             yield from finished()
         finally:
-            decoder.close()
+            if backend is not None:
+                backend.close()
 
     def _rank(self, st: _SetState, memo: dict[str, torch.Tensor], failed_keys: dict[str, str],
               prompt_index: dict[str, int], score_of: Callable[[torch.Tensor, int], float],
