@@ -72,16 +72,38 @@ class EmbeddingCache(NullCache):
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        try:
+            return self._setup(db)
+        except BaseException:
+            db.close()
+            raise
+
+    def _setup(self, db: sqlite3.Connection) -> sqlite3.Connection:
         db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-        db.execute("PRAGMA journal_mode=WAL")
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":  # persistent once set
+            db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
         db.execute("SELECT count(*) FROM embeddings WHERE key = ''").fetchone()  # touches the table: finds corruption
         return db
 
+    def _retrying(self, fn):
+        """fn(), retried while another process holds a lock that SQLite's busy handler does not wait for
+        (switching to WAL, a schema change, a checkpoint)."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if not any(w in str(e).lower() for w in ("locked", "busy")) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
     def _open(self) -> None:
         try:
-            self._db = self._connect()
+            self._db = self._retrying(self._connect)
         except sqlite3.DatabaseError as e:
             if self._is_corruption(e):
                 self._move_aside(e)
@@ -120,14 +142,19 @@ class EmbeddingCache(NullCache):
         """Cached embeddings for those keys that have one under this model fingerprint."""
         if self._db is None or not keys:
             return {}
+        db = self._db
         found: dict[str, np.ndarray] = {}
-        try:
+
+        def select() -> None:
             for i in range(0, len(keys), 500):  # SQLite's limit on bound parameters
                 chunk = keys[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                for key, vec in self._db.execute(
+                for key, vec in db.execute(
                         f"SELECT key, vec FROM embeddings WHERE model = ? AND key IN ({marks})", [model, *chunk]):
                     found[key] = np.frombuffer(vec, dtype="<f4").copy()
+
+        try:
+            self._retrying(select)
         except sqlite3.Error as e:
             self._disable(e)
             return {}
@@ -139,10 +166,15 @@ class EmbeddingCache(NullCache):
             return
         now = time.time()
         rows = [(k, model, int(v.shape[-1]), np.asarray(v, dtype="<f4").tobytes(), now) for k, v in items.items()]
+        db = self._db
+
+        def insert() -> None:
+            with db:  # BEGIN ... COMMIT (or ROLLBACK on error)
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)", rows)
+
         try:
-            with self._db:  # BEGIN ... COMMIT (or ROLLBACK on error)
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)", rows)
+            self._retrying(insert)
         except sqlite3.Error as e:
             self._disable(e)
 
