@@ -505,26 +505,25 @@ def case3(cfg: dict, quick: bool, ref_cap_gb: float) -> tuple[list[str], dict]:
     # The reference script (all images in memory at once), for the memory contrast: small sets, then extrapolate.
     ref_sizes = [cfg["c3_ref_small"], small]
     ref_rss = {}
-    for n in ref_sizes:
+
+    def run_reference(n: int):
         folder = image_folder(512, n)
         imgs = sorted(os.path.join(folder, x) for x in os.listdir(ROOT / folder))
         run = measure(f"reference.py ({n})", reference(model, PROMPTS[0], imgs, BENCH / f"c3-ref-{n}.jsonl"))
         ref_rss[n] = run
         rows.append(["reference.py (all images at once)", n, f"{run.wall:.1f}", f"{n / run.wall:.0f}",
                      f"{run.tree_cpu:.1f}", f"{run.maxrss_mb:.0f}", f"{run.tree_rss_mb:.0f}", ""])
+        return run
+
+    for n in ref_sizes:
+        run_reference(n)
     (a, ra), (b, rb) = sorted((k, v.maxrss_mb) for k, v in ref_rss.items())
     slope = (rb - ra) / (b - a)
     est_large = rb + slope * (large - b)
     ref_note = (f"reference.py peak RSS grows by {slope * 1024:.0f} KB per image ({ref_sizes[0]} -> {small} images); "
                 f"extrapolated to {large} images: {est_large / 1024:.1f} GB")
     if est_large / 1024 <= ref_cap_gb:
-        n = large
-        folder = image_folder(512, n)
-        imgs = sorted(os.path.join(folder, x) for x in os.listdir(ROOT / folder))
-        run = measure(f"reference.py ({n})", reference(model, PROMPTS[0], imgs, BENCH / f"c3-ref-{n}.jsonl"))
-        ref_rss[n] = run
-        rows.append(["reference.py (all images at once)", n, f"{run.wall:.1f}", f"{n / run.wall:.0f}",
-                     f"{run.tree_cpu:.1f}", f"{run.maxrss_mb:.0f}", f"{run.tree_rss_mb:.0f}", ""])
+        run = run_reference(large)
         ref_note += f"; measured: {run.maxrss_mb / 1024:.1f} GB"
     else:
         ref_note += f" (not run: above the --ref-rss-cap-gb {ref_cap_gb:g} GB cap)"
