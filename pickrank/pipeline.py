@@ -25,7 +25,7 @@ from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, read_by
 from .reader import ImageSpec, decode_many
 from .reader import decode_job
 from .records import CandidateSet, Query, Record, RunSummary
-from .score import ranks, softmax_probs
+from .score import pick_scores, ranks, softmax_probs
 
 log = logging.getLogger("pickrank")
 
@@ -238,10 +238,10 @@ class Engine:
 
         def to_memo(emb: torch.Tensor) -> torch.Tensor:
             # One matrix-vector product per image: the result does not depend on which batch it came in.
-            return torch.stack([scale * (text @ e) for e in emb]) if keep_scores else emb
+            return torch.stack([pick_scores(text, e[None], scale)[:, 0] for e in emb]) if keep_scores else emb
 
         def score_of(v: torch.Tensor, pi: int) -> float:
-            return float(v[pi]) if keep_scores else float(scale * (text[pi] @ v))
+            return float(v[pi]) if keep_scores else float(pick_scores(text[pi:pi + 1], v[None], scale))
 
         memo: dict[str, torch.Tensor] = {}
         failed_keys: dict[str, str] = {}
@@ -379,13 +379,6 @@ class Engine:
                                       truncated=truncated.get(q.prompt, False)))
         self.summary.rankings += len(cset.queries)
         return Ranking(tuple(records), failed=len(errors))
-
-
-def score_sets(sets: Iterable[CandidateSet], embedder: Embedder, cache: NullCache | None = None,
-               options: RunOptions | None = None) -> list[Record]:
-    """Score candidate sets and return all records (a convenience for the library API and tests)."""
-    engine = Engine(embedder, cache, options)
-    return [r for ranking in engine.run(sets) for r in ranking.records]
 
 
 def single_set(prompt: str, paths: Iterable[str]) -> CandidateSet:

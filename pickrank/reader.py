@@ -260,11 +260,5 @@ def decode_many(jobs: list[tuple[str, bytes]], spec: ImageSpec, max_pixels: int 
     return [decode_job(key, data, spec, max_pixels) for key, data in jobs]
 
 
-def load_path(path: str, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Read, hash, decode and preprocess one file (the single-process path)."""
-    data = read_bytes(path)
-    return decode_and_preprocess(content_key(data), data, spec, max_pixels)
-
-
 # Truncated files must fail, not be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -47,14 +47,6 @@ class Record:
         return {k: d[k] for k in fields}
 
 
-@dataclass(frozen=True)
-class Failure:
-    """An image that could not be read or decoded, with a short reason."""
-
-    path: str
-    reason: str
-
-
 @dataclass
 class RunSummary:
     """Counts the CLI reports at the end of a run."""
