@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import PickrankError, UsageError
-from .reader import DEFAULT_MAX_PIXELS, ReadError, content_key, decode_and_preprocess, read_bytes
+from .reader import DEFAULT_MAX_PIXELS, ReadError, content_key, decode_job, read_bytes
 
 if TYPE_CHECKING:
     from .model import Embedder
@@ -337,12 +337,7 @@ class PairScorer:
 
     def _decode(self, item: tuple[str, bytes]):
         key, data = item
-        try:
-            return decode_and_preprocess(key, data, self.embedder.spec, self.max_pixels)
-        except ReadError as e:
-            return str(e)
-        except Exception as e:  # a decoder bug: report it like a bad image
-            return f"cannot decode: {type(e).__name__}: {e}"
+        return decode_job(key, data, self.embedder.spec, self.max_pixels)
 
     def score(self, pairs: list[Pair], pool: ThreadPoolExecutor) -> list[tuple[float, float] | str]:
         keys: list[tuple[str, str] | str] = []

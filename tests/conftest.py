@@ -76,6 +76,23 @@ def runner():
     return CliRunner()
 
 
+def mixed_batch_csv(images: Path, tmp_path: Path) -> Path:
+    """A prompts CSV whose `images` cells use a folder, a glob, a ';' list and a glob matching nothing (row d)."""
+    import csv
+
+    rel = os.path.relpath(images, tmp_path)
+    rows = [{"id": "a", "prompt": "a red cat", "images": rel},
+            {"id": "b", "prompt": "a blue dog", "images": f"{rel}/*.png"},
+            {"id": "c", "prompt": "the sea", "images": f"{rel}/img0.jpg;{rel}/img2.jpg"},
+            {"id": "d", "prompt": "nothing", "images": f"{rel}/*.gif"}]
+    path = tmp_path / "p.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, ["id", "prompt", "images"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def image_paths(folder: Path) -> list[str]:
     """All image files under folder, sorted, as strings."""
     return sorted(str(p) for p in folder.rglob("*") if p.is_file())

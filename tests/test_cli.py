@@ -18,7 +18,7 @@ from pickrank import __version__
 from pickrank.cli import app
 from pickrank.model import Embedder
 
-from .conftest import draw_image, image_paths
+from .conftest import draw_image, image_paths, mixed_batch_csv
 
 
 def invoke(runner, model_dir, *args, input: str | None = None):
@@ -341,12 +341,7 @@ def test_batch_shared_set_embeds_each_image_and_prompt_once(runner, model_dir, i
 
 
 def test_batch_images_column_folder_glob_and_list(runner, model_dir, images, tmp_path, count_embeds):
-    rel = os.path.relpath(images, tmp_path)
-    rows = [{"id": "a", "prompt": "a red cat", "images": rel},
-            {"id": "b", "prompt": "a blue dog", "images": f"{rel}/*.png"},
-            {"id": "c", "prompt": "the sea", "images": f"{rel}/img0.jpg;{rel}/img2.jpg"},
-            {"id": "d", "prompt": "nothing", "images": f"{rel}/*.gif"}]
-    csv_path = write_csv(tmp_path / "p.csv", rows, ["id", "prompt", "images"])
+    csv_path = mixed_batch_csv(images, tmp_path)
     res = invoke(runner, model_dir, "batch", str(csv_path), "--no-cache")
     assert res.exit_code == 3  # row d matches no image
     recs = jsonl(res.stdout)

@@ -7,9 +7,7 @@ everywhere.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
 import sys
 
@@ -17,7 +15,7 @@ import pytest
 
 from pickrank.cli import app
 
-from .conftest import draw_image, image_paths
+from .conftest import draw_image, image_paths, mixed_batch_csv
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +95,8 @@ def test_best_of_n_matches_local(ray_cluster, runner, model_dir, tmp_path):
 
 
 def test_batch_matches_local(ray_cluster, runner, model_dir, images, tmp_path):
-    rel = os.path.relpath(images, tmp_path)
-    rows = [{"id": "a", "prompt": "a red cat", "images": rel},
-            {"id": "b", "prompt": "a blue dog", "images": f"{rel}/*.png"},
-            {"id": "c", "prompt": "the sea", "images": f"{rel}/img0.jpg;{rel}/img2.jpg"},
-            {"id": "d", "prompt": "nothing", "images": f"{rel}/*.gif"}]
-    with open(tmp_path / "p.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, ["id", "prompt", "images"])
-        w.writeheader()
-        w.writerows(rows)
-    local, ray = run_both(runner, model_dir, "batch", str(tmp_path / "p.csv"))
+    csv_path = mixed_batch_csv(images, tmp_path)
+    local, ray = run_both(runner, model_dir, "batch", str(csv_path))
     assert local.exit_code == ray.exit_code == 3  # row d matches no image
     assert_same_records(jsonl(local.stdout), jsonl(ray.stdout))
 
