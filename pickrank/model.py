@@ -3,53 +3,25 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import ModelLoadError, UsageError
 from .reader import ImageSpec, normalize
+from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, ModelInfo, ModelSource, inspect_model, load_error_text,
+                     local_fingerprint, resolve_source)
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PROCESSOR", "ModelSource", "resolve_source", "local_fingerprint", "Embedder",
+           "PickScoreTowers", "embed_image_batch", "features", "pick_device", "check_dtype", "cpu_has_bf16"]
 
 log = logging.getLogger("pickrank")
 
-DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
-DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 MAX_TOKENS = 77
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-_PROCESSOR_FILES = ("preprocessor_config.json",)
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the model and processor come from, resolved from the command-line options."""
-
-    model: str
-    processor: str
-    revision: str | None = None
-    offline: bool = False
-
-    @property
-    def model_is_local(self) -> bool:
-        return os.path.isdir(self.model)
-
-
-def resolve_source(model: str | None = None, processor: str | None = None, revision: str | None = None,
-                   offline: bool = False) -> ModelSource:
-    """Apply the defaults: PICKRANK_MODEL, else PickScore_v1; the processor from the model folder if it has one."""
-    model = model or os.environ.get("PICKRANK_MODEL") or DEFAULT_MODEL
-    if processor is None:
-        has_processor = os.path.isdir(model) and all(
-            os.path.exists(os.path.join(model, f)) for f in _PROCESSOR_FILES
-        ) and any(os.path.exists(os.path.join(model, f)) for f in _TOKENIZER_FILES)
-        processor = model if has_processor else DEFAULT_PROCESSOR
-    return ModelSource(model=model, processor=processor, revision=revision, offline=offline)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -99,54 +71,6 @@ def check_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _check_local_weights(folder: str) -> None:
-    """Refuse folders whose only checkpoint is a pickle (it can run code when loaded)."""
-    names = os.listdir(folder)
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        raise ModelLoadError(f"{folder}: no config.json, so not a transformers model folder")
-    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
-        return
-    pickles = [n for n in names if n.endswith(_WEIGHT_SUFFIXES)]
-    if pickles:
-        raise ModelLoadError(
-            f"{folder}: only a pickle checkpoint ({', '.join(sorted(pickles))}); pickrank loads safetensors only, "
-            "since unpickling can run arbitrary code. Convert it with model.save_pretrained(dir, "
-            "safe_serialization=True) in a trusted environment.")
-    raise ModelLoadError(f"{folder}: no model weights (*.safetensors) found")
-
-
-def _check_is_clip(source: ModelSource) -> None:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source.model, revision=source.revision, local_files_only=source.offline,
-                                            trust_remote_code=False)
-    except Exception as e:  # transformers raises OSError/ValueError subclasses with long texts
-        raise ModelLoadError(_short_load_error(source.model, e, source.offline)) from e
-    if getattr(config, "model_type", None) != "clip":
-        raise ModelLoadError(f"{source.model} is a {getattr(config, 'model_type', 'unknown')!r} model, not CLIP: "
-                             "pickrank needs a CLIP model such as yuvalkirstain/PickScore_v1")
-
-
-def _short_load_error(what: str, e: Exception, offline: bool) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if offline:
-        return f"cannot load {what} offline (is it in the Hugging Face cache?): {text}"
-    if not os.path.exists(what) and ("/" not in what or what.startswith((".", "/"))):
-        return f"cannot load {what}: no such folder, and not a hub id"
-    return f"cannot load {what}: {text}"
-
-
-def local_fingerprint(folder: str) -> str:
-    """A hash of a local model folder's weight and config files' names, sizes and mtimes."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
-            st = os.stat(os.path.join(folder, name))
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
 def features(out: object) -> torch.Tensor:
     """get_*_features returns a tensor (transformers 4) or a ModelOutput with pooler_output (transformers 5)."""
     if isinstance(out, torch.Tensor):
@@ -157,23 +81,6 @@ def features(out: object) -> torch.Tensor:
     if pooled is None:
         raise TypeError(f"unexpected model output {type(out).__name__}")
     return pooled
-
-
-def load_processor_config(processor: str, offline: bool = False) -> dict:
-    """The raw preprocessor_config.json of a folder or hub repo."""
-    if os.path.isdir(processor):
-        path = os.path.join(processor, "preprocessor_config.json")
-        if not os.path.exists(path):
-            raise ModelLoadError(f"{processor}: no preprocessor_config.json")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download(processor, "preprocessor_config.json", local_files_only=offline)
-        except Exception as e:
-            raise ModelLoadError(_short_load_error(processor, e, offline)) from e
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _weights_file_for(source: ModelSource, tensor: str) -> str:
@@ -217,8 +124,11 @@ class PickScoreTowers(torch.nn.Module):
         from safetensors import safe_open
 
         self.source, self.config, self.device_, self.dtype_ = source, config, device, dtype
-        with safe_open(_weights_file_for(source, "logit_scale"), framework="pt") as f:
-            self.logit_scale = torch.nn.Parameter(f.get_tensor("logit_scale").float(), requires_grad=False)
+        try:
+            with safe_open(_weights_file_for(source, "logit_scale"), framework="pt") as f:
+                self.logit_scale = torch.nn.Parameter(f.get_tensor("logit_scale").float(), requires_grad=False)
+        except Exception as e:  # a truncated or foreign file: safetensors' own error names neither model nor file
+            raise ModelLoadError(load_error_text(source.model, e, source.offline)) from e
         self.text = self._load("text")
         self._vision: torch.nn.Module | None = None
 
@@ -234,7 +144,7 @@ class PickScoreTowers(torch.nn.Module):
                                         trust_remote_code=False, attn_implementation="sdpa",
                                         **_dtype_kwarg(self.dtype_))
         except Exception as e:
-            raise ModelLoadError(_short_load_error(self.source.model, e, self.source.offline)) from e
+            raise ModelLoadError(load_error_text(self.source.model, e, self.source.offline)) from e
         return model.eval().to(device=self.device_, dtype=self.dtype_)
 
     @property
@@ -253,6 +163,8 @@ class PickScoreTowers(torch.nn.Module):
 class Embedder:
     """PickScore's two towers on one device and dtype; embeddings come back L2-normalised, fp32, on the CPU."""
 
+    ready = True  # as `source.LoadingEmbedder.ready`: an Embedder is loaded
+
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
                  dtype: torch.dtype, fingerprint: str, source: ModelSource | None = None,
                  batch_size: int = 8, revision: str | None = None) -> None:
@@ -270,39 +182,31 @@ class Embedder:
         self._oom_warned = False
 
     @classmethod
-    def load(cls, source: ModelSource, device: str = "auto", dtype: str = "fp32", batch_size: int | None = None
-             ) -> "Embedder":
-        """Load the text tower, tokenizer and preprocessing config (the vision tower on first use)."""
+    def load(cls, source: ModelSource, device: str = "auto", dtype: str = "fp32", batch_size: int | None = None,
+             info: ModelInfo | None = None) -> "Embedder":
+        """Load the text tower, tokenizer and preprocessing config (the vision tower on first use); `info` is
+        `source.inspect_model`'s answer when the caller already has it."""
         from transformers import AutoTokenizer, CLIPConfig
         from transformers.utils import logging as hf_logging
 
         dev = pick_device(device)
         tdtype = check_dtype(dtype, dev)
-        if source.model_is_local:
-            _check_local_weights(source.model)
-        elif os.path.exists(source.model):
-            raise ModelLoadError(f"{source.model}: not a folder")
-        _check_is_clip(source)
+        info = info or inspect_model(source, dtype)
         hf_logging.set_verbosity_error()  # transformers' load reports would mix into our stderr
         hf_logging.disable_progress_bar()
         try:
             config = CLIPConfig.from_pretrained(source.model, revision=source.revision,
                                                 local_files_only=source.offline)
         except Exception as e:
-            raise ModelLoadError(_short_load_error(source.model, e, source.offline)) from e
+            raise ModelLoadError(load_error_text(source.model, e, source.offline)) from e
         towers = PickScoreTowers(source, config, dev, tdtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.processor, local_files_only=source.offline,
                                                       trust_remote_code=False)
         except Exception as e:
-            raise ModelLoadError(_short_load_error(source.processor, e, source.offline)) from e
-        spec = ImageSpec.from_config(load_processor_config(source.processor, source.offline))
-        revision = getattr(config, "_commit_hash", None)
-        ident = f"{os.path.abspath(source.model)}@{local_fingerprint(source.model)}" if source.model_is_local \
-            else f"{source.model}@{revision or source.revision or 'main'}"
-        fingerprint = f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"
-        return cls(towers, tokenizer, spec, dev, tdtype, fingerprint, source,
-                   batch_size or (32 if dev.type != "cpu" else 8), revision=revision)
+            raise ModelLoadError(load_error_text(source.processor, e, source.offline)) from e
+        return cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
+                   batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
 
     def describe(self) -> dict:
         """Model, revision, device and dtype, for logs and reports."""

@@ -3,6 +3,9 @@
 This module is the one place that knows the order. Images stream through a bounded window of decode jobs
 in worker processes, so memory stays flat whatever the number of images; each distinct image (by content)
 reaches the model at most once per run, and each distinct prompt is encoded once.
+
+torch is imported only where scores are computed: the CLI hands the engine a model still loading in a thread
+(`source.LoadingEmbedder`), and reading, hashing, cache lookups and decoding start before torch is in.
 """
 
 from __future__ import annotations
@@ -13,19 +16,24 @@ import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Union
 
 import numpy as np
-import torch
 
 from .cache import NullCache
 from .errors import InputFailed
-from .model import Embedder
 from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, read_bytes, worker_init
 from .reader import ImageSpec, decode_many
 from .reader import decode_job
 from .records import CandidateSet, Query, Record, RunSummary
-from .score import pick_scores, ranks, softmax_probs
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import Embedder
+    from .source import LoadingEmbedder
+
+    AnyEmbedder = Union[Embedder, LoadingEmbedder]
 
 log = logging.getLogger("pickrank")
 
@@ -122,9 +130,9 @@ class _SetState:
     exhausted: bool = False
 
 
-# What a backend hands back for finished work: embedded keys with their (N, D) fp32 embeddings on the CPU, and the
-# keys that failed, with the reason.
-Done = tuple[list[str], torch.Tensor, list[tuple[str, str]]]
+# What a backend hands back for finished work: embedded keys with their (N, D) fp32 embeddings on the CPU (None
+# when there are none), and the keys that failed, with the reason.
+Done = tuple[list[str], "torch.Tensor | None", list[tuple[str, str]]]
 
 
 class Backend(Protocol):
@@ -145,14 +153,29 @@ class Backend(Protocol):
 class _LocalBackend:
     """Decodes misses in the bounded process pool and embeds them in batches, in this process."""
 
-    def __init__(self, embedder: Embedder, options: RunOptions) -> None:
+    # While the model still loads, decoded images are held back (up to this many bytes of pixels) instead of
+    # stopping the decode workers: start-up and decoding overlap, and memory stays bounded.
+    HOLD_BYTES = 128 << 20
+
+    def __init__(self, embedder: AnyEmbedder, options: RunOptions) -> None:
         self.embedder = embedder
-        self.batch_size = options.batch_size or embedder.batch_size
-        workers = default_workers() if options.workers is None else options.workers
-        self.decoder = _Decoder(workers, window=max(2 * self.batch_size, 8 * workers), spec=embedder.spec,
+        self.workers = default_workers() if options.workers is None else options.workers
+        self._batch_size = options.batch_size  # None: the embedder's, known once it has loaded
+        self.decoder = _Decoder(self.workers, window=self._window(options.batch_size or 8), spec=embedder.spec,
                                 max_pixels=options.max_pixels)
         self.batch: list[Decoded] = []
+        self.held_bytes = 0
         self.finished = False
+
+    def _window(self, batch_size: int) -> int:
+        return max(2 * batch_size, 8 * self.workers)
+
+    @property
+    def batch_size(self) -> int:
+        if self._batch_size is None:
+            self._batch_size = self.embedder.batch_size  # waits for the load
+            self.decoder.window = self._window(self._batch_size)
+        return self._batch_size
 
     def submit(self, key: str, data: bytes) -> None:
         self.decoder.submit(key, key, data)
@@ -165,31 +188,91 @@ class _LocalBackend:
         self.finished = True
 
     def poll(self, block: bool) -> list[Done]:
-        """Decode results while the window is full (after finish: all of them), and each batch's embeddings as it
-        fills (after finish: the last, partial one too). Non-blocking polls return nothing here."""
+        """Decode results while the window is full (after finish: all of them), and a batch's embeddings each time
+        one is full and the model is ready (after finish: all the rest). Non-blocking polls return nothing here."""
         out: list[Done] = []
         if not block:
             return out
         while self.decoder.busy and (self.decoder.full or self.finished):
             key, result = self.decoder.pop()
             if isinstance(result, str):
-                out.append(([], torch.empty(0, 0), [(key, result)]))
-            else:
-                self.batch.append(result)
-                if len(self.batch) >= self.batch_size:
-                    out.append(self._embed())
-        if self.finished and self.batch:
+                out.append(([], None, [(key, result)]))
+                continue
+            self.batch.append(result)
+            self.held_bytes += result.pixels.nbytes
+            if (self.embedder.ready or self.held_bytes > self.HOLD_BYTES) and len(self.batch) >= self.batch_size:
+                out.append(self._embed())
+        while self.finished and self.batch:
             out.append(self._embed())
         return out
 
     def _embed(self) -> Done:
-        pixels = np.stack([d.pixels for d in self.batch])
-        keys = [d.key for d in self.batch]
-        self.batch.clear()
-        return keys, self.embedder.embed_images(pixels), []
+        """Embed the oldest batch_size decoded images."""
+        batch, self.batch = self.batch[:self.batch_size], self.batch[self.batch_size:]
+        self.held_bytes -= sum(d.pixels.nbytes for d in batch)
+        return [d.key for d in batch], self.embedder.embed_images(np.stack([d.pixels for d in batch])), []
 
     def close(self) -> None:
         self.decoder.close()
+
+
+class _Prompts:
+    """A run's distinct prompts, encoded once, on first use: image decoding starts while the model still loads.
+
+    Per distinct image the engine keeps its scores against every prompt (P floats) when that is smaller than the
+    embedding, else the embedding; either way memory per image is small and bounded by min(P, D).
+    """
+
+    def __init__(self, embedder: AnyEmbedder, sets: list[CandidateSet], summary: RunSummary) -> None:
+        self.embedder, self.summary = embedder, summary
+        prompts = dict.fromkeys(q.prompt for s in sets if s.error is None for q in s.queries)
+        self.index = {p: i for i, p in enumerate(prompts)}
+        self._text: torch.Tensor | None = None
+        self._truncated: dict[str, bool] = {}
+
+    @property
+    def text(self) -> torch.Tensor:
+        """The normalised prompt embeddings (P, D), in index order (waits for the model)."""
+        if self._text is None:
+            text, truncated = self.embedder.embed_texts(list(self.index))
+            self._truncated = dict(zip(self.index, truncated))
+            for p, t in self._truncated.items():
+                if t:
+                    log.warning("prompt longer than 77 tokens, truncated as the reference does: %r",
+                                p if len(p) <= 80 else p[:77] + "...")
+                    self.summary.truncated_prompts.append(p)
+            self._text = text
+        return self._text
+
+    @property
+    def truncated(self) -> dict[str, bool]:
+        """Which prompts were cut at 77 tokens (the flags come with the encoding)."""
+        self.text  # noqa: B018 - encodes the prompts if that has not happened yet
+        return self._truncated
+
+    @property
+    def keep_scores(self) -> bool:
+        return len(self.index) <= self.text.shape[1]
+
+    def to_memo(self, emb: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """What the run keeps per image, from (N, D) embeddings. One matrix-vector product per image: the result
+        does not depend on which batch the image came in."""
+        import torch  # loaded with the model by now
+
+        from .score import pick_scores
+
+        emb = torch.as_tensor(emb)
+        if not self.keep_scores:
+            return emb
+        return torch.stack([pick_scores(self.text, e[None], self.embedder.scale)[:, 0] for e in emb])
+
+    def score_of(self, v: torch.Tensor, pi: int) -> float:
+        """The score of prompt `pi` from what to_memo kept."""
+        from .score import pick_scores
+
+        if self.keep_scores:
+            return float(v[pi])
+        return float(pick_scores(self.text[pi:pi + 1], v[None], self.embedder.scale))
 
 
 class Engine:
@@ -200,7 +283,7 @@ class Engine:
     makes (`ray_engine.RayEngine` passes one that runs them on a Ray cluster).
     """
 
-    def __init__(self, embedder: Embedder, cache: NullCache | None = None, options: RunOptions | None = None,
+    def __init__(self, embedder: AnyEmbedder, cache: NullCache | None = None, options: RunOptions | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  backend: Callable[[], Backend] | None = None) -> None:
         self.embedder = embedder
@@ -210,39 +293,13 @@ class Engine:
         self.summary = RunSummary()
         self.make_backend = backend or (lambda: _LocalBackend(self.embedder, self.options))
 
-    # -- text side ---------------------------------------------------------------------------------------
-    def _encode_prompts(self, sets: list[CandidateSet]) -> tuple[dict[str, int], torch.Tensor, dict[str, bool]]:
-        prompts = list(dict.fromkeys(q.prompt for s in sets if s.error is None for q in s.queries))
-        if not prompts:
-            return {}, torch.empty(0, 0), {}
-        text, truncated = self.embedder.embed_texts(prompts)
-        flags = dict(zip(prompts, truncated))
-        for p, t in flags.items():
-            if t:
-                log.warning("prompt longer than 77 tokens, truncated as the reference does: %r",
-                            p if len(p) <= 80 else p[:77] + "...")
-                self.summary.truncated_prompts.append(p)
-        return {p: i for i, p in enumerate(prompts)}, text, flags
-
     # -- the run -----------------------------------------------------------------------------------------
     def run(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
         order."""
         sets = list(sets)
-        prompt_index, text, truncated = self._encode_prompts(sets)
-        scale = self.embedder.scale
-        # Per distinct image: its scores against every prompt (P floats) when that is smaller than the
-        # embedding, else the embedding; either way memory per image is small and bounded by min(P, D).
-        dim = text.shape[1] if text.numel() else 0
-        keep_scores = len(prompt_index) <= dim
-
-        def to_memo(emb: torch.Tensor) -> torch.Tensor:
-            # One matrix-vector product per image: the result does not depend on which batch it came in.
-            return torch.stack([pick_scores(text, e[None], scale)[:, 0] for e in emb]) if keep_scores else emb
-
-        def score_of(v: torch.Tensor, pi: int) -> float:
-            return float(v[pi]) if keep_scores else float(pick_scores(text[pi:pi + 1], v[None], scale))
-
+        prompts = _Prompts(self.embedder, sets, self.summary)
+        to_memo = prompts.to_memo
         memo: dict[str, torch.Tensor] = {}
         failed_keys: dict[str, str] = {}
         waiters: dict[str, list[_SetState]] = {}
@@ -287,7 +344,7 @@ class Engine:
 
         def finished() -> Iterator[Ranking]:
             while states and states[0].exhausted and states[0].waiting == 0:
-                yield self._rank(states.popleft(), memo, failed_keys, prompt_index, score_of, truncated)
+                yield self._rank(states.popleft(), memo, failed_keys, prompts)
 
         try:
             for cset in sets:
@@ -322,7 +379,7 @@ class Engine:
                         hit = self.cache.get_many([key], model_fp).get(key)
                         if hit is not None:
                             self.summary.cache_hits += 1
-                            resolve(key, to_memo(torch.from_numpy(hit)[None])[0])
+                            resolve(key, to_memo(hit[None])[0])
                             if self.on_progress:
                                 self.on_progress(1)
                             continue
@@ -350,8 +407,11 @@ class Engine:
                 backend.close()
 
     def _rank(self, st: _SetState, memo: dict[str, torch.Tensor], failed_keys: dict[str, str],
-              prompt_index: dict[str, int], score_of: Callable[[torch.Tensor, int], float],
-              truncated: dict[str, bool]) -> Ranking:
+              prompts: "_Prompts") -> Ranking:
+        import torch  # loaded with the model by now
+
+        from .score import ranks, softmax_probs
+
         cset = st.cset
         records: list[Record] = []
         top = self.options.top
@@ -363,9 +423,10 @@ class Engine:
         ok = [(p, k) for p, k, e in st.entries if e is None and k is not None and k in memo]
         errors = [(p, e if e is not None else failed_keys.get(k or "", "failed")) for p, k, e in st.entries
                   if not (e is None and k is not None and k in memo)]
+        truncated = prompts.truncated
         for q in cset.queries:
-            pi = prompt_index[q.prompt]
-            scores = [score_of(memo[k], pi) for _, k in ok]
+            pi = prompts.index[q.prompt]
+            scores = [prompts.score_of(memo[k], pi) for _, k in ok]
             probs = softmax_probs(torch.tensor(scores, dtype=torch.float32)).tolist() if scores else []
             rk = ranks(scores)
             order = sorted(range(len(ok)), key=lambda i: rk[i])

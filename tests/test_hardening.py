@@ -664,4 +664,17 @@ def test_non_clip_model_is_one_line_and_debug_shows_the_traceback(runner, bert_d
     res = runner.invoke(app, ["score", "-p", PROMPT, "--model", str(bert_dir), "--debug", str(img)])
     assert isinstance(res.exception, ModelLoadError) and "'bert' model, not CLIP" in str(res.exception)
     tb = "".join(traceback.format_exception(*res.exc_info))
-    assert "Traceback (most recent call last)" in tb and "_check_is_clip" in tb
+    assert "Traceback (most recent call last)" in tb and "check_is_clip" in tb
+
+
+def test_weights_that_fail_to_load_in_the_background_are_one_line(runner, model_dir, tmp_path):
+    # A truncated checkpoint passes the JSON checks made before the run; the load in its thread fails, and the run
+    # stops with the load's error, as one line, leaving no output file.
+    broken = Path(shutil.copytree(model_dir, tmp_path / "broken"))
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    imgs = [draw_image(tmp_path / f"{i}.png", (300, 200), seed=i) for i in range(3)]
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["score", "-p", PROMPT, "--model", str(broken), "-o", str(out), *map(str, imgs)])
+    _one_line_error(res, f"cannot load {broken}")
+    assert not out.exists()

@@ -1,34 +1,13 @@
-"""Model loading rules and the embedder: sources, devices, dtypes, safetensors only, OOM back-off."""
+"""The embedder: devices, dtypes, normalised embeddings, OOM back-off."""
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from pickrank.errors import ModelLoadError, UsageError
-from pickrank.model import (DEFAULT_MODEL, DEFAULT_PROCESSOR, Embedder, check_dtype, local_fingerprint, pick_device,
-                            resolve_source)
-
-
-def test_hub_defaults_resolve_to_pickscore_with_laion_processor(monkeypatch):
-    src = resolve_source()
-    assert (src.model, src.processor, src.revision, src.offline) == (DEFAULT_MODEL, DEFAULT_PROCESSOR, None, False)
-    assert not src.model_is_local
-    monkeypatch.setenv("PICKRANK_MODEL", "someone/other-clip")
-    src = resolve_source(revision="abc123", offline=True)
-    assert (src.model, src.processor, src.revision, src.offline) == ("someone/other-clip", DEFAULT_PROCESSOR,
-                                                                     "abc123", True)
-    assert resolve_source("a/b", processor="c/d").processor == "c/d"
-
-
-def test_local_folder_with_processor_files_is_its_own_processor(model_dir, tmp_path):
-    assert resolve_source(str(model_dir)).processor == str(model_dir)
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    assert resolve_source(str(bare)).processor == DEFAULT_PROCESSOR
+from pickrank.errors import UsageError
+from pickrank.model import Embedder, check_dtype, pick_device, resolve_source
 
 
 def test_devices_and_dtypes():
@@ -41,22 +20,6 @@ def test_devices_and_dtypes():
         check_dtype("fp16", torch.device("cpu"))
     with pytest.raises(UsageError):
         check_dtype("int8", torch.device("cpu"))
-
-
-def test_pickle_only_folder_is_refused(model_dir, tmp_path):
-    folder = tmp_path / "pickled"
-    folder.mkdir()
-    (folder / "config.json").write_text((model_dir / "config.json").read_text())
-    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match="safetensors only"):
-        Embedder.load(resolve_source(str(folder), processor=str(model_dir)))
-
-
-def test_fingerprint_changes_with_weights(model_dir, tmp_path):
-    fp = local_fingerprint(str(model_dir))
-    assert fp == local_fingerprint(str(model_dir))
-    os.utime(model_dir / "model.safetensors", ns=(1, 1))
-    assert local_fingerprint(str(model_dir)) != fp
 
 
 def test_embeddings_are_normalised_fp32(model_dir):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
+
 import pytest
 
 from pickrank.model import Embedder, resolve_source
-from pickrank.pipeline import Engine, RunOptions, single_set
+from pickrank.pipeline import Engine, RunOptions, _LocalBackend, single_set
+from pickrank.reader import content_key, read_bytes
 from pickrank.records import CandidateSet, Query
+from pickrank.source import LoadingEmbedder, inspect_model, load_in_background
 
 from .conftest import image_paths
 
@@ -54,3 +59,66 @@ def test_each_distinct_image_reaches_the_model_once_across_sets(embedder, images
     recs = [r for ranking in Engine(embedder, options=RunOptions(workers=2, batch_size=4)).run(sets)
             for r in ranking.records]
     assert sum(calls) == 6 and len(recs) == 12
+
+
+def _loading(embedder: Embedder) -> tuple[LoadingEmbedder, Future]:
+    """The embedder as the CLI hands it over: still loading until the test resolves the future."""
+    fut: Future = Future()
+    return LoadingEmbedder(inspect_model(embedder.source), fut), fut
+
+
+def _submit_all(backend: _LocalBackend, paths: list[str]) -> list[str]:
+    keys = []
+    for p in paths:
+        data = read_bytes(p)
+        keys.append(content_key(data))
+        backend.submit(keys[-1], data)
+    return keys
+
+
+def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder, images, count_embeds):
+    loading, fut = _loading(embedder)
+    paths = image_paths(images)
+    backend = _LocalBackend(loading, RunOptions(workers=0, batch_size=2))
+    late = threading.Timer(10, fut.set_result, args=(embedder,))  # a backend that waits fails, it does not hang
+    late.start()
+    keys = _submit_all(backend, paths)
+    assert backend.poll(block=True) == [] and count_embeds == []  # decoded and held, nothing embedded yet
+    assert not fut.done()
+    assert len(backend.batch) >= 2 and backend.held_bytes == sum(d.pixels.nbytes for d in backend.batch)
+    late.cancel()
+    fut.set_result(embedder)
+    backend.finish()
+    done = backend.poll(block=True)
+    backend.close()
+    got = {k: e for ks, emb, _ in done for k, e in zip(ks, emb)}
+    assert sorted(got) == sorted(keys) and count_embeds == [2, 2, 2]
+    ready = _LocalBackend(embedder, RunOptions(workers=0, batch_size=2))  # the same batches, model loaded
+    _submit_all(ready, paths)
+    ready.finish()
+    ref = {k: e for ks, emb, _ in ready.poll(block=True) for k, e in zip(ks, emb)}
+    ready.close()
+    assert all((got[k] == ref[k]).all() for k in keys)
+
+
+def test_held_images_are_bounded_the_backend_waits_for_the_model_past_the_limit(embedder, images, monkeypatch):
+    loading, fut = _loading(embedder)
+    monkeypatch.setattr(_LocalBackend, "HOLD_BYTES", 1)  # one decoded image is already past the limit
+    backend = _LocalBackend(loading, RunOptions(workers=0, batch_size=2))
+    threading.Timer(0.2, fut.set_result, args=(embedder,)).start()
+    _submit_all(backend, image_paths(images))
+    done = backend.poll(block=True)  # waits for the model instead of holding more
+    backend.close()
+    assert fut.done() and done and all(len(keys) == 2 for keys, _, _ in done)
+    assert len(backend.batch) < 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_started_while_the_model_loads_equals_a_run_with_it_loaded(model_dir, embedder, images, workers):
+    paths = image_paths(images)
+    sets = [CandidateSet(queries=(Query("a red cat"), Query("the sea")), paths=paths)]
+    loaded = [r for k in Engine(embedder, options=RunOptions(workers=workers)).run(sets) for r in k.records]
+    loading = load_in_background(resolve_source(str(model_dir)), device="cpu")
+    engine = Engine(loading, options=RunOptions(workers=workers))
+    background = [r for k in engine.run(sets) for r in k.records]
+    assert background == loaded and engine.summary.embedded == 6

@@ -1,0 +1,223 @@
+"""Which model a run uses, and what is known before its weights load; loading it in the background.
+
+Nothing here imports torch or transformers (~2.5 s on a small CPU): the CLI checks the model folder or hub id,
+reads its preprocessing and cache fingerprint, starts the load in a thread, and reads and decodes images meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from .errors import ModelLoadError, UsageError
+from .reader import ImageSpec
+
+if TYPE_CHECKING:
+    from .model import Embedder
+
+DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
+DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_PROCESSOR_FILES = ("preprocessor_config.json",)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model and processor come from, resolved from the command-line options."""
+
+    model: str
+    processor: str
+    revision: str | None = None
+    offline: bool = False
+
+    @property
+    def model_is_local(self) -> bool:
+        return os.path.isdir(self.model)
+
+
+def resolve_source(model: str | None = None, processor: str | None = None, revision: str | None = None,
+                   offline: bool = False) -> ModelSource:
+    """Apply the defaults: PICKRANK_MODEL, else PickScore_v1; the processor from the model folder if it has one."""
+    model = model or os.environ.get("PICKRANK_MODEL") or DEFAULT_MODEL
+    if processor is None:
+        has_processor = os.path.isdir(model) and all(
+            os.path.exists(os.path.join(model, f)) for f in _PROCESSOR_FILES
+        ) and any(os.path.exists(os.path.join(model, f)) for f in _TOKENIZER_FILES)
+        processor = model if has_processor else DEFAULT_PROCESSOR
+    return ModelSource(model=model, processor=processor, revision=revision, offline=offline)
+
+
+def load_error_text(what: str, e: Exception, offline: bool) -> str:
+    """One line for a failed load of a folder or hub id (the libraries' own texts run to many lines)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if offline:
+        return f"cannot load {what} offline (is it in the Hugging Face cache?): {text}"
+    if not os.path.exists(what) and ("/" not in what or what.startswith((".", "/"))):
+        return f"cannot load {what}: no such folder, and not a hub id"
+    return f"cannot load {what}: {text}"
+
+
+def check_local_weights(folder: str) -> None:
+    """Refuse folders whose only checkpoint is a pickle (it can run code when loaded)."""
+    names = os.listdir(folder)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ModelLoadError(f"{folder}: no config.json, so not a transformers model folder")
+    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        return
+    pickles = [n for n in names if n.endswith(_WEIGHT_SUFFIXES)]
+    if pickles:
+        raise ModelLoadError(
+            f"{folder}: only a pickle checkpoint ({', '.join(sorted(pickles))}); pickrank loads safetensors only, "
+            "since unpickling can run arbitrary code. Convert it with model.save_pretrained(dir, "
+            "safe_serialization=True) in a trusted environment.")
+    raise ModelLoadError(f"{folder}: no model weights (*.safetensors) found")
+
+
+def check_is_clip(source: ModelSource) -> str | None:
+    """Read the model's config.json, refuse anything but CLIP, and return the hub commit it came from (None for a
+    local folder)."""
+    if source.model_is_local:
+        path, revision = os.path.join(source.model, "config.json"), None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(source.model, "config.json", revision=source.revision,
+                                   local_files_only=source.offline)
+        except Exception as e:  # huggingface_hub raises OSError/ValueError subclasses with long texts
+            raise ModelLoadError(load_error_text(source.model, e, source.offline)) from e
+        # The hub cache keeps a commit's files under snapshots/<commit>/ (transformers reads the commit there too).
+        m = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", path)
+        revision = m.group(1) if m else None
+    try:
+        with open(path, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{source.model}: unreadable config.json ({e})") from e
+    if model_type != "clip":
+        raise ModelLoadError(f"{source.model} is a {model_type or 'unknown'!r} model, not CLIP: "
+                             "pickrank needs a CLIP model such as yuvalkirstain/PickScore_v1")
+    return revision
+
+
+def local_fingerprint(folder: str) -> str:
+    """A hash of a local model folder's weight and config files' names, sizes and mtimes."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
+            st = os.stat(os.path.join(folder, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def load_processor_config(processor: str, offline: bool = False) -> dict:
+    """The raw preprocessor_config.json of a folder or hub repo."""
+    if os.path.isdir(processor):
+        path = os.path.join(processor, "preprocessor_config.json")
+        if not os.path.exists(path):
+            raise ModelLoadError(f"{processor}: no preprocessor_config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(processor, "preprocessor_config.json", local_files_only=offline)
+        except Exception as e:
+            raise ModelLoadError(load_error_text(processor, e, offline)) from e
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run knows before the weights load: enough to decode images and look them up in the cache."""
+
+    source: ModelSource
+    spec: ImageSpec
+    fingerprint: str  # the cache key's model part: weights (or hub commit), dtype, preprocessing
+    revision: str | None  # the hub commit, None for a local folder
+    dtype: str
+
+
+def inspect_model(source: ModelSource, dtype: str = "fp32") -> ModelInfo:
+    """Check the model is a safetensors CLIP, and read its preprocessing and cache fingerprint (JSON files only)."""
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+    if source.model_is_local:
+        check_local_weights(source.model)
+    elif os.path.exists(source.model):
+        raise ModelLoadError(f"{source.model}: not a folder")
+    revision = check_is_clip(source)
+    spec = ImageSpec.from_config(load_processor_config(source.processor, source.offline))
+    ident = f"{os.path.abspath(source.model)}@{local_fingerprint(source.model)}" if source.model_is_local \
+        else f"{source.model}@{revision or source.revision or 'main'}"
+    fingerprint = f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"
+    return ModelInfo(source, spec, fingerprint, revision, dtype)
+
+
+def in_thread(work: Callable[[], object], name: str) -> Future:
+    """Run `work` in a daemon thread (it never holds up exit or Ctrl-C); its result or exception in a Future."""
+    fut: Future = Future()
+
+    def target() -> None:
+        try:
+            fut.set_result(work())
+        except BaseException as e:  # raised again in whichever thread asks for the result
+            fut.set_exception(e)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return fut
+
+
+class LoadingEmbedder:
+    """An `Embedder` loading in a thread. What `ModelInfo` knows (spec, fingerprint, source, revision) is there at
+    once; any other attribute waits for the load and comes from the Embedder (or raises the load's error)."""
+
+    def __init__(self, info: ModelInfo, future: Future) -> None:
+        self.info = info
+        self.spec, self.fingerprint = info.spec, info.fingerprint
+        self.source, self.revision = info.source, info.revision
+        self._future = future
+
+    @property
+    def ready(self) -> bool:
+        """True once the load has finished (or failed: using the embedder then raises its error)."""
+        return self._future.done()
+
+    def result(self) -> "Embedder":
+        """The loaded Embedder (waits for it)."""
+        return self._future.result()
+
+    def error(self) -> BaseException | None:
+        """Why the load failed (waits for it); None when it succeeded."""
+        return self._future.exception()
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__") or name in ("info", "_future"):  # copy/pickle probes; half-built objects
+            raise AttributeError(name)
+        return getattr(self.result(), name)
+
+
+def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
+                       batch_size: int | None = None,
+                       on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
+    """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
+    weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread."""
+    info = inspect_model(source, dtype)
+
+    def load() -> "Embedder":
+        from .model import Embedder
+
+        embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info)
+        if on_loaded is not None:
+            on_loaded(embedder)
+        return embedder
+
+    return LoadingEmbedder(info, in_thread(load, "pickrank-load"))
