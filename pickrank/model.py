@@ -208,6 +208,15 @@ class Embedder:
         return cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
                    batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
 
+    @property
+    def image_gflops(self) -> float:
+        """Approximate GFLOPs of one image through the vision tower (patch embedding, attention, MLPs)."""
+        v = self.model.config.vision_config
+        h, p, layers = v.hidden_size, v.patch_size, v.num_hidden_layers
+        tokens = (v.image_size // p) ** 2 + 1
+        per_layer = tokens * (4 * h * h + 2 * h * v.intermediate_size) + 2 * tokens * tokens * h
+        return 2 * (tokens * v.num_channels * p * p * h + layers * per_layer) / 1e9
+
     def describe(self) -> dict:
         """Model, revision, device and dtype, for logs and reports."""
         return {"model": self.source.model if self.source else "?", "revision": self.revision,

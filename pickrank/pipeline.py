@@ -156,26 +156,39 @@ class _LocalBackend:
     # While the model still loads, decoded images are held back (up to this many bytes of pixels) instead of
     # stopping the decode workers: start-up and decoding overlap, and memory stays bounded.
     HOLD_BYTES = 128 << 20
+    # On a CPU, a vision tower this small (GFLOPs per image) spends more time handing work between intra-op threads
+    # than computing: one thread runs it faster and leaves the other cores to the decode workers. PickScore's
+    # ViT-H/14 is ~335.
+    SMALL_MODEL_GFLOPS = 1.0
+    # Decode jobs in flight while the model loads: this thread then gets the GIL only between the loader's turns,
+    # and a deeper queue keeps the decode workers busy meanwhile (jobs are compressed bytes, ~0.1-1 MB each).
+    LOADING_WINDOW = 128
 
     def __init__(self, embedder: AnyEmbedder, options: RunOptions) -> None:
         self.embedder = embedder
         self.workers = default_workers() if options.workers is None else options.workers
         self._batch_size = options.batch_size  # None: the embedder's, known once it has loaded
-        self.decoder = _Decoder(self.workers, window=self._window(options.batch_size or 8), spec=embedder.spec,
-                                max_pixels=options.max_pixels)
+        self.loading = not embedder.ready
+        window = max(2 * (options.batch_size or 8), 8 * self.workers)
+        self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if self.loading else window,
+                                spec=embedder.spec, max_pixels=options.max_pixels)
         self.batch: list[Decoded] = []
         self.held_bytes = 0
         self.finished = False
-
-    def _window(self, batch_size: int) -> int:
-        return max(2 * batch_size, 8 * self.workers)
+        self.saved_threads: int | None = None
 
     @property
     def batch_size(self) -> int:
         if self._batch_size is None:
             self._batch_size = self.embedder.batch_size  # waits for the load
-            self.decoder.window = self._window(self._batch_size)
         return self._batch_size
+
+    def _loaded(self) -> bool:
+        """Whether the model is ready; the first time it is, the decode window takes its running size."""
+        if self.loading and self.embedder.ready:
+            self.loading = False
+            self.decoder.window = max(2 * self.batch_size, 8 * self.workers)
+        return not self.loading
 
     def submit(self, key: str, data: bytes) -> None:
         self.decoder.submit(key, key, data)
@@ -200,7 +213,7 @@ class _LocalBackend:
                 continue
             self.batch.append(result)
             self.held_bytes += result.pixels.nbytes
-            if (self.embedder.ready or self.held_bytes > self.HOLD_BYTES) and len(self.batch) >= self.batch_size:
+            if (self._loaded() or self.held_bytes > self.HOLD_BYTES) and len(self.batch) >= self.batch_size:
                 out.append(self._embed())
         while self.finished and self.batch:
             out.append(self._embed())
@@ -208,12 +221,26 @@ class _LocalBackend:
 
     def _embed(self) -> Done:
         """Embed the oldest batch_size decoded images."""
+        if self.saved_threads is None:
+            self._pick_threads()
         batch, self.batch = self.batch[:self.batch_size], self.batch[self.batch_size:]
         self.held_bytes -= sum(d.pixels.nbytes for d in batch)
         return [d.key for d in batch], self.embedder.embed_images(np.stack([d.pixels for d in batch])), []
 
+    def _pick_threads(self) -> None:
+        import torch  # loaded with the model by now
+
+        self.saved_threads = torch.get_num_threads()
+        small = self.embedder.device.type == "cpu" and self.embedder.image_gflops < self.SMALL_MODEL_GFLOPS
+        if small and self.workers > 0:
+            torch.set_num_threads(1)
+
     def close(self) -> None:
         self.decoder.close()
+        if self.saved_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.saved_threads)
 
 
 class _Prompts:

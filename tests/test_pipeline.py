@@ -76,10 +76,13 @@ def _submit_all(backend: _LocalBackend, paths: list[str]) -> list[str]:
     return keys
 
 
-def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder, images, count_embeds):
+def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder, images, count_embeds,
+                                                                        monkeypatch):
     loading, fut = _loading(embedder)
     paths = image_paths(images)
+    monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 5)  # 6 images: the window fills while loading
     backend = _LocalBackend(loading, RunOptions(workers=0, batch_size=2))
+    assert backend.decoder.window == 5
     late = threading.Timer(10, fut.set_result, args=(embedder,))  # a backend that waits fails, it does not hang
     late.start()
     keys = _submit_all(backend, paths)
@@ -93,6 +96,7 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     backend.close()
     got = {k: e for ks, emb, _ in done for k, e in zip(ks, emb)}
     assert sorted(got) == sorted(keys) and count_embeds == [2, 2, 2]
+    assert backend.decoder.window == 4  # the running size once the model is there: 2 x batch
     ready = _LocalBackend(embedder, RunOptions(workers=0, batch_size=2))  # the same batches, model loaded
     _submit_all(ready, paths)
     ready.finish()
@@ -104,6 +108,7 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
 def test_held_images_are_bounded_the_backend_waits_for_the_model_past_the_limit(embedder, images, monkeypatch):
     loading, fut = _loading(embedder)
     monkeypatch.setattr(_LocalBackend, "HOLD_BYTES", 1)  # one decoded image is already past the limit
+    monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 0)
     backend = _LocalBackend(loading, RunOptions(workers=0, batch_size=2))
     threading.Timer(0.2, fut.set_result, args=(embedder,)).start()
     _submit_all(backend, image_paths(images))
@@ -122,3 +127,37 @@ def test_a_run_started_while_the_model_loads_equals_a_run_with_it_loaded(model_d
     engine = Engine(loading, options=RunOptions(workers=workers))
     background = [r for k in engine.run(sets) for r in k.records]
     assert background == loaded and engine.summary.embedded == 6
+
+
+@pytest.mark.parametrize("workers,during", [(1, 1), (0, 2)])
+def test_a_tiny_model_runs_on_one_thread_beside_decode_workers(embedder, images, monkeypatch, workers, during):
+    import torch
+
+    seen: list[int] = []
+    real = Embedder.embed_images
+    monkeypatch.setattr(Embedder, "embed_images",
+                        lambda self, px: (seen.append(torch.get_num_threads()), real(self, px))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert embedder.image_gflops < _LocalBackend.SMALL_MODEL_GFLOPS
+        backend = _LocalBackend(embedder, RunOptions(workers=workers, batch_size=4))
+        _submit_all(backend, image_paths(images))
+        backend.finish()
+        backend.poll(block=True)
+        backend.close()
+        assert seen and set(seen) == {during}  # without decode workers nothing competes for the cores
+        assert torch.get_num_threads() == 2  # given back when the run ends
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_image_gflops_of_pickscore_architecture():
+    from types import SimpleNamespace
+
+    from pickrank.devtools import PICKSCORE_ARCH
+
+    vision = SimpleNamespace(num_channels=3, **PICKSCORE_ARCH["vision"])
+    fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vision_config=vision)))
+    # ViT-H/14 at 224: ~167 GMACs per image, as published for the architecture.
+    assert Embedder.image_gflops.fget(fake) == pytest.approx(2 * 167, rel=0.01)
