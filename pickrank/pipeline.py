@@ -170,7 +170,8 @@ class _LocalBackend:
         self._batch_size = options.batch_size  # None: the embedder's, known once it has loaded
         self.loading = not embedder.ready
         window = max(2 * (options.batch_size or 8), 8 * self.workers)
-        self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if self.loading else window,
+        deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
+        self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
                                 spec=embedder.spec, max_pixels=options.max_pixels)
         self.batch: list[Decoded] = []
         self.held_bytes = 0

@@ -81,8 +81,12 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     loading, fut = _loading(embedder)
     paths = image_paths(images)
     monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 5)  # 6 images: the window fills while loading
+    assert _LocalBackend(loading, RunOptions(workers=1, batch_size=2)).decoder.window == 8  # 8 per worker
+    assert _LocalBackend(loading, RunOptions(workers=0, batch_size=2)).decoder.window == 4  # inline: 2 x batch
+    monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 12)
+    loader = _LocalBackend(loading, RunOptions(workers=1, batch_size=2))
+    assert loader.decoder.window == 12
     backend = _LocalBackend(loading, RunOptions(workers=0, batch_size=2))
-    assert backend.decoder.window == 5
     late = threading.Timer(10, fut.set_result, args=(embedder,))  # a backend that waits fails, it does not hang
     late.start()
     keys = _submit_all(backend, paths)
@@ -91,12 +95,13 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     assert len(backend.batch) >= 2 and backend.held_bytes == sum(d.pixels.nbytes for d in backend.batch)
     late.cancel()
     fut.set_result(embedder)
+    assert loader._loaded() and loader.decoder.window == 8  # the running size once the model is there
+    loader.close()
     backend.finish()
     done = backend.poll(block=True)
     backend.close()
     got = {k: e for ks, emb, _ in done for k, e in zip(ks, emb)}
     assert sorted(got) == sorted(keys) and count_embeds == [2, 2, 2]
-    assert backend.decoder.window == 4  # the running size once the model is there: 2 x batch
     ready = _LocalBackend(embedder, RunOptions(workers=0, batch_size=2))  # the same batches, model loaded
     _submit_all(ready, paths)
     ready.finish()
