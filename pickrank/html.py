@@ -16,7 +16,6 @@ import base64
 import hashlib
 import html
 import json
-import multiprocessing
 import os
 import sys
 import urllib.parse
@@ -27,7 +26,7 @@ from typing import IO, Iterable, Iterator
 from . import __version__
 from .errors import UsageError
 from .records import Record
-from .reader import worker_init
+from .reader import close_pool, signals_deferred, worker_pool
 from .writers import Output
 
 THUMB_SIZE = 256
@@ -197,11 +196,7 @@ class _Thumbnails:
         self.items[path] = None
         self.pending.append(path)
         if self.pool is None and self.workers > 0 and len(self.items) >= self.inline_below:
-            ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-            if os.name == "posix":
-                ctx.set_forkserver_preload(["pickrank.reader"])  # as the decode pool: never __main__
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                            initializer=worker_init)
+            self.pool = worker_pool(self.workers)
         if self.pool is not None:
             for p in self.pending:
                 self.items[p] = self._submit(p)
@@ -209,7 +204,8 @@ class _Thumbnails:
 
     def _submit(self, path: str) -> Future | bytes | str:
         try:
-            return self.pool.submit(make_thumb, path)  # type: ignore[union-attr]
+            with signals_deferred():
+                return self.pool.submit(make_thumb, path)  # type: ignore[union-attr]
         except Exception:  # pool broken or shut down: make it here
             return make_thumb(path)
 
@@ -236,7 +232,7 @@ class _Thumbnails:
 
     def shutdown(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            close_pool(self.pool)
             self.pool = None
 
 

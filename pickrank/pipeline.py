@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -22,9 +21,8 @@ import numpy as np
 
 from .cache import NullCache
 from .errors import InputFailed
-from .reader import DEFAULT_MAX_PIXELS, Decoded, ReadError, content_key, read_bytes, worker_init
-from .reader import ImageSpec, decode_many
-from .reader import decode_job
+from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, close_pool, content_key, decode_job,
+                     decode_many, read_bytes, signals_deferred, worker_pool)
 from .records import CandidateSet, Query, Record, RunSummary
 
 if TYPE_CHECKING:
@@ -78,10 +76,7 @@ class _Decoder:
         self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
         self.pool: ProcessPoolExecutor | None = None
         if workers > 0:
-            ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-            if os.name == "posix":
-                ctx.set_forkserver_preload(["pickrank.reader"])
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
+            self.pool = worker_pool(workers)
         self.queue: collections.deque[tuple[object, Future | list, int]] = collections.deque()
         self.pending: list[tuple[object, str, bytes]] = []
 
@@ -96,7 +91,8 @@ class _Decoder:
     def _dispatch(self) -> None:
         if self.pending and self.pool is not None:
             jobs = [(key, data) for _, key, data in self.pending]
-            fut = self.pool.submit(decode_many, jobs, self.spec, self.max_pixels)
+            with signals_deferred():
+                fut = self.pool.submit(decode_many, jobs, self.spec, self.max_pixels)
             self.queue.extend((tag, fut, i) for i, (tag, _, _) in enumerate(self.pending))
             self.pending = []
 
@@ -116,7 +112,7 @@ class _Decoder:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            close_pool(self.pool)
             self.pool = None
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import stat
+import threading
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -235,6 +240,46 @@ def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec, max_pixels: in
     except (OSError, ValueError) as e:
         raise ReadError(f"cannot decode: {e}") from None
     return Decoded(key, pixels, make_thumbnail(image) if thumbnail else None)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool for decode jobs: forkserver on POSIX (workers inherit no threads or locks of this process),
+    each worker forked from a server that imported this module once (`pickrank._forkserver`), never `__main__`."""
+    ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+    if os.name == "posix":
+        ctx.set_forkserver_preload(["pickrank._forkserver"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
+
+
+def close_pool(pool: ProcessPoolExecutor) -> None:
+    """Shut a pool down, dropping queued jobs. An OSError from its internals meanwhile (a wake-up pipe already
+    closed after an interrupt: CPython 3.11's executor) must not replace the reason the run is stopping."""
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving inside the block take effect as it ends.
+
+    Around a pool's submit: it may start a worker, and a worker whose start is interrupted halfway waits forever
+    for its start-up data, and the pool's shutdown with it. (Signal handlers belong to the main thread: elsewhere
+    this does nothing.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved = {sig: signal.signal(sig, lambda n, _frame: caught.append(n)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in caught:
+            signal.raise_signal(sig)
 
 
 def worker_init() -> None:

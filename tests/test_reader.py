@@ -72,3 +72,50 @@ def test_bomb_refused_before_decoding():
         decode_and_preprocess("k", buf.getvalue(), ImageSpec(), max_pixels=100_000_000)
     assert decode_and_preprocess("k", buf.getvalue(), ImageSpec(), max_pixels=200_000_000).pixels.shape == \
         (3, 224, 224)
+
+
+def test_signals_inside_the_deferred_block_take_effect_as_it_ends():
+    import signal
+
+    from pickrank.reader import signals_deferred
+
+    before = signal.getsignal(signal.SIGINT)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after the signal")  # a worker's start is not cut halfway
+    assert reached == ["after the signal"] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_signals_deferred_is_a_no_op_outside_the_main_thread():
+    import threading
+
+    from pickrank.reader import signals_deferred
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with signals_deferred():
+                pass
+        except BaseException as e:  # signal.signal would raise ValueError here
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert errors == []
+
+
+@pytest.mark.parametrize("exc,stderr", [("FileNotFoundError('gone')", ""),
+                                        ("ImportError('no module x')",
+                                         "pickrank: a decode worker failed to start: ImportError: no module x")])
+def test_worker_start_failures_are_quiet_or_one_line(exc, stderr):
+    import subprocess
+    import sys
+
+    # The fork server imports pickrank._forkserver; its workers report an uncaught start-up error with this hook.
+    res = subprocess.run([sys.executable, "-c", f"import pickrank._forkserver; raise {exc}"], capture_output=True,
+                         text=True)
+    assert res.returncode == 1 and res.stderr.strip() == stderr
