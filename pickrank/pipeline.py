@@ -257,6 +257,10 @@ class _Prompts:
     @property
     def text(self) -> torch.Tensor:
         """The normalised prompt embeddings (P, D), in index order (waits for the model)."""
+        if self._text is None and not self.index:  # every set failed before it had a prompt
+            import torch
+
+            self._text = torch.empty(0, 0)
         if self._text is None:
             text, truncated = self.embedder.embed_texts(list(self.index))
             self._truncated = dict(zip(self.index, truncated))
