@@ -294,6 +294,7 @@ def _score(c: Common, sets: list, sinks: list, copy_to: str | None) -> int:
             failed += ranking.failed
             for sink in sinks:
                 sink.write(records)
+        embedder.result()  # a run that never needed the model still reports a model that failed to load
     finally:
         bar.close()
         cache.close()

@@ -65,26 +65,30 @@ class Ranking:
 
 
 class _Decoder:
-    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` in flight.
+    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` jobs in flight, and
+    (when `max_bytes` is set) no more once their files add up to `max_bytes`.
 
     Jobs go to the pool in chunks of a few images: one round trip per chunk keeps the main process's share of the
     work (which competes with the workers for the cores) small.
     """
 
-    def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4) -> None:
-        self.window = max(1, window)
+    def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4,
+                 max_bytes: int | None = None) -> None:
+        self.window, self.max_bytes = max(1, window), max_bytes
         self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
         self.pool: ProcessPoolExecutor | None = None
         if workers > 0:
             self.pool = worker_pool(workers)
-        self.queue: collections.deque[tuple[object, Future | list, int]] = collections.deque()
+        self.queue: collections.deque[tuple[object, Future | list, int, int]] = collections.deque()
         self.pending: list[tuple[object, str, bytes]] = []
+        self.bytes = 0  # of the files in flight
 
     def submit(self, tag: object, key: str, data: bytes) -> None:
         if self.pool is None:
-            self.queue.append((tag, [decode_job(key, data, self.spec, self.max_pixels)], 0))
+            self.queue.append((tag, [decode_job(key, data, self.spec, self.max_pixels)], 0, 0))
             return
         self.pending.append((tag, key, data))
+        self.bytes += len(data)
         if len(self.pending) >= self.chunk:
             self._dispatch()
 
@@ -93,7 +97,7 @@ class _Decoder:
             jobs = [(key, data) for _, key, data in self.pending]
             with signals_deferred():
                 fut = self.pool.submit(decode_many, jobs, self.spec, self.max_pixels)
-            self.queue.extend((tag, fut, i) for i, (tag, _, _) in enumerate(self.pending))
+            self.queue.extend((tag, fut, i, len(data)) for i, (tag, _, data) in enumerate(self.pending))
             self.pending = []
 
     @property
@@ -102,12 +106,14 @@ class _Decoder:
 
     @property
     def full(self) -> bool:
-        return len(self.queue) + len(self.pending) >= self.window
+        jobs = len(self.queue) + len(self.pending)
+        return jobs >= self.window or (self.max_bytes is not None and jobs > 0 and self.bytes >= self.max_bytes)
 
     def pop(self) -> tuple[object, Decoded | str]:
         if not self.queue:
             self._dispatch()
-        tag, holder, i = self.queue.popleft()
+        tag, holder, i, nbytes = self.queue.popleft()
+        self.bytes -= nbytes
         return tag, (holder.result() if isinstance(holder, Future) else holder)[i]
 
     def close(self) -> None:
@@ -157,18 +163,21 @@ class _LocalBackend:
     # ViT-H/14 is ~335.
     SMALL_MODEL_GFLOPS = 1.0
     # Decode jobs in flight while the model loads: this thread then gets the GIL only between the loader's turns,
-    # and a deeper queue keeps the decode workers busy meanwhile (jobs are compressed bytes, ~0.1-1 MB each).
+    # and a deeper queue keeps the decode workers busy meanwhile; at most LOADING_BYTES of files (128 4K PNGs
+    # would be gigabytes).
     LOADING_WINDOW = 128
+    LOADING_BYTES = 64 << 20
 
     def __init__(self, embedder: AnyEmbedder, options: RunOptions) -> None:
         self.embedder = embedder
         self.workers = default_workers() if options.workers is None else options.workers
         self._batch_size = options.batch_size  # None: the embedder's, known once it has loaded
-        self.loading = not embedder.ready
+        self.loading = not getattr(embedder, "ready", True)
         window = max(2 * (options.batch_size or 8), 8 * self.workers)
         deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
         self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
-                                spec=embedder.spec, max_pixels=options.max_pixels)
+                                spec=embedder.spec, max_pixels=options.max_pixels,
+                                max_bytes=self.LOADING_BYTES if deeper else None)
         self.batch: list[Decoded] = []
         self.held_bytes = 0
         self.finished = False
@@ -182,9 +191,9 @@ class _LocalBackend:
 
     def _loaded(self) -> bool:
         """Whether the model is ready; the first time it is, the decode window takes its running size."""
-        if self.loading and self.embedder.ready:
+        if self.loading and getattr(self.embedder, "ready", True):
             self.loading = False
-            self.decoder.window = max(2 * self.batch_size, 8 * self.workers)
+            self.decoder.window, self.decoder.max_bytes = max(2 * self.batch_size, 8 * self.workers), None
         return not self.loading
 
     def submit(self, key: str, data: bytes) -> None:
@@ -225,10 +234,15 @@ class _LocalBackend:
         return [d.key for d in batch], self.embedder.embed_images(np.stack([d.pixels for d in batch])), []
 
     def _pick_threads(self) -> None:
+        """One intra-op thread for a small vision tower on the CPU, beside decode workers (process-wide until
+        close(), as torch's setting is)."""
         import torch  # loaded with the model by now
 
         self.saved_threads = torch.get_num_threads()
-        small = self.embedder.device.type == "cpu" and self.embedder.image_gflops < self.SMALL_MODEL_GFLOPS
+        try:
+            small = self.embedder.device.type == "cpu" and self.embedder.image_gflops < self.SMALL_MODEL_GFLOPS
+        except AttributeError:  # an embedder around a model without a CLIP vision config: leave threads alone
+            small = False
         if small and self.workers > 0:
             torch.set_num_threads(1)
 

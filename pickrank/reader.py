@@ -272,14 +272,26 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    saved = {sig: signal.signal(sig, lambda n, _frame: caught.append(n)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved: list[tuple[int, object]] = []
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left alone
+                saved.append((sig, signal.signal(sig, lambda n, _frame: caught.append(n))))
         yield
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        _restore_handlers(saved)
         for sig in caught:
             signal.raise_signal(sig)
+
+
+def _restore_handlers(saved: list[tuple[int, object]]) -> None:
+    """Put each handler back, even if a signal arriving meanwhile raises (each restore in its own `finally`)."""
+    if saved:
+        sig, handler = saved[0]
+        try:
+            signal.signal(sig, handler)
+        finally:
+            _restore_handlers(saved[1:])
 
 
 def worker_init() -> None:

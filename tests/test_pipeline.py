@@ -81,8 +81,10 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     loading, fut = _loading(embedder)
     paths = image_paths(images)
     monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 5)  # 6 images: the window fills while loading
-    assert _LocalBackend(loading, RunOptions(workers=1, batch_size=2)).decoder.window == 8  # 8 per worker
-    assert _LocalBackend(loading, RunOptions(workers=0, batch_size=2)).decoder.window == 4  # inline: 2 x batch
+    for workers, window in ((1, 8), (0, 4)):  # 8 per worker; inline: 2 x batch
+        small = _LocalBackend(loading, RunOptions(workers=workers, batch_size=2))
+        assert small.decoder.window == window
+        small.close()
     monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 12)
     loader = _LocalBackend(loading, RunOptions(workers=1, batch_size=2))
     assert loader.decoder.window == 12
@@ -94,7 +96,8 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     assert not fut.done()
     assert len(backend.batch) >= 2 and backend.held_bytes == sum(d.pixels.nbytes for d in backend.batch)
     late.cancel()
-    fut.set_result(embedder)
+    if not fut.done():
+        fut.set_result(embedder)
     assert loader._loaded() and loader.decoder.window == 8  # the running size once the model is there
     loader.close()
     backend.finish()
@@ -166,3 +169,21 @@ def test_image_gflops_of_pickscore_architecture():
     fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vision_config=vision)))
     # ViT-H/14 at 224: ~167 GMACs per image, as published for the architecture.
     assert Embedder.image_gflops.fget(fake) == pytest.approx(2 * 167, rel=0.01)
+
+
+def test_files_in_flight_are_bounded_by_bytes_while_the_model_loads(embedder, images, monkeypatch):
+    loading, fut = _loading(embedder)
+    paths = image_paths(images)
+    sizes = [len(read_bytes(p)) for p in paths]
+    monkeypatch.setattr(_LocalBackend, "LOADING_BYTES", sizes[0] + sizes[1])  # two files' worth
+    backend = _LocalBackend(loading, RunOptions(workers=1, batch_size=2))
+    try:
+        assert backend.decoder.window == _LocalBackend.LOADING_WINDOW and not backend.full
+        _submit_all(backend, paths[:2])
+        assert backend.full and backend.decoder.bytes == sizes[0] + sizes[1]  # the byte limit, not the window
+        backend.poll(block=True)
+        assert not backend.full and backend.decoder.bytes == sizes[1]
+        fut.set_result(embedder)
+        assert backend._loaded() and backend.decoder.max_bytes is None
+    finally:
+        backend.close()
