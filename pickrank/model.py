@@ -12,8 +12,8 @@ import torch
 
 from .errors import ModelLoadError, UsageError
 from .reader import ImageSpec, normalize
-from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, ModelInfo, ModelSource, inspect_model, load_error_text,
-                     local_fingerprint, resolve_source)
+from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, DTYPE_NAMES, ModelInfo, ModelSource, check_dtype_name,
+                     inspect_model, load_error_text, local_fingerprint, resolve_source)
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROCESSOR", "ModelSource", "resolve_source", "local_fingerprint", "Embedder",
            "PickScoreTowers", "embed_image_batch", "features", "pick_device", "check_dtype", "cpu_has_bf16"]
@@ -21,7 +21,7 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_PROCESSOR", "ModelSource", "resolve_source"
 log = logging.getLogger("pickrank")
 
 MAX_TOKENS = 77
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -61,8 +61,7 @@ def cpu_has_bf16() -> bool:
 
 def check_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype for the name, refusing what this device cannot run well."""
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+    check_dtype_name(dtype)
     if device.type == "cpu" and dtype == "fp16":
         raise UsageError("--dtype fp16 is not supported on CPU: use bf16 (on CPUs with bf16 instructions) or fp32")
     if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16() and not os.environ.get("PICKRANK_FORCE_BF16"):

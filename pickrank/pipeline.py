@@ -173,7 +173,7 @@ class _LocalBackend:
         self.workers = default_workers() if options.workers is None else options.workers
         self._batch_size = options.batch_size  # None: the embedder's, known once it has loaded
         self.loading = not getattr(embedder, "ready", True)
-        window = max(2 * (options.batch_size or 8), 8 * self.workers)
+        window = self._running_window(options.batch_size or 8)
         deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
         self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
                                 spec=embedder.spec, max_pixels=options.max_pixels,
@@ -182,6 +182,9 @@ class _LocalBackend:
         self.held_bytes = 0
         self.finished = False
         self.saved_threads: int | None = None
+
+    def _running_window(self, batch_size: int) -> int:
+        return max(2 * batch_size, 8 * self.workers)
 
     @property
     def batch_size(self) -> int:
@@ -193,7 +196,7 @@ class _LocalBackend:
         """Whether the model is ready; the first time it is, the decode window takes its running size."""
         if self.loading and getattr(self.embedder, "ready", True):
             self.loading = False
-            self.decoder.window, self.decoder.max_bytes = max(2 * self.batch_size, 8 * self.workers), None
+            self.decoder.window, self.decoder.max_bytes = self._running_window(self.batch_size), None
         return not self.loading
 
     def submit(self, key: str, data: bytes) -> None:

@@ -135,6 +135,12 @@ def load_processor_config(processor: str, offline: bool = False) -> dict:
         return json.load(f)
 
 
+def check_dtype_name(dtype: str) -> None:
+    """Refuse a dtype name pickrank does not know (whether the device can run it is `model.check_dtype`'s)."""
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a run knows before the weights load: enough to decode images and look them up in the cache."""
@@ -148,8 +154,7 @@ class ModelInfo:
 
 def inspect_model(source: ModelSource, dtype: str = "fp32") -> ModelInfo:
     """Check the model is a safetensors CLIP, and read its preprocessing and cache fingerprint (JSON files only)."""
-    if dtype not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+    check_dtype_name(dtype)
     if source.model_is_local:
         check_local_weights(source.model)
     elif os.path.exists(source.model):
