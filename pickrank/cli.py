@@ -10,16 +10,17 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Optional, Sequence
 
 import typer
 
 from . import __version__
-from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, PickrankError,
-                     Terminated, UsageError)
+from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError,
+                     PickrankError, Terminated, UsageError)
 
 app = typer.Typer(
     name="pickrank",
@@ -68,8 +69,12 @@ BatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Images per model c
 WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Decode worker processes; 0 decodes in the main "
                                                    "process \\[default: CPU count, at most 8].")]
 FormatOpt = Annotated[Optional[Format], typer.Option(
-    "--format", "-f", help="Output format \\[default: table on a terminal, else jsonl].")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write results to FILE (atomically).")]
+    "--format", "-f", help="Output format \\[default: from -o's extension (.jsonl, .json, .csv; .txt: paths), "
+                           "else table on a terminal, else jsonl].")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write results to FILE (atomically; a "
+                      "device, FIFO or /dev/stdout is written straight through).")]
+NullOpt = Annotated[bool, typer.Option("--null", "-0", help="End each path with NUL instead of a newline, for "
+                    "xargs -0 (implies -f paths).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or info messages.")]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", envvar="PICKRANK_CACHE",
                      help="Embedding cache file \\[default: ~/.cache/pickrank/embeddings.sqlite3].")]
@@ -121,6 +126,11 @@ class Common:
     engine: str = "local"
     ray_address: str | None = None
     ray_actors: int | None = None
+    null: bool = False
+
+
+class _InputIsOutput(UsageError):
+    """An output would be written over one of the run's inputs: nothing at all is written (exit 2)."""
 
 
 def _version(value: bool) -> None:
@@ -229,8 +239,12 @@ def _set_meta(sinks: list, embedder) -> None:
             sink.set_meta(d)
 
 
-def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | None = None) -> None:
-    """Everything a scoring command does, with errors translated into messages and exit codes in one place."""
+def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | None = None,
+         inputs: Sequence[str] = ()) -> None:
+    """Everything a scoring command does, with errors translated into messages and exit codes in one place.
+
+    inputs: the paths named on the command line (files, folders, a prompts CSV), which no output may overwrite.
+    """
     _setup_logging(c.quiet)
     signal.signal(signal.SIGTERM, _on_sigterm)
     sinks: list = []  # the result writer and the HTML report: closed (kept) whatever happens
@@ -240,21 +254,142 @@ def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | Non
 
         # Inputs and output paths are checked before the (slow) model load.
         sets = make_sets()
+        fmt = _choose_format(c)
+        files = _check_outputs([("-o", c.output), ("--html", c.html)], inputs)
         out = Output(c.output)
-        fmt = c.format or ("table" if out.is_terminal else "jsonl")
-        sinks.append(make_writer(fmt, out, record_fields(kind, copy=copy_to is not None)))
+        fmt = fmt or ("table" if out.is_terminal else "jsonl")
+        sinks.append(make_writer(fmt, out, record_fields(kind, copy=copy_to is not None), null=c.null))
         if c.html:
             from .html import HtmlReport
 
             sinks.append(HtmlReport(c.html, kind=kind))
         if copy_to:
-            os.makedirs(copy_to, exist_ok=True)
-        code = _score(c, sets, sinks, copy_to)
+            _check_copy_to(copy_to)
+        code = _score(c, _guard_inputs(sets, files), sinks, copy_to)
     except BaseException as e:
+        if isinstance(e, _InputIsOutput):
+            _abandon(sinks)  # found while reading inputs: even the HTML page of a failed run is not written
         code = _exit_code(e, c.debug)
     finally:
         code = _close_sinks(sinks, code)
     raise typer.Exit(code)
+
+
+def _choose_format(c: Common) -> str | None:
+    """-f; else paths for -0; else what the -o file's extension names; None: table on a terminal, else jsonl."""
+    from .writers import format_for_path
+
+    if c.null and c.format not in (None, "paths"):
+        raise UsageError(f"-0/--null goes with -f paths only, not -f {c.format}")
+    return c.format or ("paths" if c.null else format_for_path(c.output))
+
+
+def _stdout_target():
+    """Where results go without -o, as a writers.Target (None when stdout has no descriptor, as under a test)."""
+    from .writers import Target
+
+    try:
+        fd = sys.stdout.fileno()
+        os.fstat(fd)
+    except (AttributeError, OSError, ValueError):  # ValueError, OSError: io.UnsupportedOperation, a closed fd
+        return None
+    return Target("fd", "stdout", fd=fd)
+
+
+def _check_outputs(outputs: list[tuple[str, str | None]], inputs: Sequence[str]) -> dict[tuple[int, int], str]:
+    """No two outputs in one place, and no output over a named input (usage errors, before the model loads).
+
+    Returns the outputs that are existing files, by (device, inode) -> "OPTION PATH", for `_guard_inputs` to
+    check the inputs discovered later (globs, stdin, CSV cells) against.
+    """
+    from .writers import resolve_output
+
+    targets = []
+    for label, path in outputs:
+        if label == "-o" and path in (None, "-"):
+            target = _stdout_target()
+            if target is not None:
+                targets.append(("stdout", target))
+        elif path is not None:  # (--html - is a file named '-', as before)
+            targets.append((f"{label} {path}", resolve_output(path, label)))
+    for i, (a, ta) in enumerate(targets):
+        for b, tb in targets[i + 1:]:
+            if ta.identity() == tb.identity() and not ta.harmless_to_share:
+                raise UsageError(f"{a} and {b} are the same file: give each output its own")
+    files = {}
+    for name, t in targets:
+        if t.kind == "file" and t.st is not None:
+            _check_not_an_input(name, t.path, t.st, inputs)
+            files[(t.st.st_dev, t.st.st_ino)] = name
+    return files
+
+
+def _check_not_an_input(name: str, real: str, st: os.stat_result, inputs: Sequence[str]) -> None:
+    """An existing output file must not be a named input, nor an image inside a named input folder."""
+    from .discover import is_image_name
+
+    for arg in inputs:
+        if arg == "-":
+            continue
+        try:
+            ast = os.stat(arg)
+        except OSError:  # a glob, or missing: checked as paths are read (_guard_inputs)
+            continue
+        if stat.S_ISDIR(ast.st_mode):
+            folder = os.path.realpath(arg)
+            if is_image_name(real) and os.path.commonpath([real, folder]) == folder:
+                raise _InputIsOutput(f"{name}: is an image in the input folder {arg}; it would be overwritten")
+        elif os.path.samestat(ast, st):
+            raise _InputIsOutput(f"{name}: is also an input ({arg}); it would be overwritten")
+
+
+def _guard_inputs(sets: list, files: dict[tuple[int, int], str]) -> list:
+    """Sets whose paths stop the run (usage error, nothing written) at an input that is also an output file.
+
+    Costs one stat per input path, and only when an output file already exists.
+    """
+    if not files:
+        return sets
+    from dataclasses import replace
+
+    def guarded(paths):
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:  # reported as the image's error when it is read
+                yield p
+                continue
+            if (st.st_dev, st.st_ino) in files:
+                raise _InputIsOutput(f"{files[(st.st_dev, st.st_ino)]}: is also an input ({p}); "
+                                     "it would be overwritten")
+            yield p
+
+    return [s if s.error is not None else replace(s, paths=guarded(s.paths)) for s in sets]
+
+
+def _abandon(sinks: list) -> None:
+    """Write no output at all: temp files removed, the HTML page not rendered."""
+    for sink in sinks:
+        try:
+            (sink.abandon if hasattr(sink, "abandon") else sink.discard)()
+        except Exception:
+            pass  # clean-up of a run that is already failing
+    sinks.clear()
+
+
+def _check_copy_to(dest: str) -> None:
+    """--copy-to must be a folder this user may write (made if missing); checked before the model loads."""
+    from .writers import may_write
+
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise OutputError(f"--copy-to {dest}: not a folder")
+    try:
+        os.makedirs(dest, exist_ok=True)
+        st = os.stat(dest)
+    except OSError as e:
+        raise OutputError(f"--copy-to {dest}: cannot create the folder: {e.strerror or e}") from None
+    if not may_write(dest, st):
+        raise OutputError(f"--copy-to {dest}: the folder is not writable")
 
 
 def _make_engine(c: Common, embedder, cache, options, on_progress):
@@ -289,11 +424,12 @@ def _score(c: Common, sets: list, sinks: list, copy_to: str | None) -> int:
     try:
         for ranking in engine.run(sets):
             records = ranking.records
-            if copy_to:
-                records = tuple(_copy_winners(records, copy_to))
             failed += ranking.failed
+            if copy_to:
+                records, not_copied = _copy_winners(records, copy_to)
+                failed += not_copied
             for sink in sinks:
-                sink.write(records)
+                _write(sink, records)
         embedder.result()  # a run that never needed the model still reports a model that failed to load
     finally:
         bar.close()
@@ -305,28 +441,66 @@ def _score(c: Common, sets: list, sinks: list, copy_to: str | None) -> int:
     return EXIT_PARTIAL if failed or s.failures else EXIT_OK
 
 
-def _copy_winners(records, dest: str):
-    """Copy each scored record's image into dest under a name that is not taken yet; never overwrite."""
+def _write(sink, records: tuple) -> None:
+    """Hand a ranking to a sink; a failed write (a full disk, /dev/full) is an output error naming the output."""
+    try:
+        sink.write(records)
+    except BrokenPipeError:
+        raise  # the reader went away: a quiet stop (_exit_code)
+    except OSError as e:
+        out = getattr(sink, "out", None)
+        where = f"{out.label} {out.path}" if out is not None and out.path else "stdout"
+        raise OutputError(f"{where}: {e.strerror or e}") from None
+
+
+def _copy_winners(records: tuple, dest: str) -> tuple[tuple, int]:
+    """Copy each scored record's image into dest under a name not taken yet (never overwriting).
+
+    A copy that fails becomes that record's error (its score stays); returns the records and how many failed.
+    """
+    from dataclasses import replace
+
     from .pipeline import with_copied
 
+    out = []
+    failed = 0
     for r in records:
         if r.error is not None or r.path is None:
-            yield r
+            out.append(r)
             continue
-        stem, ext = os.path.splitext(os.path.basename(r.path))
+        try:
+            out.append(with_copied(r, _copy_one(r.path, dest)))
+        except OSError as e:
+            reason = f"not copied to {dest}: {e.strerror or e}"
+            log.warning("%s: %s", r.path, reason)
+            out.append(replace(r, error=reason))
+            failed += 1
+    return tuple(out), failed
+
+
+def _copy_one(path: str, dest: str) -> str:
+    """Copy path into dest as NAME, NAME-1, ... (the first free one); a failed copy leaves no partial file."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    with open(path, "rb") as fin:
         n = 0
         while True:
-            name = f"{stem}{ext}" if n == 0 else f"{stem}-{n}{ext}"
-            target = os.path.join(dest, name)
+            target = os.path.join(dest, f"{stem}{ext}" if n == 0 else f"{stem}-{n}{ext}")
             try:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 break
             except FileExistsError:
                 n += 1
-        with os.fdopen(fd, "wb") as fout, open(r.path, "rb") as fin:
-            shutil.copyfileobj(fin, fout)
-        shutil.copystat(r.path, target)
-        yield with_copied(r, target)
+        try:
+            with os.fdopen(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except BaseException:
+            os.unlink(target)  # ours (O_EXCL): a half copy is not left behind
+            raise
+    try:
+        shutil.copystat(path, target)
+    except OSError:
+        pass  # times and mode are a nicety; the copy itself is whole
+    return target
 
 
 def _common(**kw) -> Common:
@@ -352,6 +526,7 @@ def score(
     cache: CacheOpt = None, no_cache: NoCacheOpt = False, on_error: OnErrorOpt = OnError.continue_,
     max_pixels: MaxPixelsOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
     engine: EngineOpt = EngineName.local, ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None,
+    null: NullOpt = False,
 ) -> None:
     """Score images against one prompt and rank them.
 
@@ -360,7 +535,7 @@ def score(
     c = _common(**{k: v for k, v in locals().items() if k not in ("paths", "prompt")})
     from .jobs import score_job
 
-    _run("score", c, lambda: score_job(prompt, paths, sys.stdin))
+    _run("score", c, lambda: score_job(prompt, paths, sys.stdin), inputs=paths)
 
 
 @app.command("best-of-n")
@@ -377,6 +552,7 @@ def best_of_n(
     cache: CacheOpt = None, no_cache: NoCacheOpt = False, on_error: OnErrorOpt = OnError.continue_,
     max_pixels: MaxPixelsOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
     engine: EngineOpt = EngineName.local, ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None,
+    null: NullOpt = False,
 ) -> None:
     """Keep the best of N candidates in each group of a folder.
 
@@ -385,7 +561,7 @@ def best_of_n(
     c = _common(**{k: v for k, v in locals().items() if k not in ("folder", "prompt", "copy_to")})
     from .jobs import best_of_n_job
 
-    _run("best-of-n", c, lambda: best_of_n_job(folder, prompt), copy_to=copy_to)
+    _run("best-of-n", c, lambda: best_of_n_job(folder, prompt), copy_to=copy_to, inputs=[folder])
 
 
 @app.command()
@@ -400,6 +576,7 @@ def batch(
     cache: CacheOpt = None, no_cache: NoCacheOpt = False, on_error: OnErrorOpt = OnError.continue_,
     max_pixels: MaxPixelsOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
     engine: EngineOpt = EngineName.local, ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None,
+    null: NullOpt = False,
 ) -> None:
     """Rank images for every prompt of a CSV; each image is embedded once, each prompt encoded once.
 
@@ -408,7 +585,16 @@ def batch(
     c = _common(**{k: v for k, v in locals().items() if k not in ("prompts_csv", "paths")})
     from .jobs import batch_job
 
-    _run("batch", c, lambda: batch_job(prompts_csv, paths or [], sys.stdin))
+    _run("batch", c, lambda: batch_job(prompts_csv, paths or [], sys.stdin),
+         inputs=[prompts_csv, *(paths or [])])
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one existing file (symlinks and hard links included)."""
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:
+        return False
 
 
 def _open_cache_or_exit(path: str | None):
@@ -485,6 +671,8 @@ def report(
     try:
         from .html import render_results
 
+        if results != "-" and _same_file(results, output):
+            raise UsageError(f"-o {output}: is the results file; give another name for the page")
         rankings, missing = render_results(results, output)
     except BaseException as e:
         raise typer.Exit(_exit_code(e, debug))

@@ -24,10 +24,10 @@ from datetime import datetime
 from typing import IO, Iterable, Iterator
 
 from . import __version__
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .records import Record
 from .reader import close_pool, signals_deferred, worker_pool
-from .writers import Output
+from .writers import Output, check_output
 
 THUMB_SIZE = 256
 # Fewer images than this are thumbnailed in the main process at close (a pool's start-up costs more).
@@ -158,8 +158,8 @@ def esc(text: object) -> str:
 
 
 def _check_html_path(path: str, option: str) -> None:
-    """Fail early (before the model loads) when the page could not be written."""
-    Output(path, label=option).discard()
+    """Fail early (before the model loads) when the page could not be written; a FIFO is not opened yet."""
+    check_output(path, label=option)
 
 
 # -- thumbnails ------------------------------------------------------------------------------------------
@@ -280,6 +280,11 @@ class HtmlReport:
                 if r.error is None and r.path:
                     self.thumbs.add(r.path)
 
+    def abandon(self) -> None:
+        """Write no page at all (the run found that it would overwrite one of its inputs)."""
+        self.closed = True
+        self.thumbs.shutdown()
+
     def close(self) -> None:
         """Render the page with whatever was received, atomically (temp file, then rename)."""
         if self.closed:
@@ -290,6 +295,12 @@ class HtmlReport:
         out = Output(self.path, label=self.option)
         try:
             _Renderer(self, thumbs, folder, out.stream).page()
+        except BrokenPipeError:  # the reader went away (| head): a quiet end, as for results on stdout
+            out.discard()
+            raise
+        except OSError as e:  # a device that takes no more (/dev/full)
+            out.discard()
+            raise OutputError(f"{self.option} {self.path}: {e.strerror or e}") from None
         except BaseException:
             out.discard()
             raise
