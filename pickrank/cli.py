@@ -83,6 +83,8 @@ OnErrorOpt = Annotated[OnError, typer.Option(help="continue: report bad images a
                                              "fail: stop at the first (exit 1).")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option(min=1, help="Refuse images with more pixels than this "
                                                      "(decompression bombs) \\[default: Pillow's 89,478,485].")]
+MaxBytesOpt = Annotated[Optional[int], typer.Option(min=1, help="Refuse image files larger than this many bytes, "
+                                                   "before reading them \\[default: 536,870,912 = 512 MiB].")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 HtmlOpt = Annotated[Optional[str], typer.Option("--html", metavar="FILE",
                     help="Also write a self-contained HTML gallery of the ranking.")]
@@ -121,6 +123,7 @@ class Common:
     no_cache: bool
     on_error: str
     max_pixels: int | None
+    max_bytes: int | None
     debug: bool
     html: str | None = None
     engine: str = "local"
@@ -149,9 +152,14 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 
 class _StderrHandler(logging.Handler):
+    """Log records as one `pickrank: warning: ...` line each on stderr, control characters escaped (a file name or
+    prompt in a message cannot drive the terminal)."""
+
     def emit(self, record: logging.LogRecord) -> None:
+        from .terminal import terminal_safe
+
         level = {"WARNING": "warning: ", "ERROR": "error: "}.get(record.levelname, "")
-        msg = f"pickrank: {level}{record.getMessage()}"
+        msg = f"pickrank: {level}{terminal_safe(record.getMessage())}"
         try:
             from tqdm import tqdm
 
@@ -189,10 +197,13 @@ def _exit_code(e: BaseException, debug: bool) -> int:
         return EXIT_OK
     if debug or isinstance(e, typer.Exit) or not isinstance(e, Exception):  # --debug, or an exit passing through
         raise e
+    from .terminal import terminal_safe  # messages may name files (--on-error fail)
+
     if isinstance(e, PickrankError):
-        print(f"pickrank: error: {e}", file=sys.stderr)
+        print(f"pickrank: error: {terminal_safe(str(e))}", file=sys.stderr)
         return e.exit_code
-    print(f"pickrank: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+    print(f"pickrank: error: {type(e).__name__}: {terminal_safe(str(e))} (run with --debug for the traceback)",
+          file=sys.stderr)
     return EXIT_FATAL
 
 
@@ -418,7 +429,7 @@ def _score(c: Common, sets: list, sinks: list, copy_to: str | None) -> int:
     cache = open_cache(c.cache, enabled=not c.no_cache)
     bar = tqdm(unit="img", file=sys.stderr, disable=True if c.quiet else None, dynamic_ncols=True, leave=False)
     options = RunOptions(batch_size=c.batch_size, workers=c.workers, top=c.top, on_error=c.on_error,
-                         max_pixels=c.max_pixels)
+                         max_pixels=c.max_pixels, max_bytes=c.max_bytes)
     engine = _make_engine(c, embedder, cache, options, bar.update)
     failed = 0
     try:
@@ -512,6 +523,10 @@ def _common(**kw) -> Common:
         from .reader import DEFAULT_MAX_PIXELS
 
         kw["max_pixels"] = DEFAULT_MAX_PIXELS
+    if kw["max_bytes"] is None:
+        from .reader import DEFAULT_MAX_BYTES
+
+        kw["max_bytes"] = DEFAULT_MAX_BYTES
     return Common(**kw)
 
 
@@ -524,7 +539,7 @@ def score(
     device: DeviceOpt = "auto", dtype: DTypeOpt = DType.fp32, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, format: FormatOpt = None, output: OutputOpt = None, quiet: QuietOpt = False,
     cache: CacheOpt = None, no_cache: NoCacheOpt = False, on_error: OnErrorOpt = OnError.continue_,
-    max_pixels: MaxPixelsOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
+    max_pixels: MaxPixelsOpt = None, max_bytes: MaxBytesOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
     engine: EngineOpt = EngineName.local, ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None,
     null: NullOpt = False,
 ) -> None:
@@ -550,7 +565,7 @@ def best_of_n(
     device: DeviceOpt = "auto", dtype: DTypeOpt = DType.fp32, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, format: FormatOpt = None, output: OutputOpt = None, quiet: QuietOpt = False,
     cache: CacheOpt = None, no_cache: NoCacheOpt = False, on_error: OnErrorOpt = OnError.continue_,
-    max_pixels: MaxPixelsOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
+    max_pixels: MaxPixelsOpt = None, max_bytes: MaxBytesOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
     engine: EngineOpt = EngineName.local, ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None,
     null: NullOpt = False,
 ) -> None:
@@ -561,7 +576,8 @@ def best_of_n(
     c = _common(**{k: v for k, v in locals().items() if k not in ("folder", "prompt", "copy_to")})
     from .jobs import best_of_n_job
 
-    _run("best-of-n", c, lambda: best_of_n_job(folder, prompt), copy_to=copy_to, inputs=[folder])
+    _run("best-of-n", c, lambda: best_of_n_job(folder, prompt, c.max_pixels, c.max_bytes), copy_to=copy_to,
+         inputs=[folder])
 
 
 @app.command()
@@ -574,7 +590,7 @@ def batch(
     device: DeviceOpt = "auto", dtype: DTypeOpt = DType.fp32, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, format: FormatOpt = None, output: OutputOpt = None, quiet: QuietOpt = False,
     cache: CacheOpt = None, no_cache: NoCacheOpt = False, on_error: OnErrorOpt = OnError.continue_,
-    max_pixels: MaxPixelsOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
+    max_pixels: MaxPixelsOpt = None, max_bytes: MaxBytesOpt = None, debug: DebugOpt = False, html: HtmlOpt = None,
     engine: EngineOpt = EngineName.local, ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None,
     null: NullOpt = False,
 ) -> None:

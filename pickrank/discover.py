@@ -22,13 +22,18 @@ def is_glob(arg: str) -> bool:
 
 
 def walk_images(folder: str) -> Iterator[str]:
-    """Image files under folder, recursively, in sorted order; symlinked folders followed once (no loops)."""
+    """Image files under folder, recursively, in sorted order; symlinked folders followed once (no loops).
+
+    A folder that cannot be listed (no permission, gone meanwhile) is yielded itself, in its place: reading it
+    then fails with the reason, so it is reported like an unreadable file instead of vanishing.
+    """
     seen: set[tuple[int, int]] = set()
 
     def visit(d: str) -> Iterator[str]:
         try:
             st = os.stat(d)
         except OSError:
+            yield d
             return
         if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a folder linked twice
             return
@@ -37,6 +42,7 @@ def walk_images(folder: str) -> Iterator[str]:
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError:
+            yield d
             return
         subdirs = []
         for e in entries:

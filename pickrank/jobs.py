@@ -9,10 +9,9 @@ import logging
 import os
 from typing import Iterator, TextIO
 
-from PIL import Image
-
 from .discover import expand, is_image_name
 from .errors import UsageError
+from .reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, read_text_metadata
 from .records import CandidateSet, Query
 
 log = logging.getLogger("pickrank")
@@ -45,12 +44,16 @@ def check_prompt(prompt: str) -> None:
 
 # -- best-of-n -------------------------------------------------------------------------------------------
 
-def prompt_from_metadata(path: str) -> str | None:
-    """The generation prompt stored in an image's text metadata (A1111 `parameters`, `prompt`, `Description`)."""
+def prompt_from_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                         max_bytes: int | None = DEFAULT_MAX_BYTES) -> str | None:
+    """The generation prompt stored in an image's text metadata (A1111 `parameters`, `prompt`, `Description`).
+
+    The file is opened as for scoring (regular files only, within max_bytes and max_pixels) and no pixel is
+    decoded: a FIFO in the group cannot hang the run, nor a huge image fill memory.
+    """
     try:
-        with Image.open(path) as im:
-            info = dict(getattr(im, "text", None) or {}) or {k: v for k, v in im.info.items() if isinstance(v, str)}
-    except Exception:  # an unreadable image has no prompt; it is reported when scored
+        info = read_text_metadata(path, max_pixels, max_bytes)
+    except Exception:  # ReadError, or a Pillow bug: an unreadable image has no prompt; it is reported when scored
         return None
     params = info.get("parameters")
     if isinstance(params, str) and params.strip():
@@ -72,7 +75,8 @@ def prompt_from_metadata(path: str) -> str | None:
     return None
 
 
-def _group_prompt(folder: str, images: list[str], prompt: str | None) -> str | None:
+def _group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
+                  max_bytes: int | None) -> str | None:
     if prompt:
         return prompt
     txt = os.path.join(folder, "prompt.txt")
@@ -85,21 +89,47 @@ def _group_prompt(folder: str, images: list[str], prompt: str | None) -> str | N
         if text:
             return text
     for path in images:
-        found = prompt_from_metadata(path)
+        found = prompt_from_metadata(path, max_pixels, max_bytes)
         if found:
             return found
     return None
 
 
-def best_of_n_job(folder: str, prompt: str | None = None) -> list[CandidateSet]:
-    """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own."""
+def _group_name(folder: str, dirpath: str) -> str:
+    """A group's name: its path under FOLDER, or FOLDER's own name for the images directly in it."""
+    group = os.path.relpath(dirpath, folder)
+    return os.path.basename(os.path.abspath(folder)) if group == "." else group
+
+
+def _unreadable_set(folder: str, e: OSError) -> CandidateSet:
+    """An error record for a folder that cannot be listed, reported like an unreadable file."""
+    path = e.filename if isinstance(e.filename, str) else folder
+    reason = "cannot read folder: " + ("permission denied" if isinstance(e, PermissionError) else e.strerror or str(e))
+    log.warning("%s: %s", path, reason)
+    return CandidateSet(queries=(Query(prompt="", group=_group_name(folder, path)),), source=path, error=reason)
+
+
+def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
+    """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own.
+
+    max_pixels and max_bytes apply to the images whose metadata is read for a group's prompt, as when scoring.
+    A folder that cannot be listed is an error record, in its place.
+    """
     if prompt is not None:
         check_prompt(prompt)
     if not os.path.isdir(folder):
         raise UsageError(f"{folder}: not a folder")
     sets: list[CandidateSet] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    unlisted: list[OSError] = []  # os.walk reports these as it meets them, between the folders it yields
+
+    def report_unlisted() -> None:
+        sets.extend(_unreadable_set(folder, e) for e in unlisted)
+        unlisted.clear()
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlisted.append, followlinks=True):
+        report_unlisted()
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # symlink loop
             dirnames[:] = []
@@ -109,15 +139,15 @@ def best_of_n_job(folder: str, prompt: str | None = None) -> list[CandidateSet]:
         images = sorted(os.path.join(dirpath, f) for f in filenames if is_image_name(f))
         if not images:
             continue
-        group = os.path.relpath(dirpath, folder)
-        group = os.path.basename(os.path.abspath(folder)) if group == "." else group
-        text = _group_prompt(dirpath, images, prompt)
+        group = _group_name(folder, dirpath)
+        text = _group_prompt(dirpath, images, prompt, max_pixels, max_bytes)
         if text is None:
             log.warning("%s: no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata", dirpath)
             sets.append(CandidateSet(queries=(Query(prompt="", group=group),), source=dirpath,
                                      error="no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata"))
         else:
             sets.append(CandidateSet(queries=(Query(prompt=text, group=group),), paths=images))
+    report_unlisted()
     if not sets:
         raise UsageError(f"no images found in {folder}")
     return sets

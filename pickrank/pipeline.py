@@ -21,8 +21,8 @@ import numpy as np
 
 from .cache import NullCache
 from .errors import InputFailed
-from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, close_pool, content_key, decode_job,
-                     decode_many, read_bytes, signals_deferred, worker_pool)
+from .reader import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, close_pool, content_key,
+                     decode_job, decode_many, read_bytes, signals_deferred, worker_pool)
 from .records import CandidateSet, Query, Record, RunSummary
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class RunOptions:
     top: int | None = None
     on_error: str = "continue"
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_bytes: int | None = DEFAULT_MAX_BYTES  # image files larger than this are refused unread (None: no limit)
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ class Engine:
                     for path in cset.paths:
                         self.summary.images += 1
                         try:
-                            data = read_bytes(path)
+                            data = read_bytes(path, opts.max_bytes)
                         except ReadError as e:
                             st.entries.append((path, None, str(e)))
                             fail(path, str(e))

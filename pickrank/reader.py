@@ -11,17 +11,27 @@ import multiprocessing
 import os
 import signal
 import stat
+import struct
 import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile
 
 # Pillow's own default limit on decoded pixels (about 89.5 megapixels); --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Files larger than this are refused before they are read (--max-bytes): far above any generated image, far below
+# what would exhaust memory.
+DEFAULT_MAX_BYTES = 512 << 20
+# What is read of a file before the rest, to tell whether it is an image at all: Pillow picks most formats by their
+# first 16 bytes; PCD's mark is at 2 KiB.
+_HEAD_BYTES = 4096
+# A PNG's text chunks are found by walking its chunk list: a crafted file of millions of tiny chunks stops here.
+_MAX_PNG_CHUNKS = 100_000
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -88,11 +98,11 @@ class ReadError(Exception):
     """An image that cannot be read or decoded; the message is the short reason shown to users."""
 
 
-def read_bytes(path: str) -> bytes:
-    """The file's bytes, or ReadError with a short reason.
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """A descriptor on path and its stat, or ReadError with a short reason unless it is a regular file.
 
-    Only regular files are read: the file is opened without blocking and checked first, so a FIFO or a device
-    named like an image is refused instead of hanging the run or reading forever.
+    The file is opened without blocking and checked before anything is read, so a FIFO or a device named like an
+    image is refused instead of hanging the run or reading forever.
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
@@ -100,8 +110,9 @@ def read_bytes(path: str) -> bytes:
     except IsADirectoryError:
         raise ReadError("is a directory") from None
     except PermissionError:
-        if os.path.isdir(path):  # Windows cannot open folders
-            raise ReadError("is a directory") from None
+        if os.path.isdir(path):  # a folder that cannot be listed (Windows cannot open folders at all)
+            reason = "is a directory" if os.name == "nt" else "cannot read folder: permission denied"
+            raise ReadError(reason) from None
         raise ReadError("permission denied") from None
     except FileNotFoundError:
         if os.path.islink(path):
@@ -112,24 +123,119 @@ def read_bytes(path: str) -> bytes:
             raise ReadError("symlink loop") from None
         raise ReadError(e.strerror or str(e)) from None
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ReadError("is a directory")
-        if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
-            raise ReadError(f"not a regular file ({kind})")
-        with os.fdopen(fd, "rb") as f:
-            fd = -1  # the file object owns it now
-            data = f.read()
+        st = os.fstat(fd)
     except OSError as e:
+        os.close(fd)
         raise ReadError(e.strerror or str(e)) from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if not data:
-        raise ReadError("empty file")
+    reason = _not_regular(st.st_mode)
+    if reason:
+        os.close(fd)
+        raise ReadError(reason)
+    return fd, st
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this mode is not read, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return f"not a regular file ({kind})"
+
+
+def check_size(size: int, max_bytes: int | None) -> None:
+    """ReadError when a file of `size` bytes is over max_bytes (None: no limit)."""
+    if max_bytes is not None and size > max_bytes:
+        raise ReadError(f"too large: {size:,} bytes, limit {max_bytes:,} (raise it with --max-bytes)")
+
+
+def _accepted(prefix: bytes) -> bool:
+    """Whether a loaded Pillow plugin's own test accepts these first bytes (a string answer means 'recognised
+    but not supported', which Image.open refuses too)."""
+    for _factory, accept in list(Image.OPEN.values()):  # a copy: another thread may be loading plugins
+        if accept is None:
+            continue
+        try:
+            ok = accept(prefix)
+        except Exception:  # a test written for a longer prefix
+            continue
+        if ok and not isinstance(ok, (str, bytes)):
+            return True
+    return False
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether Pillow recognises a file starting with `head` as an image, as Image.open picks a format: each
+    plugin's test on the first 16 bytes, or, for the few formats without one (TGA, SPIDER, ...), the plugin's
+    header parser run on `head`."""
+    Image.preinit()
+    if _accepted(head[:16]):
+        return True
+    Image.init()  # every plugin, as Image.open loads them when the common ones do not match
+    if _accepted(head[:16]):
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for factory, accept in list(Image.OPEN.values()):
+            if accept is None:
+                try:
+                    factory(io.BytesIO(head), "")
+                    return True
+                except Exception:  # not this format (SyntaxError), or a header cut short
+                    continue
+    return False
+
+
+@contextlib.contextmanager
+def _image_file(path: str, max_bytes: int | None) -> Iterator[tuple[io.FileIO, int]]:
+    """The file at path, open at offset 0, with its size; ReadError (with a short reason) unless it is a regular,
+    non-empty file whose first bytes Pillow recognises as an image, within max_bytes: only _HEAD_BYTES are read to
+    tell, so a huge file costs nothing."""
+    fd, st = _open_regular(path)
+    try:
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        try:
+            head = f.read(_HEAD_BYTES)
+            if not head:
+                raise ReadError("empty file")
+            if not looks_like_image(head):  # first: a larger --max-bytes would not help
+                raise ReadError("not an image (unrecognised format)")
+            check_size(st.st_size, max_bytes)
+            f.seek(0)
+            yield f, st.st_size
+        except OSError as e:
+            raise ReadError(e.strerror or str(e)) from None
+
+
+def read_bytes(path: str, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
+    """The file's bytes, or ReadError with a short reason.
+
+    Only regular files are read (see _open_regular), only up to max_bytes (None: no limit), and only when their
+    first bytes are an image format Pillow knows: a 3 GB file of zeros named x.png is refused after 4 KiB.
+    """
+    with _image_file(path, max_bytes) as (f, size):
+        data = f.read(size)
+        if f.read(1):  # it grew since it was opened (or its size is not known): read it again, within the limit
+            f.seek(0)
+            data = _read_capped(f, max_bytes)
     return data
+
+
+def _read_capped(f: IO[bytes], max_bytes: int | None) -> bytes:
+    """The rest of f, read in pieces, refused as soon as it passes max_bytes."""
+    parts: list[bytes] = []
+    total = 0
+    while part := f.read(1 << 20):
+        total += len(part)
+        check_size(total, max_bytes)
+        parts.append(part)
+    return b"".join(parts)
 
 
 def content_key(data: bytes) -> str:
@@ -148,21 +254,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _pillow_open(fp: IO[bytes]) -> Image.Image:
+    """Image.open without Pillow's own decompression-bomb check (its warning on stderr, or its error): callers check
+    max_pixels against the size read from the header, before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
+    """ReadError when the image declares more than max_pixels pixels (None or 0: no limit)."""
+    w, h = image.size
+    if max_pixels and w * h > max_pixels:
+        raise ReadError(f"too large to decode safely: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,} "
+                        f"(raise it with --max-pixels)")
+
+
 def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode the first frame of an image from bytes, refusing decompression bombs before decoding."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
-            try:
-                image = Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-        w, h = image.size
-        if max_pixels and w * h > max_pixels:
-            raise ReadError(f"too large to decode safely: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,} "
-                            f"(raise it with --max-pixels)")
+        image = _pillow_open(io.BytesIO(data))
+        _check_pixels(image, max_pixels)
         image.seek(0)  # animated GIF/WebP/APNG: the first frame, as the reference's Image.open gives it
         image.load()
         return image
@@ -175,6 +292,51 @@ def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
         if "truncated" in msg.lower() or "broken data stream" in msg:
             raise ReadError("truncated image") from None
         raise ReadError(f"cannot decode: {msg}") from None
+
+
+def read_text_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                       max_bytes: int | None = DEFAULT_MAX_BYTES) -> dict[str, str]:
+    """An image file's text metadata, without decoding a pixel: a PNG's text chunks (tEXt, zTXt, iTXt, wherever
+    they are), else the text fields Pillow reads from other formats' headers.
+
+    The file is checked as for scoring (read_bytes: regular files only, max_bytes, a format Pillow knows) and its
+    declared size against max_pixels (open_image); ReadError otherwise.
+    """
+    with _image_file(path, max_bytes) as (f, _size):
+        try:
+            with _pillow_open(f) as image:  # reads the header only
+                _check_pixels(image, max_pixels)
+                if image.format == "PNG":
+                    return _png_text(f)
+                return {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
+        except Image.UnidentifiedImageError:
+            raise ReadError("not an image (unrecognised format)") from None
+        except (SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise ReadError(f"cannot read: {e}") from None
+
+
+def _png_text(f: IO[bytes]) -> dict[str, str]:
+    """Every text chunk of a PNG, before or after the image data, by walking its chunk list: the image data is
+    skipped, never inflated (Image.text would decode the whole image to reach chunks after it). Pillow's own chunk
+    readers parse the text, with their limits on text size."""
+    from PIL import PngImagePlugin
+
+    f.seek(8)  # past the signature
+    stream = PngImagePlugin.PngStream(f)
+    for _ in range(_MAX_PNG_CHUNKS):
+        try:
+            cid, pos, length = stream.read()
+        except (struct.error, SyntaxError, ValueError):  # the end of a truncated or broken file
+            break
+        if cid == b"IEND":
+            break
+        if cid in _PNG_TEXT_CHUNKS and length <= PngImagePlugin.MAX_TEXT_MEMORY:
+            try:
+                stream.call(cid, pos, length)
+            except (OSError, SyntaxError, ValueError):  # a chunk cut short, too large or malformed: skipped
+                pass
+        f.seek(pos + length + 4)  # the next chunk, past this one's data and CRC
+    return {k: str(v) for k, v in stream.im_text.items()}
 
 
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:

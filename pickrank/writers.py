@@ -397,8 +397,13 @@ class TableWriter(Writer):
             self._table(list(group))
 
     def _table(self, records: list[Record]) -> None:
-        from rich.markup import escape
+        from rich.markup import escape as markup_escape
         from rich.table import Table
+
+        from .terminal import terminal_safe
+
+        def escape(text: str) -> str:  # neither rich markup nor terminal control sequences in names and prompts
+            return markup_escape(terminal_safe(text))
 
         first = records[0]
         title = first.prompt or ""
