@@ -273,6 +273,15 @@ def test_eval_jsonl_and_validation_files_are_checked_too(runner, model_dir, tmp_
     assert json.loads(res.stdout)["pairs"] == 2
 
 
+def test_batch_names_the_right_byte_after_a_bom(runner, model_dir, tmp_path):
+    # The same helper reads batch's prompts CSV: the byte offset counts the BOM, as an editor does.
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfprompt\nun caf\xe9\n")
+    res = runner.invoke(app, ["batch", str(path), str(tmp_path), "--model", str(tmp_path / "no-model")])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == f"pickrank: error: {path}: not UTF-8 (line 2, byte 16: b'\\xe9'); save it as UTF-8"
+
+
 # -- item 14: no network, no --model: one line, at once ------------------------------------------------------
 
 def hub_env(tmp_path: Path, endpoint: str, **extra: str) -> dict:
