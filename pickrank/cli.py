@@ -613,25 +613,41 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _open_cache_or_exit(path: str | None):
-    from .cache import EmbeddingCache
+def _cache_command(path: str | None, debug: bool, action: Callable) -> None:
+    """Open the cache for a `pickrank cache` command and run action(cache); errors become one line and an exit
+    code, as for the scoring commands. A file that is not a pickrank cache is an error here, not a warning."""
+    from .cache import CacheError, EmbeddingCache
 
     _setup_logging(False)
-    return EmbeddingCache(path)
+    code = EXIT_OK
+    try:
+        c = EmbeddingCache(path, warn=False)
+        try:
+            if c.problem is not None:
+                raise CacheError(c.problem)
+            action(c)
+        finally:
+            c.close()
+    except BaseException as e:
+        code = _exit_code(e, debug)
+    raise typer.Exit(code)
 
 
 @cache_app.command("info")
-def cache_info(cache: CacheOpt = None) -> None:
+def cache_info(cache: CacheOpt = None, debug: DebugOpt = False) -> None:
     """Show the cache's path, entries, size and models.
 
     Example: pickrank cache info
     """
-    c = _open_cache_or_exit(cache)
-    info = c.info()
-    c.close()
-    typer.echo(f"path:    {info.path}\nentries: {info.entries}\nsize:    {info.size_bytes / 1e6:.1f} MB")
-    for model, n in info.models.items():
-        typer.echo(f"model:   {model}  ({n} entries)")
+    def show(c) -> None:
+        info = c.info()
+        typer.echo(f"path:    {info.path}\nentries: {info.entries}\nsize:    {info.size_bytes / 1e6:.1f} MB")
+        if info.read_only:
+            typer.echo("access:  read-only (runs use its entries but save no new ones; clear/prune cannot delete)")
+        for model, n in info.models.items():
+            typer.echo(f"model:   {model}  ({n} entries)")
+
+    _cache_command(cache, debug, show)
 
 
 @cache_app.command("clear")
@@ -639,15 +655,15 @@ def cache_clear(
     model: Annotated[Optional[str], typer.Option(help="Only entries of models whose fingerprint contains this.")
                      ] = None,
     cache: CacheOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Delete cached embeddings (all, or one model's).
 
     Example: pickrank cache clear --model PickScore_v1
     """
-    c = _open_cache_or_exit(cache)
-    n = c.clear(model)
-    c.close()
-    typer.echo(f"deleted {n} entries")
+    if model is not None and not model.strip():  # an empty pattern would match every fingerprint
+        _fail("--model must not be empty: leave it out to clear every entry", EXIT_USAGE)
+    _cache_command(cache, debug, lambda c: typer.echo(f"deleted {c.clear(model)} entries"))
 
 
 @cache_app.command("prune")
@@ -655,15 +671,13 @@ def cache_prune(
     older_than: Annotated[float, typer.Option("--older-than", min=0, metavar="DAYS",
                                               help="Delete entries older than DAYS.")],
     cache: CacheOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Delete cached embeddings older than some days.
 
     Example: pickrank cache prune --older-than 30
     """
-    c = _open_cache_or_exit(cache)
-    n = c.prune(older_than)
-    c.close()
-    typer.echo(f"deleted {n} entries")
+    _cache_command(cache, debug, lambda c: typer.echo(f"deleted {c.prune(older_than)} entries"))
 
 
 @app.command()

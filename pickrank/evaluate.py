@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import csv
 import glob
+import io
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import numpy as np
 
 from .errors import PickrankError, UsageError
 from .reader import DEFAULT_MAX_PIXELS, ReadError, content_key, decode_job, read_bytes
+from .textfile import read_utf8
 
 if TYPE_CHECKING:
     from .model import Embedder
@@ -195,6 +197,23 @@ class Dataset:
                                      f"{', '.join(PARQUET_COLUMNS)})")
                 total += pf.metadata.num_rows
             self.count = total
+        else:
+            # Small files of paths and labels: read and decoded now, so that a bad file fails before the model loads.
+            self._text = read_utf8(path)
+            if self.kind == "csv":
+                self._csv_reader()
+
+    def _csv_reader(self) -> csv.DictReader:
+        """A reader over the CSV text, its header checked."""
+        reader = csv.DictReader(io.StringIO(self._text, newline=""))
+        try:
+            fields = reader.fieldnames or []
+        except csv.Error as e:
+            raise UsageError(f"{self.path}: line 1: malformed CSV: {e}") from None
+        missing = [c for c in TABLE_COLUMNS if c not in fields]
+        if missing:
+            raise UsageError(f"{self.path}: missing column(s) {', '.join(missing)} (needs {', '.join(TABLE_COLUMNS)})")
+        return reader
 
     def pairs(self) -> Iterator[Pair]:
         if self.kind == "parquet":
@@ -231,36 +250,25 @@ class Dataset:
                 del cols
 
     def _csv_rows(self) -> Iterator[tuple[int, dict]]:
+        reader = self._csv_reader()
         try:
-            f = open(self.path, newline="", encoding="utf-8-sig")
-        except OSError as e:
-            raise UsageError(f"{self.path}: {e.strerror or e}") from None
-        with f:
-            reader = csv.DictReader(f)
-            missing = [c for c in TABLE_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UsageError(f"{self.path}: missing column(s) {', '.join(missing)} "
-                                 f"(needs {', '.join(TABLE_COLUMNS)})")
             yield from enumerate(reader)
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise UsageError(f"{self.path}: line {reader.line_num}: malformed CSV: {e}") from None
 
     def _jsonl_rows(self) -> Iterator[tuple[int, dict]]:
-        try:
-            f = open(self.path, encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"{self.path}: {e.strerror or e}") from None
-        with f:
-            index = 0
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{self.path}:{lineno}: not JSON: {e.msg}") from None
-                if not isinstance(row, dict) or any(c not in row for c in TABLE_COLUMNS):
-                    raise UsageError(f"{self.path}:{lineno}: needs the keys {', '.join(TABLE_COLUMNS)}")
-                yield index, row
-                index += 1
+        index = 0
+        for lineno, line in enumerate(io.StringIO(self._text), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{self.path}:{lineno}: not JSON: {e.msg}") from None
+            if not isinstance(row, dict) or any(c not in row for c in TABLE_COLUMNS):
+                raise UsageError(f"{self.path}:{lineno}: needs the keys {', '.join(TABLE_COLUMNS)}")
+            yield index, row
+            index += 1
 
     def _table_pairs(self, rows: Iterator[tuple[int, dict]]) -> Iterator[Pair]:
         base = os.path.dirname(os.path.abspath(self.path))

@@ -13,6 +13,7 @@ from .discover import expand, is_image_name
 from .errors import UsageError
 from .reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, read_text_metadata
 from .records import CandidateSet, Query
+from .textfile import decode_utf8
 
 log = logging.getLogger("pickrank")
 
@@ -162,12 +163,7 @@ def read_prompts_csv(path: str) -> list[dict[str, str]]:
             raw = f.read()
     except OSError as e:
         raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UsageError(f"{path}: not UTF-8 (line {line}, byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                         "save it as UTF-8") from None
+    text = decode_utf8(raw, path)
     if not text.strip():
         raise UsageError(f"{path}: empty CSV")
     header = text.splitlines()[0]

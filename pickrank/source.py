@@ -65,6 +65,52 @@ def load_error_text(what: str, e: Exception, offline: bool) -> str:
     return f"cannot load {what}: {text}"
 
 
+def hub_file(repo: str, filename: str, revision: str | None, offline: bool, option: str) -> str:
+    """The local path of one small file of a hub repo, downloaded if need be. Without a network this fails at once,
+    in one line: hf_hub_download itself retries for ~25 s (minutes when packets are dropped), logging each try."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    if not (offline or getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()):
+        try:
+            cached = isinstance(try_to_load_from_cache(repo, filename, revision=revision), str)
+        except ValueError:  # not a valid repo id (a missing folder, say): hf_hub_download says so below
+            cached = True
+        if not cached:  # hf_hub_download would retry; with a cached copy it falls back to it at once
+            check_hub_reachable(repo, filename, revision, option)
+    try:
+        return hf_hub_download(repo, filename, revision=revision, local_files_only=offline)
+    except Exception as e:  # huggingface_hub raises OSError/ValueError subclasses with long texts
+        raise ModelLoadError(load_error_text(repo, e, offline)) from e
+
+
+def hub_probe_timeout() -> float:
+    """Seconds the reachability probe waits: $HF_HUB_ETAG_TIMEOUT when set (slow networks), else 5."""
+    try:
+        return max(0.1, float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 5))
+    except ValueError:
+        return 5.0
+
+
+def check_hub_reachable(repo: str, filename: str, revision: str | None, option: str) -> None:
+    """One HEAD request, no retry: a ModelLoadError saying how to do without the network when there is none. Any
+    answer from the hub (a 404, a gated repo, a 503) passes: hf_hub_download reports or retries that itself."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    timeout = hub_probe_timeout()
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=timeout)
+    except (HfHubHTTPError, ValueError):  # the hub answered, or the arguments are wrong: not a network problem
+        return
+    except Exception as e:  # connection refused, DNS, proxy, TLS, timeout: whatever the HTTP library names them
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "timeout" in type(e).__name__.lower() or "timed out" in text.lower():
+            text = f"no answer within {timeout:g} s (a slow network: raise HF_HUB_ETAG_TIMEOUT)"
+        raise ModelLoadError(f"cannot reach the Hugging Face hub to fetch {repo}: {text}; give {option} FOLDER, "
+                             f"download it first (hf download {repo}), or set HF_HUB_OFFLINE=1 to use the local "
+                             "cache") from None
+
+
 def check_local_weights(folder: str) -> None:
     """Refuse folders whose only checkpoint is a pickle (it can run code when loaded)."""
     names = os.listdir(folder)
@@ -87,13 +133,7 @@ def check_is_clip(source: ModelSource) -> str | None:
     if source.model_is_local:
         path, revision = os.path.join(source.model, "config.json"), None
     else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download(source.model, "config.json", revision=source.revision,
-                                   local_files_only=source.offline)
-        except Exception as e:  # huggingface_hub raises OSError/ValueError subclasses with long texts
-            raise ModelLoadError(load_error_text(source.model, e, source.offline)) from e
+        path = hub_file(source.model, "config.json", source.revision, source.offline, "--model")
         # The hub cache keeps a commit's files under snapshots/<commit>/ (transformers reads the commit there too).
         m = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", path)
         revision = m.group(1) if m else None
@@ -125,12 +165,7 @@ def load_processor_config(processor: str, offline: bool = False) -> dict:
         if not os.path.exists(path):
             raise ModelLoadError(f"{processor}: no preprocessor_config.json")
     else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download(processor, "preprocessor_config.json", local_files_only=offline)
-        except Exception as e:
-            raise ModelLoadError(load_error_text(processor, e, offline)) from e
+        path = hub_file(processor, "preprocessor_config.json", None, offline, "--processor")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -55,8 +55,10 @@ def test_second_run_hits_and_scores_equal_uncached(runner, model_dir, images, ca
     assert sum(count_embeds) == 6  # nothing new reached the model
     assert "0 embedded, 6 from cache" in second.stderr
     uncached = run(runner, model_dir, cache_file, images, "a blue dog on the moon", "--no-cache")
-    assert scores(second) == scores(uncached)  # exactly, not approximately
-    assert scores(first) == scores(run(runner, model_dir, cache_file, images, "a red cat", "--no-cache"))
+    # Within float32 rounding (batching and thread counts move the last bits: test_cache_hardening.py, item 15)
+    assert scores(second) == pytest.approx(scores(uncached), abs=1e-5, rel=0)
+    assert scores(first) == pytest.approx(scores(run(runner, model_dir, cache_file, images, "a red cat",
+                                                     "--no-cache")), abs=1e-5, rel=0)
 
 
 def test_all_hits_load_only_the_text_tower(runner, model_dir, images, cache_file, monkeypatch):
@@ -166,8 +168,10 @@ def test_two_processes_share_a_cache(model_dir, tmp_path, cache_file):
 
 
 def test_corrupt_cache_is_moved_aside_and_the_run_continues(runner, model_dir, images, cache_file):
-    cache_file.parent.mkdir(parents=True)
-    cache_file.write_bytes(b"this is not a database" * 100)
+    run(runner, model_dir, cache_file, images)
+    data = bytearray(cache_file.read_bytes())
+    data[100:] = b"\xab" * (len(data) - 100)  # pickrank's own cache (its header kept), its pages destroyed
+    cache_file.write_bytes(bytes(data))
     res = run(runner, model_dir, cache_file, images)
     assert "moved aside" in res.stderr
     assert any(p.name.startswith("emb.sqlite3.corrupt-") for p in cache_file.parent.iterdir())
