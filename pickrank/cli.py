@@ -19,8 +19,8 @@ from typing import Annotated, Callable, Optional, Sequence
 import typer
 
 from . import __version__
-from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError,
-                     PickrankError, Terminated, UsageError)
+from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
+                     OutputError, PickrankError, Terminated, UsageError)
 
 app = typer.Typer(
     name="pickrank",
@@ -174,8 +174,15 @@ def _setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
+def _on_stop_signal(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _catch_stop_signals() -> None:
+    """SIGTERM and SIGHUP stop a run as Ctrl-C does: outputs keep their whole records, workers are shut down."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _on_stop_signal)
 
 
 def _fail(message: str, code: int) -> None:
@@ -189,8 +196,12 @@ def _exit_code(e: BaseException, debug: bool) -> int:
         print("pickrank: interrupted; results so far were kept", file=sys.stderr)
         return EXIT_SIGINT
     if isinstance(e, Terminated):
-        print("pickrank: terminated; results so far were kept", file=sys.stderr)
-        return EXIT_SIGTERM
+        what = "hung up (SIGHUP)" if e.exit_code == EXIT_SIGHUP else "terminated"
+        try:  # after a hang-up, the terminal may be gone
+            print(f"pickrank: {what}; results so far were kept", file=sys.stderr)
+        except OSError:
+            pass
+        return e.exit_code
     if isinstance(e, BrokenPipeError):
         # The reader went away (| head): stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -209,7 +220,7 @@ def _exit_code(e: BaseException, debug: bool) -> int:
 
 def _close_sinks(sinks: list, code: int) -> int:
     """Keep outputs of finished or interrupted runs (whole records); discard those of failed runs."""
-    keep = code in (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM)
+    keep = code in (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGHUP)
     for sink in sinks:
         try:
             if keep or not hasattr(sink, "discard"):
@@ -257,7 +268,7 @@ def _run(kind: str, c: Common, make_sets: Callable[[], list], copy_to: str | Non
     inputs: the paths named on the command line (files, folders, a prompts CSV), which no output may overwrite.
     """
     _setup_logging(c.quiet)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _catch_stop_signals()
     sinks: list = []  # the result writer and the HTML report: closed (kept) whatever happens
     code = EXIT_OK
     try:
@@ -738,7 +749,7 @@ def eval_(
     import json
 
     _setup_logging(quiet)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _catch_stop_signals()
     out = None
     code = EXIT_OK
     try:

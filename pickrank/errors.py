@@ -8,6 +8,7 @@ EXIT_FATAL = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_SIGINT = 130
+EXIT_SIGHUP = 129
 EXIT_SIGTERM = 143
 
 
@@ -36,4 +37,12 @@ class OutputError(PickrankError):
 
 
 class Terminated(BaseException):
-    """Raised by the SIGTERM handler so that clean-up runs as for Ctrl-C (exit 143)."""
+    """Raised by the SIGTERM/SIGHUP handler so that clean-up runs as for Ctrl-C (exit 128 + the signal's number)."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

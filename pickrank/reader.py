@@ -9,10 +9,12 @@ import io
 import json
 import multiprocessing
 import os
+import select
 import signal
 import stat
 import struct
 import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -32,6 +34,8 @@ _HEAD_BYTES = 4096
 # A PNG's text chunks are found by walking its chunk list: a crafted file of millions of tiny chunks stops here.
 _MAX_PNG_CHUNKS = 100_000
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+# The signals that stop a run: Ctrl-C, and SIGTERM / SIGHUP (timeout, Slurm, systemd, docker stop, a closed terminal).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -410,7 +414,7 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     if os.name == "posix":
         ctx.set_forkserver_preload(["pickrank._forkserver"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=(os.getpid(),))
 
 
 def close_pool(pool: ProcessPoolExecutor) -> None:
@@ -436,7 +440,7 @@ def signals_deferred() -> Iterator[None]:
     caught: list[int] = []
     saved: list[tuple[int, object]] = []
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left alone
                 saved.append((sig, signal.signal(sig, lambda n, _frame: caught.append(n))))
         yield
@@ -456,12 +460,43 @@ def _restore_handlers(saved: list[tuple[int, object]]) -> None:
             _restore_handlers(saved[1:])
 
 
-def worker_init() -> None:
-    """Initialise a decode worker process."""
-    # Ctrl-C goes to the whole process group; the parent decides what to do, workers just stop quietly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals() -> None:
+    """Ignore STOP_SIGNALS in a helper process: they go to the whole process group, and a worker killed halfway through
+    a transfer would hang its pool; the parent shuts its workers down instead."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def worker_init(parent: int | None = None) -> None:
+    """Initialise a decode worker process: deaf to stop signals, gone within a second of its parent (`parent`'s pid)."""
+    ignore_stop_signals()
+    if parent is not None:
+        threading.Thread(target=_exit_after, args=(parent,), name="pickrank-parent-watch", daemon=True).start()
     # One image per worker at a time: numpy/Pillow must not fan out into more threads.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _exit_after(pid: int) -> None:
+    """End this process once process `pid` has ended (SIGKILL, the OOM killer): no pool is left to stop it, and it
+    would keep the run's stdout, its fork server and resource tracker alive."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has ended
+    except (AttributeError, OSError):
+        while _alive(pid):
+            time.sleep(0.5)
+    else:
+        select.select([fd], [], [])
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process has taken the number: ours is gone
+        return False
+    return True
 
 
 def decode_job(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None) -> Decoded | str:

@@ -391,6 +391,7 @@ class TableWriter(Writer):
 
         self.console = Console(file=out.stream, force_terminal=out.is_terminal or None,
                                width=None if out.is_terminal else 120)
+        self.console.on_broken_pipe = _closed_pipe  # rich's own answer is SystemExit(1)
 
     def write(self, records: Iterable[Record]) -> None:
         for _, group in itertools.groupby(records, key=lambda r: (r.prompt, r.id, r.group)):
@@ -420,6 +421,11 @@ class TableWriter(Writer):
             else:
                 table.add_row(str(r.rank), f"{r.score:.3f}", f"{r.prob:.3f}", escape(r.path or ""))
         self.console.print(table)
+
+
+def _closed_pipe() -> None:
+    """A closed pipe (`| head -1`): raised again, so that the CLI ends quietly with exit 0 as for every format."""
+    raise BrokenPipeError
 
 
 def make_writer(fmt: str, out: Output, fields: tuple[str, ...], null: bool = False) -> Writer:
