@@ -227,8 +227,10 @@ def _system_slots(root: str, max_pixels: int | None, max_bytes: int | None
                   ) -> dict[str, tuple[list[str], str | None]]:
     """Slots of one system folder: key -> (images, prompt or None).
 
-    A folder is one prompt's samples (key: its relative path) when it has a prompt.txt or all its images carry
-    the same prompt in their metadata; otherwise each image is its own slot (key: relative path, no extension).
+    A folder is one prompt's samples (key: its relative path) when it has a prompt.txt or, below the system
+    folder itself, all its images carry the same prompt in their metadata; otherwise each image is its own slot
+    (key: relative path without extension). The system folder's own images are single slots unless it has a
+    prompt.txt: two systems with one top-level image each must not turn into a one-prompt comparison.
     """
     slots: dict[str, tuple[list[str], str | None]] = {}
     for dirpath, images in _walk_folders(root):
@@ -237,7 +239,7 @@ def _system_slots(root: str, max_pixels: int | None, max_bytes: int | None
             groups = [(rel, images, _group_prompt(dirpath, images, None, max_pixels, max_bytes))]
         else:
             found = [prompt_from_metadata(p, max_pixels, max_bytes) for p in images]
-            if found[0] and len(set(found)) == 1:
+            if rel != "." and found[0] and len(set(found)) == 1:
                 groups = [(rel, images, found[0])]
             else:
                 groups = [(os.path.splitext(os.path.basename(p))[0] if rel == "." else
