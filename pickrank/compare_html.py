@@ -39,7 +39,7 @@ table.sum{border-collapse:collapse;background:var(--card);font-variant-numeric:t
 table.sum th,table.sum td{border:1px solid var(--line);padding:5px 10px;text-align:right}
 table.sum th:first-child,table.sum td:first-child{text-align:left}
 table.sum tr.base td{color:var(--mute)}
-.charts{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
+.charts{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start;margin-top:16px}
 .charts figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px}
 .charts figcaption{font-size:12px;color:var(--mute);margin-top:4px;max-width:520px}
 .tools{position:sticky;top:0;z-index:5;display:flex;gap:10px;align-items:center;padding:8px 0;
@@ -74,16 +74,19 @@ var d=document;
 d.querySelectorAll("img[data-t]").forEach(function(im){
   var src=d.getElementById(im.getAttribute("data-t"));if(src)im.src=src.src;});
 var sel=d.getElementById("sort"),box=d.getElementById("rows");
+function sort(){
+  var how=sel.value,rows=Array.prototype.slice.call(box.children);
+  function key(r){var v=r.getAttribute(how.slice(1));return v===null||v===""?NaN:+v;}
+  rows.sort(function(a,b){
+    var x=key(a),y=key(b);
+    if(isNaN(x)||isNaN(y))return isNaN(x)-isNaN(y);
+    return how.charAt(0)==="+"?x-y:y-x;});
+  rows.forEach(function(r){box.appendChild(r);});
+}
 if(sel&&box){
-  sel.addEventListener("change",function(){
-    var how=sel.value,rows=Array.prototype.slice.call(box.children);
-    function key(r){var v=r.getAttribute(how.slice(1));return v===""?NaN:+v;}
-    rows.sort(function(a,b){
-      var x=key(a),y=key(b);
-      if(isNaN(x)||isNaN(y))return isNaN(x)-isNaN(y);
-      return how.charAt(0)==="+"?x-y:y-x;});
-    rows.forEach(function(r){box.appendChild(r);});
-  });
+  sel.addEventListener("change",sort);
+  var m=/^#sort=([+-]data-[a-z0-9]+)$/.exec(decodeURIComponent(location.hash));  // a link can pick the order
+  if(m&&sel.querySelector('option[value="'+m[1]+'"]')){sel.value=m[1];sort();}
 }
 d.documentElement.setAttribute("data-ready","1");
 })();
@@ -107,7 +110,7 @@ def write_html(path: str, table: ScoreTable, result: CompareResult, *, meta: dic
         for samples in row.samples:
             for x in samples:
                 if x.path and x.score is not None:
-                    thumbs.add(x.path)
+                    thumbs.add(os.path.realpath(x.path))  # one file under two names is embedded once
     made = thumbs.collect()
     out = Output(path, label=option)
     try:
@@ -326,13 +329,14 @@ class _Page:
         if x.score is None:
             self.w(f'<span class="ph" title="{esc(path)}">failed: {esc(x.error or "no score")}</span>')
             return
-        thumb = self.thumbs.get(path)
+        real = os.path.realpath(path)
+        thumb = self.thumbs.get(real)
         self.w(f'<a href="{esc(_href(path, self.folder))}" title="{esc(path)}  {_f(x.score)}">')
         if isinstance(thumb, bytes):
-            if path in self.ids:
-                self.w(f'<img data-t="{self.ids[path]}" alt="{esc(os.path.basename(path))}" loading="lazy">')
+            if real in self.ids:
+                self.w(f'<img data-t="{self.ids[real]}" alt="{esc(os.path.basename(path))}" loading="lazy">')
             else:
-                tid = self.ids[path] = f"t{len(self.ids)}"
+                tid = self.ids[real] = f"t{len(self.ids)}"
                 self.w(f'<img id="{tid}" alt="{esc(os.path.basename(path))}" loading="lazy" '
                        f'src="data:image/jpeg;base64,{base64.b64encode(thumb).decode("ascii")}">')
         else:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pickrank.compare import (Comparison, ScoreTable, collect_scores, compare, csv_rows, detect_layout,
+from pickrank.compare import (Comparison, ScoreTable, Slot, collect_scores, compare, csv_rows, detect_layout,
                               per_prompt_rows, plan_comparison, print_table, sign_test, to_json, write_csv,
                               write_per_prompt)
 from pickrank.errors import UsageError
@@ -333,8 +333,7 @@ def test_prompts_csv_bad_rows(tmp_path):
 
 
 def test_collect_scores_counts_failed_and_unscored_images(tmp_path):
-    plan = Comparison("manifest", ("a", "b"), "a", (
-        __import__("pickrank.compare", fromlist=["Slot"]).Slot("1", "p", (("x.png", "y.png"), ("z.png",))),))
+    plan = Comparison("manifest", ("a", "b"), "a", (Slot("1", "p", (("x.png", "y.png"), ("z.png",))),))
     records = [Record(prompt="p", path="x.png", score=1.0), Record(prompt="p", path="./y.png", error="not an image")]
     table = collect_scores(plan, records)
     samples = table.prompts[0].samples
