@@ -22,6 +22,7 @@ from .writers import Output, check_output
 
 BAR = "#2f6fde"  # the bars' colour (the screenshot test looks for it)
 BASE_BAR = "#8e99ad"
+HEAT_HIGH, HEAT_LOW = (33, 102, 172), (178, 24, 43)  # win rate 1 and 0 (not the bars' colour)
 
 _CSS = """
 :root{--bg:#f4f5f7;--card:#fff;--ink:#1d2330;--mute:#6a7282;--line:#dde1e7;--acc:#2f6fde;--win:#e0a800}
@@ -182,9 +183,8 @@ def bar_chart(result: CompareResult, width: int = 520, height: int = 260) -> str
 def _heat(v: float) -> str:
     """Colour of a win rate: red below 0.5, white at 0.5, blue above."""
     t = max(-1.0, min(1.0, (v - 0.5) * 2))
-    r, g, b = (255, 255, 255)
-    end = (47, 111, 222) if t > 0 else (192, 57, 43)
-    mix = [round(c + (e - c) * abs(t)) for c, e in zip((r, g, b), end)]
+    end = HEAT_HIGH if t > 0 else HEAT_LOW
+    mix = [round(255 + (e - 255) * abs(t)) for e in end]
     return "#" + "".join(f"{c:02x}" for c in mix)
 
 
@@ -344,4 +344,4 @@ class _Page:
         self.w(f"<small>{_f(x.score, 2)}</small></a>")
 
 
-__all__ = ["write_html", "check_html", "bar_chart", "heat_map", "BAR"]
+__all__ = ["write_html", "check_html", "bar_chart", "heat_map", "BAR", "HEAT_HIGH", "HEAT_LOW"]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pickrank.compare import collect_scores, compare, per_prompt_rows, plan_comparison
-from pickrank.compare_html import BAR, write_html
+from pickrank.compare_html import BAR, HEAT_HIGH, HEAT_LOW, write_html
 from pickrank.errors import OutputError
 from pickrank.records import Record
 
@@ -119,6 +119,7 @@ def test_browser_draws_the_chart_and_sorts(page, tmp_path):
     # The bars are drawn: many pixels of exactly their colour in the upper part of the page, where the charts are.
     colours = dict((c, n) for n, c in im.crop((0, 0, 1280, 700)).getcolors(maxcolors=1 << 20))
     assert colours.get(bar, 0) > 2000, sorted(colours.items(), key=lambda x: -x[1])[:5]
+    assert colours.get(HEAT_HIGH, 0) > 2000 and colours.get(HEAT_LOW, 0) > 2000  # and the heat map's cells
     dom = browse(tmp_path, out.as_uri(), "--dump-dom")
     doc = Page(dom)
     assert doc.find("html")[0].get("data-ready") == "1" and "<title>pickrank compare</title>" in dom
