@@ -607,9 +607,10 @@ def bootstrap_means(values: np.ndarray, masks: np.ndarray, bootstrap: int, seed:
     chunk = max(1, min(1000, (1 << 22) // max(n, 1)))
     out = np.empty((bootstrap, values.shape[1]))
     counts = np.empty((chunk, n))
+    small = np.uint16 if n <= 1 << 16 else np.int64  # fewer random bits per index: the draw is the slow part
     for start in range(0, bootstrap, chunk):
         m = min(chunk, bootstrap - start)
-        idx = rng.integers(0, n, size=(m, n))
+        idx = rng.integers(0, n, size=(m, n), dtype=small)
         for i in range(m):  # one row at a time: a bincount over P bins stays in cache
             counts[i] = np.bincount(idx[i], minlength=n)
         with np.errstate(invalid="ignore", divide="ignore"):

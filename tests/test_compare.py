@@ -58,20 +58,21 @@ def test_best_sample_of_the_other_system_wins_every_prompt():
     assert (p.wins, p.ties) == (29, 1) and p.win_rate == pytest.approx(29.5 / 30) and p.win_low is None
 
 
-def test_hand_checked_four_prompts_one_tie_one_missing():
+@pytest.mark.parametrize("fourth, failed", [([None], 1), ([], 0)])  # its image failed / it has none
+def test_hand_checked_four_prompts_one_tie_one_missing(fourth, failed):
     # a is the baseline. Per prompt (a's score = mean of its samples):
     #   1: a 1.0,          b 2.0   -> b wins,  diff +1.0, pref sigmoid(1),    sample pairs: 1 of 1 won
     #   2: a 3.0,          b 3.0   -> tie 0.5, diff  0,   pref 0.5,           sample pairs: 0.5
     #   3: a [2, 4] = 3.0, b 3.5   -> b wins,  diff +0.5, pref sigmoid(0.5),  sample pairs: (1 + 0) / 2 = 0.5
-    #   4: a 1.0,          b: its only image failed -> left out of the pair, counted as failed and missing
+    #   4: a 1.0,          b: its only image failed (counted as failed), or it has none -> left out of the pair
     # win rate (1 + 0.5 + 1) / 3 = 5/6; mean diff 1.5 / 3 = 0.5; sign test: 2 wins, 0 losses (tie dropped),
     # p = 2 * C(2,0) / 2^2 = 0.5; sample-level win rate (1 + 0.5 + 0.5) / 3 = 2/3.
     # means: a (1 + 3 + 3 + 1) / 4 = 2.0 over 4 prompts, 5 images; b (2 + 3 + 3.5) / 3 = 17/6 over 3 prompts.
-    table = ScoreTable.from_scores({"a": [[1.0], [3.0], [2.0, 4.0], [1.0]], "b": [[2.0], [3.0], [3.5], [None]]})
+    table = ScoreTable.from_scores({"a": [[1.0], [3.0], [2.0, 4.0], [1.0]], "b": [[2.0], [3.0], [3.5], fourth]})
     r = compare(table, bootstrap=2000, seed=1)
     a, b = r.systems
     assert (a.mean, a.prompts, a.images, a.failed, a.missing) == (2.0, 4, 5, 0, ())
-    assert (b.mean, b.prompts, b.images, b.failed, b.missing) == (pytest.approx(17 / 6), 3, 3, 1, ("4",))
+    assert (b.mean, b.prompts, b.images, b.failed, b.missing) == (pytest.approx(17 / 6), 3, 3, failed, ("4",))
     p = r.pairs[0]
     assert (p.prompts, p.wins, p.ties, p.losses) == (3, 2, 1, 0)
     assert p.win_rate == pytest.approx(5 / 6) and p.mean_diff == pytest.approx(0.5)
