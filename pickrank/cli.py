@@ -238,7 +238,8 @@ def _close_sinks(sinks: list, code: int) -> int:
 def _load_embedder(model, processor, revision, offline, device, dtype, batch_size):
     """Check the model, start loading it in a thread (the run reads and decodes images meanwhile), and say on stderr
     what runs where once it has loaded."""
-    from .source import load_in_background, resolve_source
+    from .loading import load_in_background
+    from .source import resolve_source
 
     source = resolve_source(model, processor, revision, offline)
 

@@ -162,7 +162,7 @@ class PickScoreTowers(torch.nn.Module):
 class Embedder:
     """PickScore's two towers on one device and dtype; embeddings come back L2-normalised, fp32, on the CPU."""
 
-    ready = True  # as `source.LoadingEmbedder.ready`: an Embedder is loaded
+    ready = True  # as `loading.LoadingEmbedder.ready`: an Embedder is loaded
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
                  dtype: torch.dtype, fingerprint: str, source: ModelSource | None = None,

@@ -5,7 +5,7 @@ in worker processes, so memory stays flat whatever the number of images; each di
 reaches the model at most once per run, and each distinct prompt is encoded once.
 
 torch is imported only where scores are computed: the CLI hands the engine a model still loading in a thread
-(`source.LoadingEmbedder`), and reading, hashing, cache lookups and decoding start before torch is in.
+(`loading.LoadingEmbedder`), and reading, hashing, cache lookups and decoding start before torch is in.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from .model import Embedder
-    from .source import LoadingEmbedder
+    from .loading import LoadingEmbedder
 
     AnyEmbedder = Union[Embedder, LoadingEmbedder]
 

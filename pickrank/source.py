@@ -1,7 +1,8 @@
-"""Which model a run uses, and what is known before its weights load; loading it in the background.
+"""Which model a run uses, and what is known before its weights load (`ModelInfo`), from its JSON files alone.
 
-Nothing here imports torch or transformers (~2.5 s on a small CPU): the CLI checks the model folder or hub id,
-reads its preprocessing and cache fingerprint, starts the load in a thread, and reads and decodes images meanwhile.
+Nothing here imports torch or transformers (~2.5 s on a small CPU): the CLI checks the model folder or hub id and
+reads its preprocessing and cache fingerprint, then `loading.load_in_background` loads the weights in a thread while
+images are read and decoded.
 """
 
 from __future__ import annotations
@@ -10,16 +11,10 @@ import hashlib
 import json
 import os
 import re
-import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
 
 from .errors import ModelLoadError, UsageError
 from .reader import ImageSpec
-
-if TYPE_CHECKING:
-    from .model import Embedder
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -200,64 +195,3 @@ def inspect_model(source: ModelSource, dtype: str = "fp32") -> ModelInfo:
         else f"{source.model}@{revision or source.revision or 'main'}"
     fingerprint = f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"
     return ModelInfo(source, spec, fingerprint, revision, dtype)
-
-
-def in_thread(work: Callable[[], object], name: str) -> Future:
-    """Run `work` in a daemon thread (it never holds up exit or Ctrl-C); its result or exception in a Future."""
-    fut: Future = Future()
-
-    def target() -> None:
-        try:
-            fut.set_result(work())
-        except BaseException as e:  # raised again in whichever thread asks for the result
-            fut.set_exception(e)
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return fut
-
-
-class LoadingEmbedder:
-    """An `Embedder` loading in a thread. What `ModelInfo` knows (spec, fingerprint, source, revision) is there at
-    once; any other attribute waits for the load and comes from the Embedder (or raises the load's error)."""
-
-    def __init__(self, info: ModelInfo, future: Future) -> None:
-        self.info = info
-        self.spec, self.fingerprint = info.spec, info.fingerprint
-        self.source, self.revision = info.source, info.revision
-        self._future = future
-
-    @property
-    def ready(self) -> bool:
-        """True once the load has finished (or failed: using the embedder then raises its error)."""
-        return self._future.done()
-
-    def result(self) -> "Embedder":
-        """The loaded Embedder (waits for it)."""
-        return self._future.result()
-
-    def error(self) -> BaseException | None:
-        """Why the load failed (waits for it); None when it succeeded."""
-        return self._future.exception()
-
-    def __getattr__(self, name: str) -> object:
-        if name.startswith("__") or name in ("info", "_future"):  # copy/pickle probes; half-built objects
-            raise AttributeError(name)
-        return getattr(self.result(), name)
-
-
-def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
-                       batch_size: int | None = None,
-                       on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
-    """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
-    weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread."""
-    info = inspect_model(source, dtype)
-
-    def load() -> "Embedder":
-        from .model import Embedder
-
-        embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info)
-        if on_loaded is not None:
-            on_loaded(embedder)
-        return embedder
-
-    return LoadingEmbedder(info, in_thread(load, "pickrank-load"))

@@ -11,7 +11,8 @@ from pickrank.model import Embedder, resolve_source
 from pickrank.pipeline import Engine, RunOptions, _LocalBackend, single_set
 from pickrank.reader import content_key, read_bytes
 from pickrank.records import CandidateSet, Query
-from pickrank.source import LoadingEmbedder, inspect_model, load_in_background
+from pickrank.loading import LoadingEmbedder, load_in_background
+from pickrank.source import inspect_model
 
 from .conftest import image_paths
 

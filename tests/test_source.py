@@ -14,8 +14,9 @@ import pytest
 
 from pickrank.errors import ModelLoadError, UsageError
 from pickrank.reader import ImageSpec
-from pickrank.source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, LoadingEmbedder, ModelSource, inspect_model,
-                             load_in_background, local_fingerprint, resolve_source)
+from pickrank.loading import LoadingEmbedder, load_in_background
+from pickrank.source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, ModelSource, inspect_model, local_fingerprint,
+                             resolve_source)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

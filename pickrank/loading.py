@@ -1,0 +1,107 @@
+"""Loading the embedder in a background thread while the run reads and decodes images.
+
+`load_in_background` checks the model first from its JSON files (`source.inspect_model`: a bad folder or hub id
+fails at once, before torch is imported), then imports torch and transformers and loads the weights in a thread.
+The `LoadingEmbedder` it returns is an `ImageTextEmbedder` (`protocol.py`) from the start: what the JSON files tell
+(spec, fingerprint, source, revision) is there at once; everything else waits for the load, or raises its error.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from .source import ModelInfo, ModelSource, inspect_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import Embedder
+
+
+def in_thread(work: Callable[[], object], name: str) -> Future:
+    """Run `work` in a daemon thread (it never holds up exit or Ctrl-C); its result or exception in a Future."""
+    fut: Future = Future()
+
+    def target() -> None:
+        try:
+            fut.set_result(work())
+        except BaseException as e:  # raised again in whichever thread asks for the result
+            fut.set_exception(e)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return fut
+
+
+class LoadingEmbedder:
+    """An `Embedder` loading in a thread: `ImageTextEmbedder` by explicit delegation to the loaded one."""
+
+    def __init__(self, info: ModelInfo, future: Future) -> None:
+        self.info = info
+        self.spec, self.fingerprint = info.spec, info.fingerprint
+        self.source, self.revision = info.source, info.revision
+        self._future = future
+
+    @property
+    def ready(self) -> bool:
+        """True once the load has finished (or failed: using the embedder then raises its error)."""
+        return self._future.done()
+
+    def result(self) -> "Embedder":
+        """The loaded Embedder (waits for it)."""
+        return self._future.result()
+
+    def error(self) -> BaseException | None:
+        """Why the load failed (waits for it); None when it succeeded."""
+        return self._future.exception()
+
+    # -- what only the loaded model knows: each waits for the load ------------------------------------------
+    @property
+    def scale(self) -> float:
+        return self.result().scale
+
+    @property
+    def batch_size(self) -> int:
+        return self.result().batch_size
+
+    @property
+    def device(self) -> "torch.device":
+        return self.result().device
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return self.result().dtype
+
+    @property
+    def image_gflops(self) -> float:
+        return self.result().image_gflops
+
+    def describe(self) -> dict:
+        return self.result().describe()
+
+    def embed_texts(self, texts: list[str]) -> tuple["torch.Tensor", list[bool]]:
+        return self.result().embed_texts(texts)
+
+    def embed_images(self, pixels: np.ndarray) -> "torch.Tensor":
+        return self.result().embed_images(pixels)
+
+
+def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
+                       batch_size: int | None = None,
+                       on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
+    """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
+    weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread."""
+    info = inspect_model(source, dtype)
+
+    def load() -> "Embedder":
+        from .model import Embedder
+
+        embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info)
+        if on_loaded is not None:
+            on_loaded(embedder)
+        return embedder
+
+    return LoadingEmbedder(info, in_thread(load, "pickrank-load"))
