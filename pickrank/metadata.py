@@ -177,13 +177,18 @@ def _normalised(info: dict[str, str | bytes]) -> dict[str, str]:
     return out
 
 
+_TOO_DEEP = object()  # what _json gives for a document nested too deep to parse: JSON, though unreadable
+
+
 def _json(text: str | None) -> Any:
-    """The JSON value text holds, or None (not JSON, or nested too deep to parse)."""
+    """The JSON value text holds, _TOO_DEEP when it is nested too deep to parse, None when it is not JSON."""
     if not text or text.lstrip()[:1] not in ("{", "["):
         return None
     try:
         return json.loads(text)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError:
         return None
 
 
@@ -317,7 +322,8 @@ def _without_invoke_negatives(text: object) -> str | None:
     """An InvokeAI 1/2 prompt without its `[negative]` parts."""
     if not isinstance(text, str):
         return None
-    return _clean(re.sub(r"\s*\[[^\[\]]*\]\s*", " ", text).strip(" ,"))
+    text = re.sub(r"\s*\[[^\[\]]*\]\s*", " ", text)
+    return _clean(re.sub(r"\s+,", ",", text).strip(" ,"))
 
 
 def _join(texts: list[str]) -> str | None:
