@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -79,12 +81,21 @@ def read_image_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 return info
         except Image.UnidentifiedImageError:
             raise ReadError("not an image (unrecognised format)") from None
-        except (SyntaxError, ValueError, EOFError, OSError) as e:
+        except (SyntaxError, ValueError, EOFError, OSError, struct.error) as e:
             raise ReadError(f"cannot read: {e}") from None
 
 
 def _exif_fields(image: Image.Image) -> dict[str, str | bytes]:
     """The EXIF fields generators use, from the header Pillow has already read (JPEG APP1, WebP EXIF chunk)."""
+    try:
+        with warnings.catch_warnings():  # Pillow's "Corrupt EXIF data" UserWarning would reach the terminal
+            warnings.simplefilter("ignore")
+            return _exif_tags(image)
+    except Exception:  # a broken EXIF block (Pillow raises many kinds): the image and its other fields still count
+        return {}
+
+
+def _exif_tags(image: Image.Image) -> dict[str, str | bytes]:
     exif = image.getexif()
     out: dict[str, str | bytes] = {}
     for tag, name in _EXIF_TEXT_TAGS.items():
@@ -495,8 +506,8 @@ def comfy_prompt(graph: Graph) -> tuple[str | None, str | None]:
 
 
 def _final_samplers(graph: Graph) -> list[str]:
-    """The samplers nearest upstream of the chosen output node (see comfy_prompt), or every sampler's first pass
-    when the graph has no output node."""
+    """The samplers nearest upstream of the chosen output node (see comfy_prompt), or the lowest-id sampler when
+    no output node has one upstream."""
     outputs = _output_nodes(graph)
     best: tuple[int, list[str]] | None = None
     for oid in outputs:

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,7 +164,7 @@ def test_comfyui_non_ascii_prompt_in_webp(tmp_path):
     assert found.prompt == "ein Fuchs im Schnee, 狐"
 
 
-def _enc(text_key: str = "text", **inputs) -> dict:
+def _enc(**inputs) -> dict:
     return {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], **inputs}}
 
 
@@ -429,3 +430,13 @@ def test_no_pixel_is_decoded(tmp_path, monkeypatch):
         prompt_from_image(str(DATA / name))
     assert prompt_from_image(str(a1111_file(tmp_path / "a.webp", A1111_TEXT, "WEBP"))).prompt
     assert not calls
+
+
+def test_broken_exif_keeps_the_file_readable(tmp_path):
+    """A JPEG whose EXIF block is cut short: no prompt from it, and no 'unreadable' either."""
+    exif = piexif_user_comment(A1111_TEXT)[:30]
+    Image.new("RGB", (1, 1)).save(tmp_path / "b.jpg", exif=exif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing on stderr either
+        found = prompt_from_image(str(tmp_path / "b.jpg"))
+    assert found.prompt is None and not found.reason.startswith("unreadable")
