@@ -69,7 +69,8 @@ def read_image_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
     The file is opened as for scoring: regular files only, within max_bytes, declared size within max_pixels.
     """
-    with _image_file(path, max_bytes) as (f, _size):
+    with _image_file(path, max_bytes) as (f, _size), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data" UserWarning (at open) would reach stderr
         try:
             with _pillow_open(f) as image:  # reads the header only
                 _check_pixels(image, max_pixels)
@@ -88,9 +89,7 @@ def read_image_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 def _exif_fields(image: Image.Image) -> dict[str, str | bytes]:
     """The EXIF fields generators use, from the header Pillow has already read (JPEG APP1, WebP EXIF chunk)."""
     try:
-        with warnings.catch_warnings():  # Pillow's "Corrupt EXIF data" UserWarning would reach the terminal
-            warnings.simplefilter("ignore")
-            return _exif_tags(image)
+        return _exif_tags(image)
     except Exception:  # a broken EXIF block (Pillow raises many kinds): the image and its other fields still count
         return {}
 
