@@ -103,12 +103,12 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     backend.finish()
     done = backend.poll(block=True)
     backend.close()
-    got = {k: e for ks, emb, _ in done for k, e in zip(ks, emb)}
+    got = {k: e for f in done for k, e in zip(f.keys, f.embeddings)}
     assert sorted(got) == sorted(keys) and count_embeds == [2, 2, 2]
     ready = _LocalBackend(embedder, RunOptions(workers=0, batch_size=2))  # the same batches, model loaded
     _submit_all(ready, paths)
     ready.finish()
-    ref = {k: e for ks, emb, _ in ready.poll(block=True) for k, e in zip(ks, emb)}
+    ref = {k: e for f in ready.poll(block=True) for k, e in zip(f.keys, f.embeddings)}
     ready.close()
     assert all((got[k] == ref[k]).all() for k in keys)
 
@@ -122,7 +122,7 @@ def test_held_images_are_bounded_the_backend_waits_for_the_model_past_the_limit(
     _submit_all(backend, image_paths(images))
     done = backend.poll(block=True)  # waits for the model instead of holding more
     backend.close()
-    assert fut.done() and done and all(len(keys) == 2 for keys, _, _ in done)
+    assert fut.done() and done and all(len(f.keys) == 2 for f in done)
     assert len(backend.batch) < 2
 
 
