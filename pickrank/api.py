@@ -30,7 +30,6 @@ Two image paths:
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Iterable, Sequence
 
@@ -43,8 +42,6 @@ from .pipeline import Batcher, encode_prompts
 from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
                      resize_crop_geometry)
 from .score import paired_scores
-
-log = logging.getLogger("pickrank")
 
 ImageInput = Any  # a path, a PIL image, a uint8 HWC numpy array, or a CHW tensor
 
