@@ -30,7 +30,6 @@ Two image paths:
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Iterable, Sequence
 
@@ -39,9 +38,10 @@ import torch
 
 from .errors import InputFailed, UsageError
 from .model import Embedder, ModelSource, features, resolve_source
-from .reader import DEFAULT_MAX_PIXELS, ImageSpec, ReadError, open_image, preprocess, read_bytes
-
-log = logging.getLogger("pickrank")
+from .pipeline import Batcher, encode_prompts
+from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
+                     resize_crop_geometry)
+from .score import paired_scores
 
 ImageInput = Any  # a path, a PIL image, a uint8 HWC numpy array, or a CHW tensor
 
@@ -115,26 +115,16 @@ def torch_preprocess(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
         raise UsageError(f"differentiable scoring needs a float tensor shaped (N, 3, H, W) in [0, 1], got "
                          f"{x.dtype} {tuple(x.shape)}")
     x = x.float()
-    h, w = x.shape[-2:]
-    size = None
-    if spec.shortest_edge is not None:
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
-        size = (new_long, new_short) if w <= h else (new_short, new_long)
-    elif spec.resize_hw is not None:
-        size = tuple(spec.resize_hw)
-    if size is not None and tuple(size) != (h, w):
+    geo = resize_crop_geometry(x.shape[-1], x.shape[-2], spec)
+    if geo.resize is not None:
         # Pillow clamps the resized pixels to the valid range; so do we (gradients vanish only on overshoot).
-        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    if spec.crop_hw is not None:
-        ch, cw = spec.crop_hw
-        h, w = x.shape[-2:]
-        if h < ch or w < cw:
-            ph, pw = max(ch, h), max(cw, w)
-            top, left = (ph - h) // 2, (pw - w) // 2
-            x = F.pad(x, (left, pw - w - left, top, ph - h - top))
-            h, w = ph, pw
-        top, left = (h - ch) // 2, (w - cw) // 2
+        w, h = geo.resize
+        x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    if geo.pad is not None:
+        top, bottom, left, right = geo.pad
+        x = F.pad(x, (left, right, top, bottom))
+    if geo.crop is not None:
+        top, left, ch, cw = geo.crop
         x = x[:, :, top:top + ch, left:left + cw]
     x = x * (255.0 * spec.rescale_factor if spec.rescale_factor is not None else 255.0)
     if spec.image_mean is not None and spec.image_std is not None:
@@ -190,12 +180,7 @@ class PickScorer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return torch.empty(0, 0)
-        emb, truncated = self.embedder.embed_texts(texts)
-        for t, cut in zip(texts, truncated):
-            if cut:
-                log.warning("prompt longer than 77 tokens, truncated as the reference does: %r",
-                            t if len(t) <= 80 else t[:77] + "...")
-        return emb
+        return encode_prompts(self.embedder, texts)[0]
 
     def pixels(self, images: Any) -> np.ndarray:
         """Images -> preprocessed uint8 pixels (N, 3, 224, 224), exactly as the reference processor."""
@@ -210,11 +195,14 @@ class PickScorer:
         `images`: a list of paths, PIL images, uint8 HWC numpy arrays or CHW tensors, or an (N, 3, H, W) tensor
         (floats in [0, 1] are quantised to uint8 first). Converted and embedded batch by batch.
         """
-        items = _as_list(images)
-        out: list[torch.Tensor] = []
+        batcher, out = Batcher(self.embedder), []
         step = max(1, self.embedder.batch_size)
-        for i in range(0, len(items), step):
-            out.append(self.embedder.embed_images(self.pixels(items[i:i + step])))
+        for i, item in enumerate(_as_list(images)):
+            batcher.add(Decoded(str(i), preprocess(to_pil(item, self.max_pixels), self.spec)))
+            if len(batcher) >= step:
+                out.append(batcher.embed(step).embeddings)
+        if batcher:
+            out.append(batcher.embed(step).embeddings)
         return torch.cat(out) if out else torch.empty(0, 0)
 
     def embed_images_differentiable(self, images: torch.Tensor) -> torch.Tensor:
@@ -263,9 +251,9 @@ class PickScorer:
         if want and is_float_batch:
             image = self.embed_images_differentiable(images)
             # clone(): text embeddings come from inference mode, which autograd cannot save for backward
-            scores = self.scale * (text.clone().to(image.device) * image).sum(-1)
+            scores = paired_scores(text.clone().to(image.device), image, self.scale)
             return scores.to(images.device)
-        return self.scale * (text * self.embed_images(images)).sum(-1)
+        return paired_scores(text, self.embed_images(images), self.scale)
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
              workers: int | None = None) -> list[dict]:
@@ -276,10 +264,12 @@ class PickScorer:
         from .cache import NullCache
         from .discover import expand
         from .pipeline import Engine, RunOptions, single_set
+        from .jobs import check_prompt
         from .writers import record_fields
 
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UsageError("the prompt is empty")
+        if not isinstance(prompt, str):
+            raise UsageError(f"the prompt must be a string, got {type(prompt).__name__}")
+        check_prompt(prompt)
         args = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         files = list(expand([os.fspath(p) for p in args]))
         if not files:

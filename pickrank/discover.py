@@ -21,6 +21,16 @@ def is_glob(arg: str) -> bool:
     return any(c in _GLOB_CHARS for c in arg)
 
 
+def first_visit(seen: set[tuple[int, int]], st: os.stat_result) -> bool:
+    """True the first time a folder (by device and inode) is met: symlinked folders are followed once, and a
+    symlink loop or a folder linked twice ends there."""
+    ident = (st.st_dev, st.st_ino)
+    if ident in seen:
+        return False
+    seen.add(ident)
+    return True
+
+
 def walk_images(folder: str) -> Iterator[str]:
     """Image files under folder, recursively, in sorted order; symlinked folders followed once (no loops).
 
@@ -35,9 +45,8 @@ def walk_images(folder: str) -> Iterator[str]:
         except OSError:
             yield d
             return
-        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a folder linked twice
+        if not first_visit(seen, st):
             return
-        seen.add((st.st_dev, st.st_ino))
         try:
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)

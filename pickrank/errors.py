@@ -36,6 +36,14 @@ class OutputError(PickrankError):
     """The output cannot be written (unwritable path, full disk)."""
 
 
+class RayNotInstalled(UsageError):
+    """--engine ray without Ray installed (exit 2)."""
+
+
+class RayClusterError(PickrankError):
+    """The Ray cluster cannot be reached or was lost, or it failed the run (exit 1)."""
+
+
 class Terminated(BaseException):
     """Raised by the SIGTERM/SIGHUP handler so that clean-up runs as for Ctrl-C (exit 128 + the signal's number)."""
 

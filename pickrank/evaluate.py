@@ -25,22 +25,25 @@ import collections
 import csv
 import glob
 import io
+import itertools
 import json
 import logging
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .cache import NullCache
 from .errors import PickrankError, UsageError
-from .reader import DEFAULT_MAX_PIXELS, ReadError, content_key, decode_job, read_bytes
+from .pipeline import Engine, Ranking, RunOptions, _LocalBackend
+from .reader import DEFAULT_MAX_PIXELS
+from .records import CandidateSet, ImageBytes, Query
 from .textfile import read_utf8
 
 if TYPE_CHECKING:
-    from .model import Embedder
+    from .protocol import ImageTextEmbedder
 
 log = logging.getLogger("pickrank")
 
@@ -297,126 +300,69 @@ class Dataset:
 
 # -- scoring ----------------------------------------------------------------------------------------------
 
-class _Memo(collections.OrderedDict):
-    """A bounded least-recently-used dict."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get_fresh(self, key):
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
+def pair_engine(embedder: "ImageTextEmbedder", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Engine:
+    """The engine eval scores pairs with: no cache, bounded memos, failures reported per pair (by `score_pairs`),
+    torch's threads as they are (eval's scores stay those of its earlier releases, to the last digit)."""
+    options = RunOptions(max_pixels=max_pixels)
+    return Engine(embedder, NullCache(), options, warn=False,
+                  backend=lambda: _LocalBackend(embedder, options, tune_threads=False))
 
 
-class PairScorer:
-    """Scores pairs chunk by chunk: reads and decodes images in threads, embeds each distinct image and prompt once
-    (bounded memos of fp32 embeddings), and returns (score_0, score_1) or the reason a pair failed."""
-
-    def __init__(self, embedder: "Embedder", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 workers: int | None = None, memo_size: int = 65536) -> None:
-        from .pipeline import default_workers
-
-        self.embedder = embedder
-        self.max_pixels = max_pixels
-        self.workers = default_workers() if workers is None else max(1, workers)
-        self.images = _Memo(memo_size)
-        self.failed = _Memo(memo_size)
-        self.texts = _Memo(memo_size)
-        self.truncated = 0
-        self.embedded = 0
-
-    def _load(self, ref: bytes | str, which: int) -> tuple[str, bytes]:
-        if isinstance(ref, bytes):
-            return content_key(ref), ref
-        try:
-            data = read_bytes(ref)
-        except ReadError as e:
-            raise ReadError(f"image_{which} {ref}: {e}") from None
-        return content_key(data), data
-
-    def _decode(self, item: tuple[str, bytes]):
-        key, data = item
-        return decode_job(key, data, self.embedder.spec, self.max_pixels)
-
-    def score(self, pairs: list[Pair], pool: ThreadPoolExecutor) -> list[tuple[float, float] | str]:
-        keys: list[tuple[str, str] | str] = []
-        todo: dict[str, bytes] = {}
-        for p in pairs:
-            if p.error is not None:
-                keys.append(p.error)
-                continue
-            try:
-                (k0, d0), (k1, d1) = self._load(p.image_0, 0), self._load(p.image_1, 1)  # type: ignore[arg-type]
-            except ReadError as e:
-                keys.append(str(e))
-                continue
-            for k, d in ((k0, d0), (k1, d1)):
-                if self.images.get_fresh(k) is None and self.failed.get(k) is None:
-                    todo.setdefault(k, d)
-            keys.append((k0, k1))
-        if todo:
-            decoded = list(pool.map(self._decode, todo.items()))
-            ok = [d for d in decoded if not isinstance(d, str)]
-            for k, d in zip(todo, decoded):
-                if isinstance(d, str):
-                    self.failed.put(k, d)
-            if ok:
-                emb = self.embedder.embed_images(np.stack([d.pixels for d in ok]))
-                self.embedded += len(ok)
-                for i, d in enumerate(ok):
-                    self.images.put(d.key, emb[i].clone())
-        prompts = [p.prompt for p, k in zip(pairs, keys) if not isinstance(k, str)]
-        new = [t for t in dict.fromkeys(prompts) if self.texts.get_fresh(t) is None]
-        if new:
-            emb, truncated = self.embedder.embed_texts(new)
-            self.truncated += sum(truncated)
-            for i, t in enumerate(new):
-                self.texts.put(t, emb[i].clone())
-        scale = self.embedder.scale
-        out: list[tuple[float, float] | str] = []
-        for p, k in zip(pairs, keys):
-            if isinstance(k, str):
-                out.append(k)
-                continue
-            bad = [self.failed.get(x) for x in k if self.images.get(x) is None]
-            if bad:
-                out.append(f"image_{0 if self.images.get(k[0]) is None else 1}: {bad[0] or 'failed'}")
-                continue
-            t = self.texts[p.prompt]
-            out.append((float(scale * (t @ self.images[k[0]])), float(scale * (t @ self.images[k[1]]))))
-        return out
+def _pair_set(pair: Pair) -> CandidateSet:
+    """A pair as a candidate set of its two images (bytes in memory, or paths) for its prompt."""
+    items = [ImageBytes(f"image_{i}", ref) if isinstance(ref, bytes) else ref
+             for i, ref in enumerate((pair.image_0, pair.image_1))]
+    return CandidateSet(queries=(Query(pair.prompt),), paths=tuple(items))  # type: ignore[arg-type]
 
 
-def score_pairs(dataset: Dataset, embedder: "Embedder", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def _pair_result(cset: CandidateSet, ranking: Ranking) -> tuple[float, float] | str:
+    """(score_0, score_1) from the set's records, or why the first image that failed did."""
+    records = list(ranking.records)
+    found = []
+    for item in cset.paths:
+        name = item.name if isinstance(item, ImageBytes) else item
+        found.append(records.pop(next(i for i, r in enumerate(records) if r.path == name)))
+    for i, (item, rec) in enumerate(zip(cset.paths, found)):
+        if rec.error is not None:
+            return f"image_{i}: {rec.error}" if isinstance(item, ImageBytes) else f"image_{i} {item}: {rec.error}"
+    return found[0].score, found[1].score  # type: ignore[return-value]
+
+
+def score_pairs(dataset: Dataset, embedder: "ImageTextEmbedder", max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 chunk: int | None = None, on_progress: Callable[[int], None] | None = None,
-                scorer: PairScorer | None = None) -> Iterator[tuple[Pair, tuple[float, float] | str]]:
-    """Stream (pair, (score_0, score_1) or error) for every row of the dataset, in order."""
-    scorer = scorer or PairScorer(embedder, max_pixels)
+                engine: Engine | None = None) -> Iterator[tuple[Pair, tuple[float, float] | str]]:
+    """Stream (pair, (score_0, score_1) or error) for every row of the dataset, in order: chunk by chunk through
+    the engine, each distinct image and prompt embedded once (within its bounded memos)."""
+    engine = engine or pair_engine(embedder, max_pixels)
     chunk = chunk or max(32, 4 * embedder.batch_size)
-    buf: list[Pair] = []
-    with ThreadPoolExecutor(max_workers=scorer.workers) as pool:
-        def flush() -> Iterator[tuple[Pair, tuple[float, float] | str]]:
-            results = scorer.score(buf, pool)
-            yield from zip(list(buf), results)
-            if on_progress:
-                on_progress(len(buf))
-            buf.clear()
+    queue: collections.deque[tuple[Pair, CandidateSet | None]] = collections.deque()
 
-        for pair in dataset.pairs():
-            buf.append(pair)
-            if len(buf) >= chunk:
-                yield from flush()
-        if buf:
-            yield from flush()
+    def chunks() -> Iterator[list[CandidateSet]]:
+        rows = iter(dataset.pairs())
+        while part := list(itertools.islice(rows, chunk)):
+            sets = [_pair_set(p) if p.error is None else None for p in part]
+            # the images travel in the sets; the queue keeps the rest of each row
+            queue.extend((replace(p, image_0=None, image_1=None), s) for p, s in zip(part, sets))
+            yield [s for s in sets if s is not None]
+
+    def bad_rows() -> Iterator[tuple[Pair, tuple[float, float] | str]]:
+        """The rows before the next scored one that were bad already in the file."""
+        while queue and queue[0][1] is None:
+            pair = queue.popleft()[0]
+            _progress(on_progress)
+            yield pair, pair.error  # type: ignore[misc]
+
+    for ranking in engine.run_chunks(chunks()):
+        yield from bad_rows()
+        pair, cset = queue.popleft()
+        _progress(on_progress)
+        yield pair, _pair_result(cset, ranking)  # type: ignore[arg-type]
+    yield from bad_rows()
+
+
+def _progress(on_progress: Callable[[int], None] | None) -> None:
+    if on_progress:
+        on_progress(1)
 
 
 # -- the whole evaluation ---------------------------------------------------------------------------------
@@ -447,10 +393,10 @@ class EvalResult:
         return d
 
 
-def _scored(dataset: Dataset, embedder: "Embedder", max_pixels: int | None, scorer: PairScorer,
+def _scored(dataset: Dataset, embedder: "ImageTextEmbedder", max_pixels: int | None, engine: Engine,
             on_progress: Callable[[int], None] | None) -> tuple[list[float], list[tuple[float, float]], int]:
     labels, probs, skipped = [], [], 0
-    for pair, res in score_pairs(dataset, embedder, max_pixels, on_progress=on_progress, scorer=scorer):
+    for pair, res in score_pairs(dataset, embedder, max_pixels, on_progress=on_progress, engine=engine):
         if isinstance(res, str):
             skipped += 1
             log.warning("%s: pair %d skipped: %s", dataset.path, pair.index, res)
@@ -460,17 +406,17 @@ def _scored(dataset: Dataset, embedder: "Embedder", max_pixels: int | None, scor
     return labels, probs, skipped
 
 
-def evaluate(dataset: Dataset, embedder: "Embedder", threshold: float | None = None,
+def evaluate(dataset: Dataset, embedder: "ImageTextEmbedder", threshold: float | None = None,
              validation: Dataset | None = None, resamples: int = 1000, seed: int = 0, out=None,
              max_pixels: int | None = DEFAULT_MAX_PIXELS,
              on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a writers.Output)."""
     if threshold is not None and validation is not None:
         raise UsageError("give either a tie threshold or a validation file to choose it, not both")
-    scorer = PairScorer(embedder, max_pixels)
+    engine = pair_engine(embedder, max_pixels)
     val_info = None
     if validation is not None:
-        labels, probs, vskipped = _scored(validation, embedder, max_pixels, scorer, on_progress)
+        labels, probs, vskipped = _scored(validation, embedder, max_pixels, engine, on_progress)
         if not labels:
             raise PickrankError(f"{validation.path}: no pair could be scored, so no threshold can be chosen")
         threshold, vacc = choose_threshold(labels, probs)
@@ -484,7 +430,7 @@ def evaluate(dataset: Dataset, embedder: "Embedder", threshold: float | None = N
         threshold = 0.0 if threshold is None else float(threshold)
     credits: list[float] = []
     label_ties = pred_ties = skipped = 0
-    for pair, res in score_pairs(dataset, embedder, max_pixels, on_progress=on_progress, scorer=scorer):
+    for pair, res in score_pairs(dataset, embedder, max_pixels, on_progress=on_progress, engine=engine):
         rec = dict.fromkeys(PAIR_FIELDS)
         rec.update(index=pair.index, prompt=pair.prompt, label=pair.label)
         if isinstance(res, str):
@@ -505,13 +451,14 @@ def evaluate(dataset: Dataset, embedder: "Embedder", threshold: float | None = N
         if skipped:
             raise PickrankError(f"{dataset.path}: none of the {skipped} pair(s) could be scored")
         raise UsageError(f"{dataset.path}: no pairs")
-    if scorer.truncated:
-        log.warning("%d prompt(s) longer than 77 tokens were truncated, as the reference does", scorer.truncated)
+    truncated = engine.summary.truncated
+    if truncated:
+        log.warning("%d prompt(s) longer than 77 tokens were truncated, as the reference does", truncated)
     return EvalResult(data=dataset.path, accuracy=float(np.mean(credits)), pairs=len(credits), skipped=skipped,
                       label_ties=label_ties, predicted_ties=pred_ties, threshold=threshold,
                       threshold_source=source, ci=bootstrap_interval(credits, resamples, seed),
-                      resamples=resamples, seed=seed, validation=val_info, truncated_prompts=scorer.truncated,
-                      embedded_images=scorer.embedded, model=embedder.describe())
+                      resamples=resamples, seed=seed, validation=val_info, truncated_prompts=truncated,
+                      embedded_images=engine.summary.embedded, model=embedder.describe())
 
 
 def format_summary(r: EvalResult) -> str:

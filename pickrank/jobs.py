@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Iterator, TextIO
 
-from .discover import expand, is_image_name
+from .discover import expand, first_visit, is_image_name
 from .errors import UsageError
 from .reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, read_text_metadata
 from .records import CandidateSet, Query
@@ -131,11 +131,9 @@ def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unlisted.append, followlinks=True):
         report_unlisted()
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # symlink loop
+        if not first_visit(seen, os.stat(dirpath)):
             dirnames[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         images = sorted(os.path.join(dirpath, f) for f in filenames if is_image_name(f))
         if not images:

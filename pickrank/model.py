@@ -16,7 +16,7 @@ from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, DTYPE_NAMES, ModelInfo, M
                      inspect_model, load_error_text, local_fingerprint, resolve_source)
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROCESSOR", "ModelSource", "resolve_source", "local_fingerprint", "Embedder",
-           "PickScoreTowers", "embed_image_batch", "features", "pick_device", "check_dtype", "cpu_has_bf16"]
+           "PickScoreTowers", "features", "pick_device", "check_dtype", "cpu_has_bf16"]
 
 log = logging.getLogger("pickrank")
 
@@ -263,8 +263,3 @@ class Embedder:
                     log.warning("out of GPU memory: batch size lowered to %d", self.batch_size)
                     self._oom_warned = True
         return torch.cat(out) if out else torch.empty(0, 0)
-
-
-def embed_image_batch(embedder: Embedder, pixels: np.ndarray) -> torch.Tensor:
-    """The unit any executor calls: decoded uint8 images (N, 3, H, W) -> normalised embeddings (N, D), fp32."""
-    return embedder.embed_images(pixels)

@@ -11,7 +11,7 @@ One Ray Dataset runs for the whole run, so every embedding actor loads the model
 runs: the driver puts chunks into a small feed actor and a single source task yields them into the dataset; a
 window bounds the images in flight, so memory stays flat whatever the number of images. Each dataset row is a
 whole chunk, so a chunk reaches the actors as one model batch and its embeddings come back as soon as they exist.
-Decode tasks call `reader.decode_job` and the actors `model.embed_image_batch`: the same units as the local
+Decode tasks call `reader.decode_job` and the actors `Embedder.embed_images`: the same units as the local
 engine. `_RayStream` is the `pipeline.Backend` a RayEngine gives its `pipeline.Engine`, which keeps everything else:
 reading, the cache (filled per chunk), scoring and ranking.
 
@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import ModelLoadError, PickrankError, UsageError
+from .errors import ModelLoadError, PickrankError, RayClusterError, RayNotInstalled, UsageError
 from .reader import ImageSpec, decode_job
+from .records import Finished
 
 if TYPE_CHECKING:
     from .cache import NullCache
     from .model import Embedder, ModelSource
-    from .pipeline import Done, Ranking, RunOptions
+    from .pipeline import Ranking, RunOptions
     from .records import CandidateSet
 
 log = logging.getLogger("pickrank")
@@ -53,14 +54,6 @@ CHUNK_MAX_BYTES = 64 << 20
 WINDOW_MIN_IMAGES = 256
 WINDOW_MAX_BYTES = 1 << 30
 _DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
-
-
-class RayNotInstalled(UsageError):
-    """--engine ray without Ray installed (exit 2)."""
-
-
-class RayClusterError(PickrankError):
-    """The Ray cluster cannot be reached or was lost, or it failed the run (exit 1)."""
 
 
 def require_ray():
@@ -155,7 +148,7 @@ def _decode_chunks(batch, spec: ImageSpec, max_pixels: int | None) -> dict:
 
 
 class _EmbedActor:
-    """Embedding actor: loads the Embedder once, then embeds each chunk with `embed_image_batch`."""
+    """Embedding actor: loads the Embedder once, then embeds each chunk with `Embedder.embed_images`."""
 
     def __init__(self, source: ModelSource, device: str, dtype: str, batch_size: int, fingerprint: str,
                  threads: int | None = None) -> None:
@@ -170,12 +163,10 @@ class _EmbedActor:
         self.dim = int(self.embedder.model.config.projection_dim)
 
     def __call__(self, batch: dict) -> dict:
-        from .model import embed_image_batch
-
         out: dict[str, list] = {"keys": [], "errors": [], "emb": []}
         for keys, errors, pixels, shape in zip(batch["keys"], batch["errors"], batch["pixels"], batch["shape"]):
             px = np.frombuffer(pixels, dtype=np.uint8).reshape([int(s) for s in shape])
-            emb = embed_image_batch(self.embedder, px).numpy() if len(px) else np.zeros((0, self.dim), np.float32)
+            emb = self.embedder.embed_images(px).numpy() if len(px) else np.zeros((0, self.dim), np.float32)
             out["keys"].append(list(keys))
             out["errors"].append(list(errors))
             out["emb"].append(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
@@ -254,75 +245,73 @@ class _Plan:
         self.window = max(WINDOW_MIN_IMAGES, 16 * self.chunk * self.actors)
 
 
-class _RayStream:
-    """The one Dataset of a run, as a `pipeline.Backend`: chunks go in with `submit`, finished chunks (keys,
-    embeddings, failures) come out of `poll`."""
+def _worker_source(embedder: Embedder) -> ModelSource:
+    """What the actors load: the driver's model, by absolute path (workers do not run in the driver's working
+    directory), or for a hub model the driver's exact commit."""
+    source = embedder.source
+    if source is None:
+        raise UsageError("--engine ray needs an Embedder loaded with Embedder.load (it has no model source)")
+    if source.model_is_local:
+        source = replace(source, model=os.path.abspath(source.model))
+    elif embedder.revision:
+        source = replace(source, revision=embedder.revision)
+    if os.path.isdir(source.processor):
+        source = replace(source, processor=os.path.abspath(source.processor))
+    return source
 
-    def __init__(self, ray, embedder: Embedder, plan: _Plan, max_pixels: int | None) -> None:
-        self.ray = ray
-        self.plan = plan
-        self.feed = _feed_actor(ray).remote()
-        source = embedder.source
-        if source is None:
-            raise UsageError("--engine ray needs an Embedder loaded with Embedder.load (it has no model source)")
-        if source.model_is_local:  # workers do not run in the driver's working directory
-            source = replace(source, model=os.path.abspath(source.model))
-        elif embedder.revision:
-            source = replace(source, revision=embedder.revision)  # every actor loads the driver's exact commit
-        if os.path.isdir(source.processor):
-            source = replace(source, processor=os.path.abspath(source.processor))
-        dtype = _DTYPE_NAMES.get(str(embedder.dtype), "fp32")
-        # The pool's input is one source task, which Ray Data takes for a lack of parallelism: it is not one here.
-        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
-        # Each yielded row (a chunk) must be its own block, or chunks would wait in the source for others to fill
-        # a block (a stall once the window is full). Set for the whole run: Ray 2.30 reads the current context
-        # when the dataset executes, newer versions the one captured here. No Ray Data progress bars on stderr.
+
+def _build_dataset(ray, feed, embedder: Embedder, plan: _Plan, max_pixels: int | None):
+    """The run's one Dataset: the source task fed by `feed`, decode tasks, then the pool of embedding actors."""
+    actor_kwargs = {"source": _worker_source(embedder), "device": plan.device,
+                    "dtype": _DTYPE_NAMES.get(str(embedder.dtype), "fp32"), "batch_size": plan.batch_size,
+                    "fingerprint": embedder.fingerprint, "threads": plan.threads}
+    return (
+        ray.data.range(1, override_num_blocks=1)
+        .map_batches(_source, batch_size=1, num_cpus=0, fn_kwargs={"feed": feed})
+        .map_batches(_decode_chunks, batch_size=1, num_cpus=plan.decode_cpus,
+                     fn_kwargs={"spec": embedder.spec, "max_pixels": max_pixels})
+        .map_batches(_EmbedActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                     num_cpus=plan.actor_cpus, num_gpus=plan.num_gpus or None, fn_constructor_kwargs=actor_kwargs)
+    )
+
+
+class _DataContext:
+    """Ray Data settings for the run, restored after it: each yielded row (a chunk) its own block, or chunks would
+    wait in the source for others to fill a block (a stall once the window is full); no progress bars on stderr.
+    Set for the whole run: Ray 2.30 reads the current context when the dataset executes, newer versions the one
+    captured when it is built."""
+
+    def __init__(self, ray) -> None:
         self.ctx = ray.data.DataContext.get_current()
-        self.saved_ctx = self.ctx.target_max_block_size, self.ctx.enable_progress_bars
+        self.saved = self.ctx.target_max_block_size, self.ctx.enable_progress_bars
         self.ctx.target_max_block_size = 1
         self.ctx.enable_progress_bars = False
-        try:
-            self.ds = (
-                ray.data.range(1, override_num_blocks=1)
-                .map_batches(_source, batch_size=1, num_cpus=0, fn_kwargs={"feed": self.feed})
-                .map_batches(_decode_chunks, batch_size=1, num_cpus=plan.decode_cpus,
-                             fn_kwargs={"spec": embedder.spec, "max_pixels": max_pixels})
-                .map_batches(_EmbedActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=plan.actors),
-                             num_cpus=plan.actor_cpus, num_gpus=plan.num_gpus or None,
-                             fn_constructor_kwargs={"source": source, "device": plan.device, "dtype": dtype,
-                                                    "batch_size": plan.batch_size,
-                                                    "fingerprint": embedder.fingerprint,
-                                                    "threads": plan.threads})
-            )
-        except BaseException:
-            self._restore_ctx()
-            raise
-        self.results: queue.Queue = queue.Queue()
+
+    def restore(self) -> None:
+        self.ctx.target_max_block_size, self.ctx.enable_progress_bars = self.saved
+
+
+class _Results:
+    """The thread that iterates the dataset (which runs it) and queues its batches, its end, or its error."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+        self.queue: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self.ended = False
-        self.keys: list[str] = []  # the chunk being filled
-        self.datas: list[bytes] = []
-        self.chunk_bytes = 0
-        self.sent = 0  # chunks handed to the feed
-        self.finished = False
-        self.in_flight = 0  # images submitted and not answered yet, and their bytes
-        self.in_flight_bytes = 0
-        self.sizes: dict[str, int] = {}
         self.thread = threading.Thread(target=self._consume, name="pickrank-ray-results", daemon=True)
         self.thread.start()
 
     def _consume(self) -> None:
-        """Results thread: iterates the dataset (which runs it) and hands each batch to the driver's loop."""
         it = None
         try:
             it = iter(self.ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
             for batch in it:
                 if self.stop.is_set():
                     break
-                self.results.put(("batch", batch))
-            self.results.put(("end", None))
+                self.queue.put(("batch", batch))
+            self.queue.put(("end", None))
         except BaseException as e:  # handed to the driver's thread, which raises it
-            self.results.put(("error", e))
+            self.queue.put(("error", e))
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -330,6 +319,40 @@ class _RayStream:
                     close()
                 except Exception:
                     pass
+
+    def get(self, block: bool) -> tuple[str, object] | None:
+        """The next (kind, value), waiting up to a second when `block`; None when there is none yet."""
+        try:
+            return self.queue.get(block=block, timeout=1.0)
+        except queue.Empty:
+            if block and not self.thread.is_alive():
+                raise RayClusterError("the Ray results thread ended unexpectedly") from None
+            return None
+
+
+class _RayStream:
+    """The one Dataset of a run, as a `pipeline.Backend`: chunks go in with `submit`, finished chunks (keys,
+    embeddings, failures) come out of `poll`."""
+
+    def __init__(self, ray, embedder: Embedder, plan: _Plan, max_pixels: int | None) -> None:
+        self.ray, self.plan = ray, plan
+        self.feed = _feed_actor(ray).remote()
+        # The pool's input is one source task, which Ray Data takes for a lack of parallelism: it is not one here.
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+        self.ctx = _DataContext(ray)
+        try:
+            self.results = _Results(_build_dataset(ray, self.feed, embedder, plan, max_pixels))
+        except BaseException:
+            self.ctx.restore()
+            raise
+        self.ended = self.finished = False
+        self.keys: list[str] = []  # the chunk being filled, and its bytes
+        self.datas: list[bytes] = []
+        self.chunk_bytes = 0
+        self.sent = 0  # chunks handed to the feed
+        self.in_flight = 0  # images submitted and not answered yet, and their bytes
+        self.in_flight_bytes = 0
+        self.sizes: dict[str, int] = {}
 
     # -- input ----------------------------------------------------------------------------------------------------
     def submit(self, key: str, data: bytes) -> None:
@@ -355,6 +378,10 @@ class _RayStream:
     def full(self) -> bool:
         return self.in_flight >= self.plan.window or self.in_flight_bytes >= WINDOW_MAX_BYTES
 
+    def flush(self) -> None:
+        """Send the chunk being filled: everything submitted so far comes back."""
+        self.send()
+
     def finish(self) -> None:
         """No more input: send the last chunk and end the feed once the source has taken everything."""
         self.send()
@@ -362,29 +389,27 @@ class _RayStream:
         self.finished = True
 
     # -- output ---------------------------------------------------------------------------------------------------
-    def poll(self, block: bool) -> list[Done]:
-        """Finished chunks as (embedded keys, their embeddings, failed (key, reason)); block: wait for at least one."""
-        out = []
+    def poll(self, block: bool) -> list[Finished]:
+        """Finished chunks; block: wait for at least one."""
+        out: list[Finished] = []
         if self.ended and block:
             raise RayClusterError(f"the Ray dataset ended without results for {self.in_flight} image(s)")
         while not self.ended:
-            try:
-                kind, value = self.results.get(block=block and not out, timeout=1.0)
-            except queue.Empty:
+            got = self.results.get(block=block and not out)
+            if got is None:
                 if out or not block:
                     break
-                if not self.thread.is_alive():
-                    raise RayClusterError("the Ray results thread ended unexpectedly")
                 continue
+            kind, value = got
             if kind == "error":
-                raise value
+                raise value  # type: ignore[misc]
             if kind == "end":
                 self.ended = True
                 break
-            out.extend(self._unpack(value))
+            out.extend(self._unpack(value))  # type: ignore[arg-type]
         return out
 
-    def _unpack(self, batch: dict) -> Iterator[Done]:
+    def _unpack(self, batch: dict) -> Iterator[Finished]:
         import torch
 
         for keys, errors, emb in zip(batch["keys"], batch["errors"], batch["emb"]):
@@ -394,27 +419,24 @@ class _RayStream:
             for k in keys:
                 self.in_flight -= 1
                 self.in_flight_bytes -= self.sizes.pop(k, 0)
-            yield ok, torch.from_numpy(vecs), [(k, e) for k, e in zip(keys, errors) if e]
+            yield Finished(ok, torch.from_numpy(vecs), [(k, e) for k, e in zip(keys, errors) if e])
 
     def close(self) -> None:
         """After a complete run, let the dataset end; otherwise (an error, Ctrl-C) stop feeding and end it without
         waiting for the chunks in flight (killing the feed fails the source task, which stops the dataset)."""
         done = self.finished and self.in_flight == 0
         if not done:
-            self.stop.set()
+            self.results.stop.set()
             try:
                 self.feed.abort.remote()
             except Exception:
                 pass
-        self.thread.join(timeout=10 if done else 1)
+        self.results.thread.join(timeout=10 if done else 1)
         try:
             self.ray.kill(self.feed)
         except Exception:
             pass
-        self._restore_ctx()
-
-    def _restore_ctx(self) -> None:
-        self.ctx.target_max_block_size, self.ctx.enable_progress_bars = self.saved_ctx
+        self.ctx.restore()
 
 
 class RayEngine:
@@ -434,7 +456,6 @@ class RayEngine:
 
         self.engine = Engine(embedder, cache, options, on_progress, backend=self._backend)
         self.embedder, self.cache, self.options = self.engine.embedder, self.engine.cache, self.engine.options
-        self.on_progress = on_progress
         self.address = address
         self.actors = actors
         self._started = False

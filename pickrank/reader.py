@@ -95,7 +95,6 @@ class Decoded:
 
     key: str
     pixels: np.ndarray
-    thumbnail: bytes | None = None
 
 
 class ReadError(Exception):
@@ -343,35 +342,59 @@ def _png_text(f: IO[bytes]) -> dict[str, str]:
     return {k: str(v) for k, v in stream.im_text.items()}
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image of a given size goes on its way to the model: the size to resize to (None: kept), then the
+    zero padding around it (top, bottom, left, right: an image smaller than the crop, as transformers pads it),
+    then the centre crop's (top, left, height, width) (None: no crop)."""
+
+    resize: tuple[int, int] | None
+    pad: tuple[int, int, int, int] | None
+    crop: tuple[int, int, int, int] | None
+
+
+def resize_crop_geometry(w: int, h: int, spec: ImageSpec) -> Geometry:
+    """The CLIP processor's resize (shortest side, or a fixed size) and centre crop for a w x h image; used by the
+    Pillow path (`preprocess`) and the torch path (`api.torch_preprocess`)."""
+    size = (w, h)
+    if spec.shortest_edge is not None:
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        size = (new_short, new_long) if w <= h else (new_long, new_short)
+    elif spec.resize_hw is not None:
+        size = (spec.resize_hw[1], spec.resize_hw[0])
+    resize = size if size != (w, h) else None
+    if spec.crop_hw is None:
+        return Geometry(resize, None, None)
+    (w, h), (ch, cw) = size, spec.crop_hw
+    pad = None
+    if h < ch or w < cw:
+        ph, pw = max(ch, h), max(cw, w)
+        top, left = (ph - h) // 2, (pw - w) // 2
+        pad = (top, ph - h - top, left, pw - w - left)
+        h, w = ph, pw
+    return Geometry(resize, pad, ((h - ch) // 2, (w - cw) // 2, ch, cw))
+
+
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """Resize (PIL, as the reference) and centre-crop; return uint8 pixels shaped (3, H, W)."""
     if spec.convert_rgb:
         image = to_rgb(image)
     elif image.mode != "RGB":
         image = image.convert("RGB")
-    if spec.shortest_edge is not None:
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), resample=spec.resample, reducing_gap=None)
-    elif spec.resize_hw is not None:
-        rh, rw = spec.resize_hw
-        image = image.resize((rw, rh), resample=spec.resample, reducing_gap=None)
+    geo = resize_crop_geometry(*image.size, spec)
+    if geo.resize is not None:
+        image = image.resize(geo.resize, resample=spec.resample, reducing_gap=None)
     arr = np.asarray(image)
-    if spec.crop_hw is not None:
-        ch, cw = spec.crop_hw
+    if geo.pad is not None:  # smaller than the crop: zeros around it
+        top, bottom, left, right = geo.pad
         h, w = arr.shape[:2]
-        top, left = (h - ch) // 2, (w - cw) // 2
-        if top >= 0 and left >= 0:
-            arr = arr[top:top + ch, left:left + cw]
-        else:  # smaller than the crop: pad with zeros around it, as transformers' center_crop does
-            out = np.zeros((max(ch, h), max(cw, w), 3), dtype=arr.dtype)
-            t, l = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
-            out[t:t + h, l:l + w] = arr
-            top, left = (out.shape[0] - ch) // 2, (out.shape[1] - cw) // 2
-            arr = out[top:top + ch, left:left + cw]
+        out = np.zeros((top + h + bottom, left + w + right, 3), dtype=arr.dtype)
+        out[top:top + h, left:left + w] = arr
+        arr = out
+    if geo.crop is not None:
+        top, left, ch, cw = geo.crop
+        arr = arr[top:top + ch, left:left + cw]
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -397,15 +420,15 @@ def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                          thumbnail: bool = False) -> Decoded:
+def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec,
+                          max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
     """The worker's unit: bytes -> Decoded, or ReadError."""
     image = open_image(data, max_pixels)
     try:
         pixels = preprocess(image, spec)
     except (OSError, ValueError) as e:
         raise ReadError(f"cannot decode: {e}") from None
-    return Decoded(key, pixels, make_thumbnail(image) if thumbnail else None)
+    return Decoded(key, pixels)
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence, Union
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image already in memory (eval's parquet rows): read as it is; `name` stands for it in records."""
+
+    name: str
+    data: bytes
+
+
+# What a candidate set lists: image paths, or images in memory.
+Item = Union[str, ImageBytes]
 
 
 @dataclass(frozen=True)
@@ -20,7 +35,7 @@ class CandidateSet:
     """Images ranked together, once for each of `queries`; `error` marks a set that cannot be scored."""
 
     queries: tuple[Query, ...]
-    paths: Iterable[str] = ()
+    paths: Iterable[Item] = ()
     error: str | None = None
     # Where the set came from (a best-of-n group folder, a CSV row's `images`), for error records.
     source: str | None = None
@@ -56,4 +71,23 @@ class RunSummary:
     cache_hits: int = 0
     failures: int = 0
     rankings: int = 0
-    truncated_prompts: list[str] = field(default_factory=list)
+    truncated: int = 0  # prompts cut at 77 tokens (each time one is encoded)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of a set after the read stage: its name, its content key, or why it could not be read."""
+
+    path: str
+    key: str | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a backend hands back: embedded keys with their (N, D) fp32 embeddings on the CPU (None when there are
+    none), and the keys that failed, with the reason."""
+
+    keys: Sequence[str] = ()
+    embeddings: "torch.Tensor | None" = None
+    failures: Sequence[tuple[str, str]] = ()

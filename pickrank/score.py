@@ -22,3 +22,13 @@ def ranks(scores: list[float]) -> list[int]:
     for r, i in enumerate(order, start=1):
         out[i] = r
     return out
+
+
+def pick_score(text: torch.Tensor, image: torch.Tensor, scale: float) -> float:
+    """One prompt against one image, from 1-D normalised embeddings: scale * cos, as a float (eval's pairs)."""
+    return float(scale * (text @ image))
+
+
+def paired_scores(text: torch.Tensor, images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row i of `text` against row i of `images`: (N, D), (N, D) -> (N,) (PickScorer.score)."""
+    return scale * (text * images).sum(-1)

@@ -104,12 +104,12 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     backend.finish()
     done = backend.poll(block=True)
     backend.close()
-    got = {k: e for ks, emb, _ in done for k, e in zip(ks, emb)}
+    got = {k: e for f in done for k, e in zip(f.keys, f.embeddings)}
     assert sorted(got) == sorted(keys) and count_embeds == [2, 2, 2]
     ready = _LocalBackend(embedder, RunOptions(workers=0, batch_size=2))  # the same batches, model loaded
     _submit_all(ready, paths)
     ready.finish()
-    ref = {k: e for ks, emb, _ in ready.poll(block=True) for k, e in zip(ks, emb)}
+    ref = {k: e for f in ready.poll(block=True) for k, e in zip(f.keys, f.embeddings)}
     ready.close()
     assert all((got[k] == ref[k]).all() for k in keys)
 
@@ -123,7 +123,7 @@ def test_held_images_are_bounded_the_backend_waits_for_the_model_past_the_limit(
     _submit_all(backend, image_paths(images))
     done = backend.poll(block=True)  # waits for the model instead of holding more
     backend.close()
-    assert fut.done() and done and all(len(keys) == 2 for keys, _, _ in done)
+    assert fut.done() and done and all(len(f.keys) == 2 for f in done)
     assert len(backend.batch) < 2
 
 
@@ -188,3 +188,24 @@ def test_files_in_flight_are_bounded_by_bytes_while_the_model_loads(embedder, im
         assert backend._loaded() and backend.decoder.max_bytes is None
     finally:
         backend.close()
+
+
+def test_streams_of_small_sets_take_bytes_and_keep_bounded_memos(embedder, images):
+    """eval's way through the engine: images as bytes in memory, chunk by chunk, memos bounded; the scores are those
+    of the same images as files."""
+    from pickrank.records import ImageBytes
+
+    paths = image_paths(images)
+    ref = {r.path: r.score for k in Engine(embedder, options=RunOptions(workers=0)).run([single_set("a", paths)])
+           for r in k.records}
+    engine = Engine(embedder, options=RunOptions(workers=0), memo_size=2, warn=False)
+    pairs = [(paths[i], paths[(i + 1) % 6]) for i in range(6)]
+    chunks = [[CandidateSet(queries=(Query("a"),), paths=(ImageBytes("x", read_bytes(a)), b)) for a, b in pairs[j:j + 2]]
+              for j in range(0, 6, 2)]
+    got = [r for k in engine.run_chunks(chunks) for r in k.records]
+    assert len(got) == 12 and {r.path for r in got} == {"x", *paths}
+    for (a, b), i in zip(pairs, range(0, 12, 2)):
+        recs = {r.path: r.score for r in got[i:i + 2]}
+        assert recs["x"] == pytest.approx(ref[a], abs=1e-4) and recs[b] == pytest.approx(ref[b], abs=1e-4)
+    prompts, memo, failed = engine._stream
+    assert len(memo) <= 2 and len(prompts.vectors) == 1

@@ -119,3 +119,15 @@ def test_worker_start_failures_are_quiet_or_one_line(exc, stderr):
     res = subprocess.run([sys.executable, "-c", f"import pickrank._forkserver; raise {exc}"], capture_output=True,
                          text=True)
     assert res.returncode == 1 and res.stderr.strip() == stderr
+
+
+def test_one_resize_and_crop_geometry_for_both_paths():
+    from pickrank.reader import Geometry, resize_crop_geometry
+
+    spec = ImageSpec()  # shortest side 224, centre crop 224
+    assert resize_crop_geometry(448, 300, spec) == Geometry((334, 224), None, (0, 55, 224, 224))
+    assert resize_crop_geometry(224, 224, spec) == Geometry(None, None, (0, 0, 224, 224))
+    # a fixed size smaller than the crop: zero padding around it, then the crop
+    small = ImageSpec(shortest_edge=None, resize_hw=(100, 50))
+    assert resize_crop_geometry(640, 480, small) == Geometry((50, 100), (62, 62, 87, 87), (0, 0, 224, 224))
+    assert resize_crop_geometry(60, 100, ImageSpec(shortest_edge=None, crop_hw=None)) == Geometry(None, None, None)
