@@ -158,17 +158,26 @@ class PickScorer:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, processor: str | None = None, device: str = "auto",
-                        dtype: str = "fp32", revision: str | None = None, offline: bool = False,
+                        dtype: DType | str = "fp32", revision: str | None = None, offline: bool = False,
                         batch_size: int | None = None, differentiable: bool = False,
-                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "PickScorer":
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, *,
+                        options: ModelOptions | None = None) -> "PickScorer":
         """Load as the CLI does: model (default $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1), processor (default
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
+        The model arguments build a `pickrank.options.ModelOptions`, the object `pickrank score --dtype ...` builds,
+        and load through the same function; or give `options` (a ModelOptions) instead of them.
         `differentiable=True` makes `score` take the differentiable path for float tensors by default.
         """
-        source: ModelSource = resolve_source(model, processor, revision, offline)
-        return cls(Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size),
-                   differentiable=differentiable, max_pixels=max_pixels)
+        from . import options as _options
+        from .options import ModelOptions
+
+        given = ModelOptions.from_values(model=model, processor=processor, revision=revision, offline=offline,
+                                         device=device, dtype=dtype, batch_size=batch_size)
+        if options is not None and given != ModelOptions():
+            raise UsageError("give the model options either as arguments or as options=ModelOptions(...), not both")
+        embedder = _options.load_embedder(options or given).result()
+        return cls(embedder, differentiable=differentiable, max_pixels=max_pixels)
 
     # -- properties -------------------------------------------------------------------------------------
     @property
