@@ -152,7 +152,8 @@ def with_options(*bundles: type | tuple) -> Callable[[Callable], Callable]:
         own = [p for p in sig.parameters.values() if p.name != "opts"]
         clash = {p.name for p in own} & set(taken)
         if "opts" not in sig.parameters or clash:
-            raise TypeError(f"{func.__name__}: declare `opts: Opts`, and none of the shared options it takes ({clash or ''})")
+            raise TypeError(f"{func.__name__}: declare `opts: Opts`, and none of the shared options it takes "
+                            f"({clash or ''})")
         shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=SHARED[n][1],
                                     default=SHARED[n][2]) for n in taken]
 
@@ -447,10 +448,11 @@ def batch(
          inputs=[prompts_csv, *(paths or [])])
 
 
-def _cache_command(opts: Opts, action: Callable) -> None:
-    """Open the cache for a `pickrank cache` command and run action(cache), inside the command lifecycle. A file
-    that is not a pickrank cache is an error here, not a warning."""
+def _cache_command(opts: Opts, action: Callable, check: Callable[[], None] = lambda: None) -> None:
+    """Run check(), then open the cache for a `pickrank cache` command and run action(cache), inside the command
+    lifecycle. A file that is not a pickrank cache is an error here, not a warning."""
     with _Command(opts.command):
+        check()  # before the cache is opened (which would make the file)
         from .cache import CacheError, EmbeddingCache
 
         c = EmbeddingCache(opts.cache.cache, warn=False)
@@ -493,13 +495,11 @@ def cache_clear(
 
     Example: pickrank cache clear --model PickScore_v1
     """
-    def clear(c) -> None:
-        typer.echo(f"deleted {c.clear(model)} entries")
-
-    if model is not None and not model.strip():  # an empty pattern would match every fingerprint
-        with _Command(opts.command):
+    def check() -> None:
+        if model is not None and not model.strip():  # an empty pattern would match every fingerprint
             raise UsageError("--model must not be empty: leave it out to clear every entry")
-    _cache_command(opts, clear)
+
+    _cache_command(opts, lambda c: typer.echo(f"deleted {c.clear(model)} entries"), check)
 
 
 @cache_app.command("prune")

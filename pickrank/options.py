@@ -41,6 +41,13 @@ class Format(str, Enum):
     paths = "paths"
 
 
+class SummaryFormat(str, Enum):
+    """How `pickrank eval` prints its summary: a text table, or one JSON object."""
+
+    table = "table"
+    json = "json"
+
+
 class OnError(str, Enum):
     """What a run does with an image that cannot be read: report it and go on, or stop (a str, so that code
     comparing with "fail" keeps working)."""
@@ -197,9 +204,6 @@ class CommandOptions:
         return _build(cls, values)
 
 
-BUNDLES = (ModelOptions, RunOptions, CacheOptions, OutputOptions, EngineOptions, CommandOptions)
-
-
 def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None) -> "LoadingEmbedder":
     """Check the model now (a bad folder or id fails here) and load it in a thread; the CLI and
     `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`)."""
@@ -208,10 +212,3 @@ def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None]
     source = resolve_source(options.model, options.processor, options.revision, options.offline)
     return load_in_background(source, device=options.device, dtype=options.dtype.value,
                               batch_size=options.batch_size, on_loaded=on_loaded)
-
-
-class SummaryFormat(str, Enum):
-    """How `pickrank eval` prints its summary."""
-
-    table = "table"
-    json = "json"
