@@ -36,8 +36,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from . import loading
 from .errors import InputFailed, UsageError
-from .model import Embedder, ModelSource, features, resolve_source
+from .model import Embedder, features
+from .options import DType, ModelOptions
 from .pipeline import Batcher, encode_prompts
 from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
                      resize_crop_geometry)
@@ -148,17 +150,23 @@ class PickScorer:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, processor: str | None = None, device: str = "auto",
-                        dtype: str = "fp32", revision: str | None = None, offline: bool = False,
+                        dtype: DType | str = "fp32", revision: str | None = None, offline: bool = False,
                         batch_size: int | None = None, differentiable: bool = False,
-                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "PickScorer":
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, *,
+                        options: ModelOptions | None = None) -> "PickScorer":
         """Load as the CLI does: model (default $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1), processor (default
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
+        The model arguments build a `pickrank.options.ModelOptions`, the object `pickrank score --dtype ...` builds,
+        and load through the same function; or give `options` (a ModelOptions) instead of them.
         `differentiable=True` makes `score` take the differentiable path for float tensors by default.
         """
-        source: ModelSource = resolve_source(model, processor, revision, offline)
-        return cls(Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size),
-                   differentiable=differentiable, max_pixels=max_pixels)
+        given = ModelOptions.from_values(model=model, processor=processor, revision=revision, offline=offline,
+                                         device=device, dtype=dtype, batch_size=batch_size)
+        if options is not None and given != ModelOptions():
+            raise UsageError("give the model options either as arguments or as options=ModelOptions(...), not both")
+        embedder = loading.load_embedder(options or given).result()
+        return cls(embedder, differentiable=differentiable, max_pixels=max_pixels)
 
     # -- properties -------------------------------------------------------------------------------------
     @property

@@ -129,8 +129,26 @@ def build_model(folder: str | Path, arch: dict | None = None, seed: int = 0) -> 
     return folder
 
 
-if __name__ == "__main__":  # python -m pickrank.devtools OUT [tiny|pickscore]
-    import sys
+ARCHS: dict[str, dict] = {"tiny": TINY_ARCH, "pickscore": PICKSCORE_ARCH}
 
-    out = build_model(sys.argv[1], PICKSCORE_ARCH if sys.argv[2:] == ["pickscore"] else TINY_ARCH)
-    print(out)
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pickrank.devtools FOLDER [tiny|pickscore] [--seed N]`: build a random CLIP model in FOLDER."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pickrank.devtools",
+        description="Build a local CLIP model with random weights (a tokenizer, the LAION preprocessor config, "
+                    "safetensors weights), for tests, benchmarks and demos; no download. Its scores mean nothing.")
+    parser.add_argument("folder", help="where to write the model (made if missing)")
+    parser.add_argument("arch", nargs="?", choices=sorted(ARCHS), default="tiny",
+                        help="tiny: a few layers, seconds to build (default); pickscore: PickScore_v1's "
+                             "architecture (ViT-H/14, about 4 GB, same compute as the real model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    args = parser.parse_args(argv)
+    print(build_model(args.folder, ARCHS[args.arch], seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .source import ModelInfo, ModelSource, inspect_model
+from .options import ModelOptions
+from .source import ModelInfo, ModelSource, inspect_model, resolve_source
 
 if TYPE_CHECKING:
     import torch
@@ -105,3 +106,11 @@ def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "
         return embedder
 
     return LoadingEmbedder(info, in_thread(load, "pickrank-load"))
+
+
+def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
+    """Check the model now (a bad folder or id fails here) and load it in a thread; the CLI and
+    `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`)."""
+    source = resolve_source(options.model, options.processor, options.revision, options.offline)
+    return load_in_background(source, device=options.device, dtype=options.dtype.value,
+                              batch_size=options.batch_size, on_loaded=on_loaded)

@@ -25,7 +25,8 @@ import numpy as np
 
 from .cache import NullCache
 from .errors import InputFailed
-from .reader import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, close_pool, content_key,
+from .options import RunOptions  # noqa: F401 - declared with the other option bundles; imported from here too
+from .reader import (Decoded, ImageSpec, ReadError, close_pool, content_key,
                      decode_job, decode_many, read_bytes, signals_deferred, worker_pool)
 from .records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
 
@@ -44,18 +45,6 @@ def default_workers() -> int:
     except AttributeError:
         n = os.cpu_count() or 1
     return max(1, min(8, n))
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a run behaves, independent of what it scores."""
-
-    batch_size: int | None = None
-    workers: int | None = None
-    top: int | None = None
-    on_error: str = "continue"
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-    max_bytes: int | None = DEFAULT_MAX_BYTES  # image files larger than this are refused unread (None: no limit)
 
 
 @dataclass(frozen=True)

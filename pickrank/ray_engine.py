@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import ModelLoadError, PickrankError, RayClusterError, RayNotInstalled, UsageError
+from .options import DType
 from .reader import ImageSpec, decode_job
 from .records import Finished
 
@@ -53,7 +54,7 @@ CHUNK_MAX_BYTES = 64 << 20
 # Images and bytes in flight between the driver and the results (in the object store, not the driver's heap).
 WINDOW_MIN_IMAGES = 256
 WINDOW_MAX_BYTES = 1 << 30
-_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+_DTYPE_NAMES = {f"torch.{d.torch_name}": d.value for d in DType}  # str(torch dtype) -> our name
 
 
 def require_ray():

@@ -13,12 +13,12 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import ModelLoadError, UsageError
+from .errors import ModelLoadError
+from .options import DTYPE_NAMES, DType, as_enum  # noqa: F401 - DTYPE_NAMES: model.py imports it from here
 from .reader import ImageSpec
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _PROCESSOR_FILES = ("preprocessor_config.json",)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
@@ -167,8 +167,7 @@ def load_processor_config(processor: str, offline: bool = False) -> dict:
 
 def check_dtype_name(dtype: str) -> None:
     """Refuse a dtype name pickrank does not know (whether the device can run it is `model.check_dtype`'s)."""
-    if dtype not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}")
+    as_enum(DType, dtype, "dtype")
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import IO, Iterable
 
 from .errors import OutputError, UsageError
+from .options import FORMATS
 from .records import Record
 
-FORMATS = ("table", "json", "jsonl", "csv", "paths")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # The format an output file's extension names when -f is not given (.txt: the plain list of paths).
 EXTENSION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".txt": "paths"}

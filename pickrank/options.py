@@ -1,0 +1,200 @@
+"""The options of a run, as typed objects declared once: the CLI builds them from its flags, the library from its
+keyword arguments, so the two cannot drift.
+
+Torch-free and typer-free (the CLI's flags for these fields are declared in `pickrank.cli`'s option table).
+Each bundle's `from_values` takes plain values (an enum or its name) and applies the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, TypeVar
+
+from .errors import UsageError
+
+
+class DType(str, Enum):
+    """Model precision: the one list of dtype names (fp32 is the reference)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+    @property
+    def torch_name(self) -> str:
+        """The torch dtype's name without "torch." (what `str(torch_dtype)` and `Embedder.describe()` say)."""
+        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.value]
+
+
+class Format(str, Enum):
+    """Output formats of the scoring commands: the one list."""
+
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    paths = "paths"
+
+
+class SummaryFormat(str, Enum):
+    """How `pickrank eval` prints its summary: a text table, or one JSON object."""
+
+    table = "table"
+    json = "json"
+
+
+class OnError(str, Enum):
+    """What a run does with an image that cannot be read: report it and go on, or stop (a str, so that code
+    comparing with "fail" keeps working)."""
+
+    continue_ = "continue"
+    fail = "fail"
+
+
+class EngineName(str, Enum):
+    """Where a run embeds: this process, or a Ray cluster."""
+
+    local = "local"
+    ray = "ray"
+
+
+DTYPE_NAMES: tuple[str, ...] = tuple(d.value for d in DType)
+FORMATS: tuple[str, ...] = tuple(f.value for f in Format)
+
+E = TypeVar("E", bound=Enum)
+
+
+def as_enum(cls: type[E], value: E | str, what: str) -> E:
+    """An enum member from itself or its name; an unknown name is a usage error naming the choices."""
+    try:
+        return cls(value)
+    except ValueError:
+        names = [m.value for m in cls]
+        raise UsageError(f"unknown {what} {value!r}: use {', '.join(names[:-1])} or {names[-1]}") from None
+
+
+def _default_max_pixels() -> int:
+    from .reader import DEFAULT_MAX_PIXELS  # lazily: reader imports Pillow and numpy, which --help does not need
+
+    return DEFAULT_MAX_PIXELS
+
+
+def _default_max_bytes() -> int:
+    from .reader import DEFAULT_MAX_BYTES
+
+    return DEFAULT_MAX_BYTES
+
+
+B = TypeVar("B")
+
+
+def _build(cls: type[B], values: dict[str, Any]) -> B:
+    """cls(**values); a name that is not a field is a TypeError, as for a function's keyword arguments."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(values) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__}: unknown option(s) {', '.join(sorted(unknown))}")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model runs, where and how: what `load_embedder` needs."""
+
+    model: str | None = None  # None: $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1
+    processor: str | None = None  # None: the model folder if it has processor files, else LAION's
+    revision: str | None = None
+    offline: bool = False
+    device: str = "auto"
+    dtype: DType = DType.fp32
+    batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", as_enum(DType, self.dtype, "dtype"))
+
+    @classmethod
+    def from_values(cls, **values: Any) -> "ModelOptions":
+        """From plain values (dtype as DType or its name); unknown names are a TypeError, as for a function."""
+        return _build(cls, values)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run behaves, independent of what it scores (the engine's options)."""
+
+    batch_size: int | None = None  # images per model call; None: the embedder's
+    workers: int | None = None  # decode processes; None: one per CPU, at most 8
+    top: int | None = None
+    on_error: OnError = OnError.continue_
+    max_pixels: int | None = field(default_factory=_default_max_pixels)  # None: no limit
+    max_bytes: int | None = field(default_factory=_default_max_bytes)  # files larger are refused unread; None: none
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "on_error", as_enum(OnError, self.on_error, "--on-error value"))
+
+    @classmethod
+    def from_values(cls, **values: Any) -> "RunOptions":
+        """From plain values; max_pixels/max_bytes None mean the defaults (Pillow's limit, 512 MiB), as on the CLI."""
+        for name in ("max_pixels", "max_bytes"):
+            if name in values and values[name] is None:
+                del values[name]
+        return _build(cls, values)
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The embedding cache: which file, or none at all."""
+
+    cache: str | None = None  # None: $PICKRANK_CACHE, else ~/.cache/pickrank/embeddings.sqlite3
+    no_cache: bool = False
+
+    @classmethod
+    def from_values(cls, **values: Any) -> "CacheOptions":
+        return _build(cls, values)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where and how results are written."""
+
+    format: Format | None = None  # None: from the output's extension, else table on a terminal, else jsonl
+    output: str | None = None  # None or "-": stdout
+    html: str | None = None
+    null: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format is not None:
+            object.__setattr__(self, "format", as_enum(Format, self.format, "format"))
+
+    @classmethod
+    def from_values(cls, **values: Any) -> "OutputOptions":
+        return _build(cls, values)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Which engine embeds: local, or Ray (with its cluster address and actor count)."""
+
+    engine: EngineName = EngineName.local
+    ray_address: str | None = None
+    ray_actors: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engine", as_enum(EngineName, self.engine, "engine"))
+
+    @classmethod
+    def from_values(cls, **values: Any) -> "EngineOptions":
+        return _build(cls, values)
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """What every command's lifecycle needs: how much it says on stderr, and whether errors show tracebacks."""
+
+    quiet: bool = False
+    debug: bool = False
+
+    @classmethod
+    def from_values(cls, **values: Any) -> "CommandOptions":
+        return _build(cls, values)
