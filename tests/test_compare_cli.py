@@ -257,3 +257,30 @@ def test_a_third_system_embeds_only_its_images(runner, model_dir, tmp_path, coun
     assert sum(count_embeds) == 8, count_embeds  # only c's
     assert "8 embedded, 16 from cache" in again.stderr
     assert [s["name"] for s in as_json(again)["systems"]] == ["a", "b", "c"]
+
+
+def test_an_interrupted_run_leaves_earlier_outputs_as_they_were(model_dir, tmp_path):
+    """SIGTERM once the model has loaded (the outputs are open by then): exit 143, and the -o and
+    --per-prompt files of an earlier run are not replaced by an empty or partial comparison."""
+    import signal
+    import subprocess
+    import sys
+
+    a, b = two_samples(tmp_path, "a", seed=30, n=40), two_samples(tmp_path, "b", seed=31, n=40)
+    prompts = write_prompts(tmp_path / "p.csv", [f"prompt {i}" for i in range(1, 41)])
+    out, rows = tmp_path / "old.json", tmp_path / "old.jsonl"
+    out.write_text("earlier\n")
+    rows.write_text("earlier rows\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pickrank", "compare", str(a), str(b), "--prompts", str(prompts),
+                             "-o", str(out), "--per-prompt", str(rows), "--model", str(model_dir), "--device", "cpu",
+                             "--workers", "0", "--no-cache"], stderr=subprocess.PIPE, text=True)
+    try:
+        seen = [proc.stderr.readline() for _ in range(2)]  # the layout, then the model loaded: outputs are open
+        assert "layout: prompts-csv" in seen[0] and "on cpu" in seen[1], seen
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert out.read_text() == "earlier\n" and rows.read_text() == "earlier rows\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "old.json", "old.jsonl", "p.csv"]
