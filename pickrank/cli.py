@@ -601,6 +601,179 @@ def eval_(
         cmd.code = EXIT_PARTIAL if result.skipped else EXIT_OK
 
 
+# -- compare (issue 14) ------------------------------------------------------------------------------------
+
+from enum import Enum  # noqa: E402 - kept with the one command it serves
+
+
+class CompareFormat(str, Enum):
+    """What `pickrank compare` prints: a text table, one JSON object, or CSV rows."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class _Gathered:
+    """The sink `_score` hands compare's records to: kept in memory for the statistics, with the model's
+    description (its provenance)."""
+
+    def __init__(self) -> None:
+        self.records: list = []
+        self.meta: dict = {}
+
+    def write(self, records: tuple) -> None:
+        self.records.extend(records)
+
+    def set_meta(self, meta: dict) -> None:
+        self.meta = dict(meta)
+
+
+class _WrittenAtEnd:
+    """An output that holds the comparison once it is complete: kept only then, so that a failed or interrupted
+    run leaves an earlier file as it was (statistics over part of the images would mislead)."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.done = False
+
+    def close(self) -> None:
+        (self.out.close if self.done else self.out.discard)()
+
+    def discard(self) -> None:
+        self.out.discard()
+
+
+def _compare_format(fmt: CompareFormat | None, output: str | None) -> str:
+    """-f; else what -o's extension names (.json, .csv); else table. A JSON Lines name is a usage error."""
+    from .writers import format_for_path
+
+    if fmt is not None:
+        return fmt.value
+    named = format_for_path(output)
+    if named == "jsonl":
+        raise UsageError(f"-o {output}: compare writes one summary (-f table, json or csv); per-prompt JSON Lines "
+                         "go to --per-prompt FILE")
+    return named if named in ("json", "csv") else "table"
+
+
+def _say_left_out(result, verbose: bool) -> None:
+    """Count on stderr, per system, the prompts without a scored image (left out of its pairs); -v names them."""
+    for s in result.systems:
+        if s.missing:
+            names = f": {', '.join(s.missing)}" if verbose else " (-v names them)"
+            log.info("%s: %d prompt(s) without a scored image, left out of its pairs%s", s.name, len(s.missing),
+                     names)
+
+
+@app.command()
+@with_options(ModelOptions, RunOptions, CacheOptions, (OutputOptions, "output"), EngineOptions, CommandOptions)
+def compare(
+    systems: Annotated[Optional[list[str]], Arg(metavar="SYSTEM_FOLDER", help="One folder of images per "
+                       "system (or one manifest file).")] = None,
+    prompts: Annotated[Optional[str], Opt("--prompts", metavar="CSV", help="Prompts CSV (id,prompt; id "
+                       "defaults to the row number): a system's images for id are id.<ext> or the files in id/.")]
+    = None,
+    manifest: Annotated[Optional[str], Opt("--manifest", metavar="FILE", help="CSV or JSONL with "
+                        "system,prompt,image[,id] (image paths relative to the file), instead of folders.")] = None,
+    names: Annotated[Optional[str], Opt("--names", metavar="A,B,...", help="System names, comma-separated "
+                     "[default: the folder names, or the manifest's system column].")] = None,
+    baseline: Annotated[Optional[str], Opt("--baseline", metavar="NAME", help="The reference for win rates "
+                        "[default: the first system].")] = None,
+    all_pairs: Annotated[bool, Opt("--all-pairs", help="Every pair of systems (a win-rate matrix), not only "
+                                   "each against the baseline.")] = False,
+    best_of_n: Annotated[bool, Opt("--best-of-n", help="For systems with n >= 2 samples per prompt: the win rate "
+                                   "of their best of k (k = 1..n) against one sample of the other.")] = False,
+    bootstrap: Annotated[int, Opt("--bootstrap", min=0, metavar="N", help="Bootstrap resamples (of prompts) "
+                                  "for the 95% intervals (0: none).")] = 10_000,
+    seed: Annotated[int, Opt("--seed", help="Seed of the bootstrap.")] = 0,
+    per_prompt: Annotated[Optional[str], Opt("--per-prompt", metavar="FILE", help="Also write one JSON line per "
+                          "prompt: id, prompt, each system's score and samples, winner.")] = None,
+    html: Annotated[Optional[str], Opt("--html", metavar="FILE", help="Also write a self-contained HTML page: "
+                    "the summary, charts, and each prompt's images side by side.")] = None,
+    format: Annotated[Optional[CompareFormat], Opt("--format", "-f", help="table, json (one object: settings, "
+                      "systems, pairs, model) or csv [default: from -o's extension (.json, .csv), else table].")]
+    = None,
+    verbose: Annotated[bool, Opt("--verbose", "-v", help="Name the prompts left out, per system.")] = False,
+    *, opts: Opts,
+) -> None:
+    """Compare text-to-image systems on the same prompts: mean PickScore, win rate, 95% intervals, sign test.
+
+    Per system: the mean over prompts (a prompt's score: the mean of its samples), with a bootstrap interval.
+
+    Per pair: the win rate (a tie counts 0.5), the mean difference, the preference probability, a sign test.
+
+    Layouts, detected from the arguments (stderr names the one used):
+
+    prompts-csv: SYSTEM_FOLDER... --prompts CSV; a system's images for id are id.<ext> (00042.png is id 42) or id/*.
+
+    paired-folders: SYSTEM_FOLDER... alone; images paired by relative path, prompts from prompt.txt or metadata.
+
+    manifest: --manifest FILE, or one file argument: CSV or JSONL rows with system,prompt,image[,id].
+
+    Each distinct image is embedded once, through the cache. Exit 3 when an image failed (counted per system).
+
+    Example: pickrank compare base/ dpo/ --prompts prompts.csv --html compare.html
+    """
+    from .outputs import check_outputs, guard_inputs
+
+    with _Command(opts.command) as cmd:
+        from .compare import LAYOUTS, plan_comparison
+        from .compare_html import check_html
+        from .writers import Output
+
+        # The layout and the outputs are checked before the (slow) model load.
+        run = opts.run
+        plan = plan_comparison(systems or (), prompts_csv=prompts, manifest=manifest,
+                               names=names.split(",") if names is not None else None, baseline=baseline,
+                               max_pixels=run.max_pixels, max_bytes=run.max_bytes)
+        log.info("layout: %s (%s); %d systems, %d prompts, %d distinct image paths; baseline %s", plan.layout,
+                 LAYOUTS[plan.layout], len(plan.systems), len(plan.slots), len(plan.image_paths()), plan.baseline)
+        fmt = _compare_format(format, opts.output.output)
+        inputs = [*(systems or ()), *(p for p in (prompts, manifest) if p)]
+        files = check_outputs([("-o", opts.output.output), ("--per-prompt", per_prompt), ("--html", html)], inputs)
+        if html:
+            check_html(html)
+        main_out = _WrittenAtEnd(Output(opts.output.output))
+        cmd.sinks.append(main_out)
+        rows_out = _WrittenAtEnd(Output(per_prompt, label="--per-prompt")) if per_prompt else None
+        if rows_out is not None:
+            cmd.sinks.append(rows_out)
+        gathered = _Gathered()
+        cmd.code = _score(opts, guard_inputs(plan.candidate_sets(), files), [gathered], None)
+        _write_comparison(plan, gathered, fmt, main_out, rows_out, html, verbose,
+                          dict(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed),
+                          opts.run.workers)
+
+
+def _write_comparison(plan, gathered: _Gathered, fmt: str, main_out: _WrittenAtEnd,
+                      rows_out: _WrittenAtEnd | None, html: str | None, verbose: bool, settings: dict,
+                      workers: int | None) -> None:
+    """The statistics over the gathered scores, written to the outputs (each then marked complete)."""
+    import json
+
+    from . import compare as cmp
+
+    table = cmp.collect_scores(plan, gathered.records)
+    result = cmp.compare(table, baseline=plan.baseline, **settings)
+    _say_left_out(result, verbose)
+    out = main_out.out
+    if fmt == "json":
+        out.stream.write(json.dumps(cmp.to_json(result, model=gathered.meta), ensure_ascii=False) + "\n")
+    elif fmt == "csv":
+        cmp.write_csv(result, out.stream)
+    else:
+        cmp.print_table(result, out.stream, is_terminal=out.is_terminal)
+    main_out.done = True
+    if rows_out is not None:
+        cmp.write_per_prompt(table, rows_out.out.stream)
+        rows_out.done = True
+    if html:
+        from .compare_html import write_html
+
+        write_html(html, table, result, meta=gathered.meta, workers=workers)
+
+
 def run() -> None:
     """Console-script entry point: usage errors exit 2, as Click does."""
     # Before torch loads: idle OpenMP threads must sleep, not spin on the cores the decode workers need.

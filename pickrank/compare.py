@@ -739,11 +739,12 @@ def print_table(result: CompareResult, stream: IO[str], *, is_terminal: bool = F
     if result.all_pairs:
         console.print(_matrix_table(result, esc))
     for c in result.best_of_k:
-        curve = Table(title=f"best-of-k: {esc(c.system)}'s best of k samples vs one {esc(c.reference)} sample",
-                      title_justify="left")
+        # The description is a cell, not the title: a title wraps to the width of a few narrow k columns.
+        curve = Table(title="best-of-k win rate", title_justify="left")
+        curve.add_column("best of k samples vs one sample", justify="left", overflow="fold")
         for k in c.ks:
             curve.add_column(f"k={k}", justify="right")
-        curve.add_row(*(_num(w) for w in c.win))
+        curve.add_row(f"{esc(c.system)} vs {esc(c.reference)}", *(_num(w) for w in c.win))
         console.print(curve)
 
 
@@ -752,8 +753,8 @@ def _matrix_table(result: CompareResult, esc) -> object:
     from rich.table import Table
 
     names = [s.name for s in result.systems]
-    table = Table(title="win rate of row over column", title_justify="left")
-    table.add_column("", justify="left")
+    table = Table()  # the description heads the row names' column: a title would wrap to a narrow matrix
+    table.add_column("win rate of row over column", justify="left", overflow="fold")
     for n in names:
         table.add_column(esc(n), justify="right")
     for a in names:
