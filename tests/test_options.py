@@ -27,6 +27,7 @@ COMMANDS = {
     ("batch",): (cli.batch, list(SHARED)),
     ("eval",): (cli.eval_, ["model", "processor", "revision", "offline", "device", "dtype", "batch_size",
                             "quiet", "max_pixels", "debug"]),
+    ("compare",): (cli.compare, [n for n in SHARED if n not in ("format", "html", "null")]),
     ("report",): (cli.report, ["quiet", "debug"]),
     ("cache", "info"): (cli.cache_info, ["cache", "debug"]),
     ("cache", "clear"): (cli.cache_clear, ["cache", "debug"]),
