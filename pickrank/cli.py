@@ -411,7 +411,7 @@ def score(
 def best_of_n(
     folder: Annotated[str, Arg(help="Folder of candidates; each subfolder with images is a group.")],
     prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="Prompt for every group [default: prompt.txt in "
-                                         "the group, else the PNG metadata's prompt].")] = None,
+                                         "the group, else the first image's metadata prompt].")] = None,
     top: Annotated[int, Opt(min=1, help="Keep the best K of each group.")] = 1,
     copy_to: Annotated[Optional[str], Opt(help="Copy the winners into this folder (never overwrites).")] = None,
     *, opts: Opts,

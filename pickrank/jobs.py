@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
+from dataclasses import replace
 from typing import Iterator, TextIO
 
 from .discover import expand, first_visit, is_image_name
 from .errors import UsageError
-from .reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, read_text_metadata
+from .metadata import FoundPrompt, prompt_from_image
+from .reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .records import CandidateSet, Query
 from .textfile import decode_utf8
 
@@ -47,53 +48,52 @@ def check_prompt(prompt: str) -> None:
 
 def prompt_from_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                          max_bytes: int | None = DEFAULT_MAX_BYTES) -> str | None:
-    """The generation prompt stored in an image's text metadata (A1111 `parameters`, `prompt`, `Description`).
+    """The generation prompt stored in an image's metadata (`metadata.prompt_from_image`), or None.
 
     The file is opened as for scoring (regular files only, within max_bytes and max_pixels) and no pixel is
     decoded: a FIFO in the group cannot hang the run, nor a huge image fill memory.
     """
-    try:
-        info = read_text_metadata(path, max_pixels, max_bytes)
-    except Exception:  # ReadError, or a Pillow bug: an unreadable image has no prompt; it is reported when scored
+    return prompt_from_image(path, max_pixels, max_bytes).prompt
+
+
+NO_PROMPT = "no prompt: give --prompt, add prompt.txt, or embed it in the image metadata"
+
+
+def _prompt_txt(folder: str) -> str | None:
+    """The text of FOLDER/prompt.txt, stripped; None when there is none, it is empty or unreadable."""
+    txt = os.path.join(folder, "prompt.txt")
+    if not os.path.isfile(txt):
         return None
-    params = info.get("parameters")
-    if isinstance(params, str) and params.strip():
-        text = params.split("Negative prompt:", 1)[0]
-        if "Negative prompt:" not in params and "\nSteps:" in text:
-            text = text.split("\nSteps:", 1)[0]
-        if text.strip():
-            return text.strip()
-    for field in ("prompt", "Description", "description"):
-        value = info.get(field)
-        if isinstance(value, str) and value.strip():
-            if value.strip().startswith(("{", "[")):
-                try:
-                    json.loads(value)  # ComfyUI stores its whole graph as JSON under "prompt": not a prompt
-                    continue
-                except ValueError:
-                    pass
-            return value.strip()
-    return None
+    try:
+        with open(txt, encoding="utf-8-sig") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def find_group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
+                      max_bytes: int | None) -> FoundPrompt:
+    """A best-of-n group's prompt and its source: --prompt (`option`), else prompt.txt, else the first image's
+    metadata prompt that is found (its format); with none, the reason the first image has none."""
+    if prompt:
+        return FoundPrompt(prompt, "option")
+    text = _prompt_txt(folder)
+    if text:
+        return FoundPrompt(text, "prompt.txt")
+    first: FoundPrompt | None = None
+    for path in images:
+        found = prompt_from_image(path, max_pixels, max_bytes)
+        if found.prompt:
+            return found
+        if first is None:
+            first = replace(found, reason=f"{os.path.basename(path)}: {found.reason}")
+    return first or FoundPrompt(None, None, "no images")
 
 
 def _group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
                   max_bytes: int | None) -> str | None:
-    if prompt:
-        return prompt
-    txt = os.path.join(folder, "prompt.txt")
-    if os.path.isfile(txt):
-        try:
-            with open(txt, encoding="utf-8-sig") as f:
-                text = f.read().strip()
-        except (OSError, UnicodeDecodeError):
-            text = ""
-        if text:
-            return text
-    for path in images:
-        found = prompt_from_metadata(path, max_pixels, max_bytes)
-        if found:
-            return found
-    return None
+    """The group's prompt text only (see find_group_prompt)."""
+    return find_group_prompt(folder, images, prompt, max_pixels, max_bytes).prompt
 
 
 def _group_name(folder: str, dirpath: str) -> str:
@@ -139,13 +139,13 @@ def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None
         if not images:
             continue
         group = _group_name(folder, dirpath)
-        text = _group_prompt(dirpath, images, prompt, max_pixels, max_bytes)
-        if text is None:
-            log.warning("%s: no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata", dirpath)
-            sets.append(CandidateSet(queries=(Query(prompt="", group=group),), source=dirpath,
-                                     error="no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata"))
+        found = find_group_prompt(dirpath, images, prompt, max_pixels, max_bytes)
+        if found.prompt is None:
+            error = f"{NO_PROMPT} ({found.reason})"
+            log.warning("%s: %s", dirpath, error)
+            sets.append(CandidateSet(queries=(Query(prompt="", group=group),), source=dirpath, error=error))
         else:
-            sets.append(CandidateSet(queries=(Query(prompt=text, group=group),), paths=images))
+            sets.append(CandidateSet(queries=(Query(prompt=found.prompt, group=group),), paths=images))
     report_unlisted()
     if not sets:
         raise UsageError(f"no images found in {folder}")

@@ -1,0 +1,93 @@
+"""Issue 16 through the real CLI: prompts read from generators' metadata (best-of-n, `score` without --prompt,
+`pickrank prompts`), `prompt_source` in every output, and `--alpha white|drop`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from pickrank.cli import app
+
+from .conftest import draw_image
+
+GENERATORS = Path(__file__).parent / "data" / "generators"
+# The fixture files and the source each is read as (real files written by these tools; see NOTICE.txt there).
+FIXTURES = {
+    "automatic1111_cropped.png": "automatic1111", "automatic1111_cropped.jpg": "automatic1111",
+    "fooocus1_cropped.png": "fooocus", "img2img_cropped.png": "comfyui", "unclip_2pass_cropped.png": "comfyui",
+    "invokeai_dream1.png": "invokeai", "invokeai_imeta1.png": "invokeai", "invokeai_sdmeta1.png": "invokeai",
+    "novelai1_cropped.png": "novelai",
+}
+UNKNOWN_JSON = '{"steps": 20, "seed": 1}'
+
+
+def invoke(runner, model_dir, *args: str, input: str | None = None):
+    """The real CLI in process, with the tiny model, no cache and in-process decoding."""
+    return runner.invoke(app, [*args, "--model", str(model_dir), "--no-cache", "--workers", "0"], input=input)
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def png_with_text(path: Path, seed: int, **text: str) -> Path:
+    """A small PNG with tEXt chunks, as a generator writes them."""
+    draw_image(path, (40, 30), seed=seed)
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    Image.open(path).save(path, pnginfo=info)
+    return path
+
+
+def copy_fixtures(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(GENERATORS / n, folder / n)) for n in names]
+
+
+# -- best-of-n ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def groups(tmp_path: Path) -> Path:
+    """One group per generator fixture file (two copies each), a prompt.txt group, and an unknown-JSON group."""
+    root = tmp_path / "gens"
+    for name in FIXTURES:
+        stem = name.replace(".", "_")
+        for i in range(2):
+            shutil.copy(GENERATORS / name, (root / stem).mkdir(parents=True, exist_ok=True) or
+                        root / stem / f"{i}{Path(name).suffix}")
+    for i in range(2):
+        draw_image(root / "txt" / f"{i}.png", (40, 30), seed=i)
+    (root / "txt" / "prompt.txt").write_text("a red cat\n")
+    for i in range(2):
+        png_with_text(root / "unknown" / f"img{i}.png", 10 + i, parameters=UNKNOWN_JSON)
+    return root
+
+
+def test_best_of_n_reads_every_generator(runner, model_dir, groups):
+    from pickrank.metadata import prompt_from_image
+
+    res = invoke(runner, model_dir, "best-of-n", str(groups), "-f", "jsonl")
+    assert res.exit_code == 3, res.output  # the unknown group is an error record
+    by_group: dict[str, list[dict]] = {}
+    for r in jsonl(res.stdout):
+        by_group.setdefault(r["group"], []).append(r)
+    for name in FIXTURES:
+        rec = by_group[name.replace(".", "_")][0]
+        assert rec["error"] is None and rec["prompt"] == prompt_from_image(str(GENERATORS / name)).prompt
+    assert by_group["fooocus1_cropped_png"][0]["prompt"] == "a smiling goldfish"  # not the JSON document
+    assert by_group["txt"][0]["prompt"] == "a red cat"
+    bad = by_group["unknown"]
+    assert len(bad) == 1 and bad[0]["prompt"] is None and bad[0]["score"] is None
+    assert bad[0]["error"] == ("no prompt: give --prompt, add prompt.txt, or embed it in the image metadata "
+                               "(img0.png: parameters holds a JSON document of an unknown format)")
+    assert "no prompt" in res.stderr and "img0.png" in res.stderr
+    assert not any(r["prompt"] and r["prompt"].lstrip().startswith("{") for r in jsonl(res.stdout))
