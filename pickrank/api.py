@@ -265,10 +265,10 @@ class PickScorer:
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
              workers: int | None = None) -> list[dict]:
-        """Rank image files for one prompt: the CLI's records (prompt, path, score, prob, rank, truncated, error),
-        best first, then the files that failed (with `error`). Folders and globs expand as on the command line;
-        the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the same batch
-        size (batches of another size change the last float digits, in the CLI as well)."""
+        """Rank image files for one prompt: the CLI's records (prompt, prompt_source, path, score, prob, rank,
+        truncated, error), best first, then the files that failed (with `error`). Folders and globs expand as on the
+        command line; the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the
+        same batch size (batches of another size change the last float digits, in the CLI as well)."""
         from .cache import NullCache
         from .discover import expand
         from .pipeline import Engine, RunOptions, single_set

@@ -35,7 +35,7 @@ def score_job(prompt: str, args: list[str], stdin: TextIO | None = None) -> list
     first, paths = _peek(expand(args, stdin))
     if first is None:
         raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
-    return [CandidateSet(queries=(Query(prompt=prompt),), paths=paths)]
+    return [CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)]
 
 
 def check_prompt(prompt: str) -> None:
@@ -143,9 +143,10 @@ def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None
         if found.prompt is None:
             error = f"{NO_PROMPT} ({found.reason})"
             log.warning("%s: %s", dirpath, error)
-            sets.append(CandidateSet(queries=(Query(prompt="", group=group),), source=dirpath, error=error))
+            sets.append(CandidateSet(queries=(Query(prompt="", group=group, prompt_source=found.source),), source=dirpath,
+                                     error=error))
         else:
-            sets.append(CandidateSet(queries=(Query(prompt=found.prompt, group=group),), paths=images))
+            sets.append(CandidateSet(queries=(Query(prompt=found.prompt, group=group, prompt_source=found.source),), paths=images))
     report_unlisted()
     if not sets:
         raise UsageError(f"no images found in {folder}")
@@ -207,7 +208,7 @@ def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> li
         prompt = row.get("prompt", "")
         if not prompt.strip():
             raise UsageError(f"{csv_path}: row {n} has an empty prompt")
-        q = Query(prompt=prompt, id=(row.get("id") or "").strip() or str(n))
+        q = Query(prompt=prompt, id=(row.get("id") or "").strip() or str(n), prompt_source="csv")
         if q.id in ids:  # each row is still its own ranking, in row order
             log.warning("%s: id %r of row %d repeats row %d's", csv_path, q.id, n, ids[q.id])
         ids.setdefault(q.id, n)

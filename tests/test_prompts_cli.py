@@ -91,3 +91,51 @@ def test_best_of_n_reads_every_generator(runner, model_dir, groups):
                                "(img0.png: parameters holds a JSON document of an unknown format)")
     assert "no prompt" in res.stderr and "img0.png" in res.stderr
     assert not any(r["prompt"] and r["prompt"].lstrip().startswith("{") for r in jsonl(res.stdout))
+
+
+# -- prompt_source in every output ----------------------------------------------------------------------------
+
+def parse(fmt: str, text: str) -> list[dict]:
+    if fmt == "json":
+        return json.loads(text)
+    if fmt == "jsonl":
+        return jsonl(text)
+    return [{k: (v or None) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_prompt_source_in_every_format(runner, model_dir, groups, fmt):
+    res = invoke(runner, model_dir, "best-of-n", str(groups), "-f", fmt)
+    rows = parse(fmt, res.stdout)
+    assert list(rows[0]) == ["group", "prompt", "prompt_source", "path", "score", "prob", "rank", "truncated",
+                             "error"]
+    source = {r["group"]: r["prompt_source"] for r in rows}
+    for name, fmt_name in FIXTURES.items():
+        assert source[name.replace(".", "_")] == fmt_name
+    assert source["txt"] == "prompt.txt" and source["unknown"] is None
+
+
+def test_prompt_source_option_and_csv(runner, model_dir, groups, tmp_path):
+    res = invoke(runner, model_dir, "best-of-n", str(groups), "--prompt", "a cat")
+    assert {r["prompt_source"] for r in jsonl(res.stdout)} == {"option"}
+    res = invoke(runner, model_dir, "score", "--prompt", "a cat", str(groups / "txt"))
+    assert {r["prompt_source"] for r in jsonl(res.stdout)} == {"option"}
+    (tmp_path / "p.csv").write_text("prompt\na cat\n")
+    res = invoke(runner, model_dir, "batch", str(tmp_path / "p.csv"), str(groups / "txt"))
+    recs = jsonl(res.stdout)
+    assert list(recs[0])[:3] == ["id", "prompt", "prompt_source"] and {r["prompt_source"] for r in recs} == {"csv"}
+
+
+def test_prompt_source_in_table_and_html(runner, model_dir, groups, tmp_path):
+    page = tmp_path / "r.html"
+    res = invoke(runner, model_dir, "best-of-n", str(groups), "-f", "table", "--html", str(page))
+    assert "(prompt from fooocus)" in res.stdout and "(prompt from prompt.txt)" in res.stdout
+    html = page.read_text()
+    assert 'title="where the prompt came from">comfyui</span>' in html
+    assert 'title="where the prompt came from">prompt.txt</span>' in html
+    # and a report rendered from saved results keeps it
+    saved = tmp_path / "r.jsonl"
+    res = invoke(runner, model_dir, "best-of-n", str(groups), "-o", str(saved))
+    res = runner.invoke(app, ["report", str(saved), "-o", str(tmp_path / "again.html")])
+    assert res.exit_code == 0, res.output
+    assert 'title="where the prompt came from">novelai</span>' in (tmp_path / "again.html").read_text()
