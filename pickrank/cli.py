@@ -448,6 +448,30 @@ def batch(
          inputs=[prompts_csv, *(paths or [])])
 
 
+@app.command()
+@with_options((OutputOptions, "format", "output"), (RunOptions, "max_pixels", "max_bytes"), CommandOptions)
+def prompts(
+    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
+    *, opts: Opts,
+) -> None:
+    """Show the prompt pickrank reads from each image's metadata, its source, and why there is none (no model).
+
+    Example: pickrank prompts comfyui_output/
+    """
+    with _Command(opts.command) as cmd:
+        from .outputs import check_outputs, choose_format
+        from .promptlist import prompt_rows, write_prompts
+        from .writers import Output
+
+        fmt = choose_format(opts.output)
+        check_outputs([("-o", opts.output.output)], paths)
+        out = Output(opts.output.output)
+        cmd.sinks.append(out)
+        n = write_prompts(prompt_rows(paths, sys.stdin, opts.run.max_pixels, opts.run.max_bytes),
+                          fmt or ("table" if out.is_terminal else "jsonl"), out)
+        log.debug("%d image(s)", n)
+
+
 def _cache_command(opts: Opts, action: Callable, check: Callable[[], None] = lambda: None) -> None:
     """Run check(), then open the cache for a `pickrank cache` command and run action(cache), inside the command
     lifecycle. A file that is not a pickrank cache is an error here, not a warning."""

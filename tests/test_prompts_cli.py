@@ -139,3 +139,67 @@ def test_prompt_source_in_table_and_html(runner, model_dir, groups, tmp_path):
     res = runner.invoke(app, ["report", str(saved), "-o", str(tmp_path / "again.html")])
     assert res.exit_code == 0, res.output
     assert 'title="where the prompt came from">novelai</span>' in (tmp_path / "again.html").read_text()
+
+
+# -- pickrank prompts -----------------------------------------------------------------------------------------
+
+def pickrank_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pickrank", *args]
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """Every generator fixture file in one folder, plus an unknown JSON document, a prompt with an escape
+    sequence, and a picture without metadata."""
+    folder = tmp_path / "mixed"
+    copy_fixtures(folder, list(FIXTURES))
+    png_with_text(folder / "unknown.png", 1, parameters=UNKNOWN_JSON)
+    png_with_text(folder / "escape.png", 2, parameters="a \x1b[31mred\x1b[0m cat\nSteps: 20, Sampler: Euler")
+    draw_image(folder / "plain.jpg", (40, 30), seed=3)
+    return folder
+
+
+def test_prompts_jsonl_in_a_pipe_without_torch(mixed):
+    res = subprocess.run(pickrank_cmd("prompts", str(mixed)), capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPROFILEIMPORTTIME": "1"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time")}
+    assert "pickrank.metadata" in imported  # the profile is really on
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers")}
+    rows = {Path(r["path"]).name: r for r in jsonl(res.stdout)}
+    assert all(list(r) == ["path", "prompt", "source", "reason"] for r in rows.values())
+    for name, source in FIXTURES.items():
+        assert rows[name]["source"] == source and rows[name]["prompt"] and rows[name]["reason"] is None
+    assert rows["fooocus1_cropped.png"]["prompt"] == "a smiling goldfish"
+    assert rows["unknown.png"] == {"path": str(mixed / "unknown.png"), "prompt": None, "source": None,
+                                   "reason": "parameters holds a JSON document of an unknown format"}
+    assert rows["plain.jpg"]["prompt"] is None and rows["plain.jpg"]["reason"]
+    assert rows["escape.png"]["prompt"] == "a \x1b[31mred\x1b[0m cat"  # machine formats keep the real text
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_prompts_json_and_csv(runner, mixed, fmt):
+    res = runner.invoke(app, ["prompts", str(mixed), "-f", fmt])
+    assert res.exit_code == 0, res.output
+    rows = parse(fmt, res.stdout)
+    assert len(rows) == len(FIXTURES) + 3 and list(rows[0]) == ["path", "prompt", "source", "reason"]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["novelai1_cropped.png"]["source"] == "novelai"
+    assert by_name["unknown.png"]["prompt"] is None
+
+
+def test_prompts_table_escapes_control_characters(runner, mixed, tmp_path):
+    res = runner.invoke(app, ["prompts", str(mixed), "-f", "table"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.stdout and "\\x1b[31mred" in res.stdout
+    assert "invokeai" in res.stdout and "unknown format" in res.stdout
+    out = tmp_path / "p.jsonl"
+    assert runner.invoke(app, ["prompts", str(mixed / "escape.png"), "-o", str(out)]).exit_code == 0
+    assert jsonl(out.read_text())[0]["source"] == "automatic1111"
+    res = runner.invoke(app, ["prompts", str(mixed), "-f", "paths"])
+    assert res.exit_code == 2 and "not -f paths" in res.stderr
+    res = runner.invoke(app, ["prompts", str(tmp_path / "missing.png")])  # named, as `score` reports it
+    assert res.exit_code == 0 and jsonl(res.stdout)[0]["reason"].startswith("unreadable")
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["prompts", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "no images found" in res.stderr
