@@ -27,7 +27,7 @@ from . import loading
 from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
                      PickrankError, Terminated, UsageError)
 from .options import (CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions, OnError,
-                      OutputOptions, RunOptions, SummaryFormat)
+                      OutputOptions, PromptFrom, RunOptions, SummaryFormat)
 from .outputs import InputIsOutput, abandon
 
 app = typer.Typer(
@@ -392,18 +392,29 @@ def _score(opts: Opts, sets: list, sinks: list, copy_to: str | None) -> int:
 @with_options(*SCORING)
 def score(
     paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
-    prompt: Annotated[str, Opt("--prompt", "-p", help="The prompt the images were generated for.")],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="The prompt the images were generated for "
+                                         "[default: each image's own metadata prompt].")] = None,
+    prompt_from: Annotated[Optional[PromptFrom], Opt(
+        "--prompt-from", help="metadata: score each image against the prompt in its own metadata (what leaving "
+                              "out --prompt does); images with the same prompt form one ranking.")] = None,
     top: Annotated[Optional[int], Opt(min=1, help="Show only the best K.")] = None,
     *, opts: Opts,
 ) -> None:
-    """Score images against one prompt and rank them.
+    """Score images against one prompt, or each against its own metadata prompt, and rank them.
 
     Example: pickrank score --prompt "a red cat on a sofa" sample_images/
     """
     from .jobs import score_job
 
-    opts = replace(opts, run=replace(opts.run, top=top))
-    _run("score", opts, lambda: score_job(prompt, paths, sys.stdin), inputs=paths)
+    run = replace(opts.run, top=top)
+    opts = replace(opts, run=run)
+
+    def sets() -> list:
+        if prompt is not None and prompt_from is PromptFrom.metadata:
+            raise UsageError("give --prompt or --prompt-from metadata, not both")
+        return score_job(prompt, paths, sys.stdin, run.max_pixels, run.max_bytes)
+
+    _run("score", opts, sets, inputs=paths)
 
 
 @app.command("best-of-n")

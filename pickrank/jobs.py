@@ -29,13 +29,50 @@ def _peek(paths: Iterator[str]) -> tuple[str | None, Iterator[str]]:
     return None, iter(())
 
 
-def score_job(prompt: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
-    """`pickrank score`: one prompt over every image the arguments name."""
+def score_job(prompt: str | None, args: list[str], stdin: TextIO | None = None,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS, max_bytes: int | None = DEFAULT_MAX_BYTES
+              ) -> list[CandidateSet]:
+    """`pickrank score`: one prompt over every image the arguments name; without one, each image's own metadata
+    prompt (`metadata_sets`)."""
+    if prompt is None:
+        return metadata_sets(args, stdin, max_pixels, max_bytes)
     check_prompt(prompt)
     first, paths = _peek(expand(args, stdin))
     if first is None:
         raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
     return [CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)]
+
+
+def metadata_sets(args: list[str], stdin: TextIO | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
+    """Every image the arguments name, scored against the prompt in its own metadata: images with the same prompt
+    form one ranking (in the order their prompts first appear), and an image without one is an error record naming
+    why. Each image's metadata is read once, all of it before scoring (headers only: no pixel is decoded)."""
+    paths = list(expand(args, stdin))
+    if not paths:
+        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+    by_prompt: dict[str, tuple[str | None, list[str]]] = {}  # prompt -> (source of its first image, images)
+    order: list[CandidateSet | str] = []  # an error set in its place, or the prompt whose ranking goes there
+    for path in paths:
+        found = prompt_from_image(path, max_pixels, max_bytes)
+        if found.prompt is None:
+            order.append(_no_prompt_set(path, found.reason or "no generation metadata"))
+        elif found.prompt in by_prompt:
+            by_prompt[found.prompt][1].append(path)
+        else:
+            by_prompt[found.prompt] = (found.source, [path])
+            order.append(found.prompt)
+    return [s if isinstance(s, CandidateSet) else
+            CandidateSet(queries=(Query(prompt=s, prompt_source=by_prompt[s][0]),), paths=by_prompt[s][1])
+            for s in order]
+
+
+def _no_prompt_set(path: str, reason: str) -> CandidateSet:
+    """The error record of an image without a metadata prompt (an unreadable one: its read error, as scoring says)."""
+    unreadable = reason.startswith("unreadable: ")
+    error = reason[len("unreadable: "):] if unreadable else f"no prompt: {reason} (give --prompt to score it)"
+    log.warning("%s: %s", path, error)
+    return CandidateSet(queries=(Query(prompt=""),), source=path, error=error)
 
 
 def check_prompt(prompt: str) -> None:

@@ -44,6 +44,12 @@ class SummaryFormat(str, Enum):
     json = "json"
 
 
+class PromptFrom(str, Enum):
+    """Where `pickrank score` takes its prompt from without --prompt: each image's own metadata."""
+
+    metadata = "metadata"
+
+
 class OnError(str, Enum):
     """What a run does with an image that cannot be read: report it and go on, or stop (a str, so that code
     comparing with "fail" keeps working)."""

@@ -413,9 +413,10 @@ class TableWriter(Writer):
             title = f"[{first.group}] {title}"
         elif first.id and "id" in self.fields:
             title = f"[{first.id}] {title}"
+        title = title if len(title) < 200 else title[:197] + "..."
         if first.prompt_source not in (None, "option", "csv"):  # a prompt the user did not type: say whence
             title = f"{title}  (prompt from {first.prompt_source})"
-        table = Table(title=escape(title if len(title) < 200 else title[:197] + "..."), title_justify="left")
+        table = Table(title=escape(title), title_justify="left")
         for name, justify in (("rank", "right"), ("score", "right"), ("prob", "right"), ("path", "left")):
             table.add_column(name, justify=justify, overflow="fold")
         for r in records:

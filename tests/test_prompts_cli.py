@@ -203,3 +203,51 @@ def test_prompts_table_escapes_control_characters(runner, mixed, tmp_path):
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["prompts", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "no images found" in res.stderr
+
+
+# -- score without --prompt -------------------------------------------------------------------------------------
+
+def test_score_without_prompt_ranks_each_prompt_apart(runner, model_dir, mixed):
+    copy_fixtures(mixed, ["sdparsers_text_after_idat.png"])  # a third A1111 image of "photo of a duck"
+    res = invoke(runner, model_dir, "score", str(mixed))
+    assert res.exit_code == 3, res.output  # the images without a prompt are error records
+    recs = jsonl(res.stdout)
+    assert not any(r["prompt"] and r["prompt"].lstrip().startswith(("{", "[")) for r in recs)
+    by_name = {Path(r["path"]).name: r for r in recs}
+    assert by_name["fooocus1_cropped.png"]["prompt"] == "a smiling goldfish"
+    for name, source in FIXTURES.items():
+        assert by_name[name]["prompt_source"] == source and by_name[name]["error"] is None
+    unknown = by_name["unknown.png"]
+    assert unknown["prompt"] is None and unknown["score"] is None
+    assert unknown["error"] == "no prompt: parameters holds a JSON document of an unknown format (give --prompt " \
+                               "to score it)"
+    assert by_name["plain.jpg"]["error"].startswith("no prompt")
+    assert f"{mixed / 'unknown.png'}: no prompt" in res.stderr
+    # images with the same prompt form one ranking, scored exactly as with that prompt given
+    duck = [r for r in recs if r["prompt"] == "photo of a duck"]
+    assert sorted(Path(r["path"]).name for r in duck) == ["automatic1111_cropped.jpg", "automatic1111_cropped.png",
+                                                          "sdparsers_text_after_idat.png"]
+    assert sorted(r["rank"] for r in duck) == [1, 2, 3] and abs(sum(r["prob"] for r in duck) - 1) < 1e-5
+    given = jsonl(invoke(runner, model_dir, "score", "-p", "photo of a duck", *[r["path"] for r in duck]).stdout)
+    mine = {r["path"]: r["score"] for r in duck}  # other batches change the last float digits only
+    assert {r["path"]: r["score"] for r in given} == {p: pytest.approx(v, abs=1e-4) for p, v in mine.items()}
+    assert {r["prompt_source"] for r in given} == {"option"}
+    # each prompt's records are consecutive: one ranking each
+    prompts = [r["prompt"] for r in recs if r["prompt"]]
+    assert len(set(prompts)) == sum(1 for a, b in zip([None] + prompts, prompts) if a != b)
+    # --prompt-from metadata says the same; with --prompt too, it is a usage error
+    again = invoke(runner, model_dir, "score", "--prompt-from", "metadata", str(mixed))
+    assert jsonl(again.stdout) == recs
+    both = invoke(runner, model_dir, "score", "--prompt-from", "metadata", "-p", "x", str(mixed))
+    assert both.exit_code == 2 and "not both" in both.stderr
+
+
+def test_score_without_prompt_unreadable_and_empty(runner, model_dir, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    res = invoke(runner, model_dir, "score", str(tmp_path / "bad.png"), str(GENERATORS / "novelai1_cropped.png"))
+    recs = {Path(r["path"]).name: r for r in jsonl(res.stdout)}
+    assert res.exit_code == 3 and recs["bad.png"]["error"] == "not an image (unrecognised format)"
+    assert recs["novelai1_cropped.png"]["prompt_source"] == "novelai"
+    (tmp_path / "empty").mkdir()
+    res = invoke(runner, model_dir, "score", str(tmp_path / "empty"))
+    assert res.exit_code == 2 and "no images found" in res.stderr
