@@ -26,7 +26,7 @@ from . import __version__
 from . import loading
 from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
                      PickrankError, Terminated, UsageError)
-from .options import (CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions, OnError,
+from .options import (Alpha, CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions, OnError,
                       OutputOptions, PromptFrom, RunOptions, SummaryFormat)
 from .outputs import InputIsOutput, abandon
 
@@ -75,6 +75,9 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
     "device": (ModelOptions, Annotated[str, Opt(
         help="auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).")], "auto"),
     "dtype": (ModelOptions, Annotated[DType, Opt(help="Model precision; fp32 is the reference.")], DType.fp32),
+    "alpha": (ModelOptions, Annotated[Alpha, Opt(
+        help="Transparent images: white composites them onto white (transformers 5's CLIP processor); drop "
+             "discards the alpha channel, as transformers 4.x and PickScore's training code did.")], Alpha.white),
     "batch_size": (ModelOptions, Annotated[Optional[int], Opt(
         min=1, help="Images per model call [default: 32 on GPU, 8 on CPU].")], None),
     "workers": (RunOptions, Annotated[Optional[int], Opt(

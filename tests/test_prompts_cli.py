@@ -251,3 +251,89 @@ def test_score_without_prompt_unreadable_and_empty(runner, model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     res = invoke(runner, model_dir, "score", str(tmp_path / "empty"))
     assert res.exit_code == 2 and "no images found" in res.stderr
+
+
+# -- --alpha white|drop -------------------------------------------------------------------------------------------
+
+def transparent_png(path: Path, seed: int = 7) -> Path:
+    """A picture with every alpha from fully transparent to opaque, and colours under the transparent parts."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (180, 240, 4), dtype=np.uint8)
+    rgba[:60, :, 3] = 0  # a fully transparent band: white with white, its colours with drop
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+def test_alpha_matches_each_reference(model_dir, tmp_path):
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from pickrank.reader import ImageSpec, normalize, open_image, preprocess
+
+    png = transparent_png(tmp_path / "t.png")
+    data = png.read_bytes()
+    processor = AutoProcessor.from_pretrained(str(model_dir))  # the installed transformers (5: onto white)
+    white = ImageSpec.from_config(json.loads((model_dir / "preprocessor_config.json").read_text()))
+    drop = ImageSpec(**{**white.__dict__, "alpha": "drop"})
+
+    def mine(spec: ImageSpec) -> np.ndarray:
+        return normalize(preprocess(open_image(data), spec)[None], spec)[0]
+
+    ref_white = processor(images=Image.open(png), return_tensors="np")["pixel_values"][0]
+    # transformers 4.x's convert_to_rgb was image.convert("RGB"), which for RGBA drops the alpha channel
+    rgb = Image.open(png).convert("RGB")
+    assert np.array_equal(np.asarray(rgb), np.asarray(Image.open(png))[..., :3])
+    ref_drop = processor(images=rgb, return_tensors="np")["pixel_values"][0]
+    assert np.abs(mine(white) - ref_white).max() < 1e-4
+    assert np.abs(mine(drop) - ref_drop).max() < 1e-4
+    assert np.abs(ref_white - ref_drop).max() > 0.5  # the two behaviours really differ on this image
+
+
+def score_of(runner, model_dir, path: Path, *extra: str) -> tuple[float, str]:
+    res = runner.invoke(app, ["score", "-p", "a red cat", str(path), "--model", str(model_dir), *extra])
+    assert res.exit_code == 0, res.output
+    return jsonl(res.stdout)[0]["score"], res.stderr
+
+
+def test_alpha_through_the_cli_workers_and_cache(runner, model_dir, tmp_path):
+    png = transparent_png(tmp_path / "t.png")
+    opaque = tmp_path / "opaque.png"
+    Image.open(png).convert("RGB").save(opaque)  # what transformers 4.x fed the model
+    flat = Image.new("RGB", (240, 180), "white")
+    flat.paste(Image.open(png), mask=Image.open(png).getchannel("A"))
+    flat.save(tmp_path / "on_white.png")
+    no_cache = ("--no-cache", "--workers", "0")
+    white, _ = score_of(runner, model_dir, png, *no_cache)
+    drop, _ = score_of(runner, model_dir, png, "--alpha", "drop", *no_cache)
+    assert abs(drop - score_of(runner, model_dir, opaque, *no_cache)[0]) < 1e-4
+    assert abs(white - score_of(runner, model_dir, tmp_path / "on_white.png", *no_cache)[0]) < 1e-3
+    assert abs(white - drop) > 1e-3
+    # the decode workers get it too
+    assert abs(score_of(runner, model_dir, png, "--alpha", "drop", "--no-cache", "--workers", "1")[0] - drop) < 1e-4
+    # and the cache never serves one behaviour's embedding to the other
+    cache = ("--cache", str(tmp_path / "c.sqlite3"), "--workers", "0")
+    got, err = score_of(runner, model_dir, png, *cache)
+    assert abs(got - white) < 1e-4 and "1 embedded, 0 from cache" in err
+    got, err = score_of(runner, model_dir, png, "--alpha", "drop", *cache)
+    assert abs(got - drop) < 1e-4 and "1 embedded, 0 from cache" in err
+    got, err = score_of(runner, model_dir, png, "--alpha", "white", *cache)
+    assert abs(got - white) < 1e-4 and "0 embedded, 1 from cache" in err
+    res = runner.invoke(app, ["score", "-p", "x", str(png), "--alpha", "grey", "--model", str(model_dir)])
+    assert res.exit_code == 2
+
+
+def test_alpha_white_fingerprint_is_unchanged_and_drop_differs(model_dir):
+    import dataclasses
+
+    from pickrank.reader import ImageSpec
+    from pickrank.source import inspect_model, resolve_source
+
+    spec = ImageSpec()
+    before = {k: v for k, v in dataclasses.asdict(spec).items() if k != "alpha"}  # the spec's fields before --alpha
+    assert spec.fingerprint() == json.dumps(before, sort_keys=True)  # existing cache entries stay valid
+    source = resolve_source(str(model_dir), None, None, True)
+    white, drop = inspect_model(source, "fp32"), inspect_model(source, "fp32", "drop")
+    assert white.fingerprint == inspect_model(source, "fp32", "white").fingerprint != drop.fingerprint
+    assert drop.spec.alpha == "drop" and white.spec.alpha == "white"
