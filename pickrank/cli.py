@@ -26,8 +26,8 @@ from . import __version__
 from . import loading
 from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
                      PickrankError, Terminated, UsageError)
-from .options import (Alpha, CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions, OnError,
-                      OutputOptions, PromptFrom, RunOptions, SummaryFormat)
+from .options import (Alpha, CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions,
+                      OnError, OutputOptions, PromptFrom, RunOptions, SummaryFormat)
 from .outputs import InputIsOutput, abandon
 
 app = typer.Typer(
@@ -474,16 +474,15 @@ def prompts(
     """
     with _Command(opts.command) as cmd:
         from .outputs import check_outputs, choose_format
-        from .promptlist import prompt_rows, write_prompts
+        from .promptlist import check_format, prompt_rows, write_prompts
         from .writers import Output
 
-        fmt = choose_format(opts.output)
+        fmt = check_format(choose_format(opts.output))
         check_outputs([("-o", opts.output.output)], paths)
         out = Output(opts.output.output)
-        cmd.sinks.append(out)
-        n = write_prompts(prompt_rows(paths, sys.stdin, opts.run.max_pixels, opts.run.max_bytes),
-                          fmt or ("table" if out.is_terminal else "jsonl"), out)
-        log.debug("%d image(s)", n)
+        cmd.sinks.append(out)  # an -o file is replaced only when every image was listed
+        write_prompts(prompt_rows(paths, sys.stdin, opts.run.max_pixels, opts.run.max_bytes),
+                      fmt or ("table" if out.is_terminal else "jsonl"), out)
 
 
 def _cache_command(opts: Opts, action: Callable, check: Callable[[], None] = lambda: None) -> None:

@@ -180,10 +180,11 @@ def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None
         if found.prompt is None:
             error = f"{NO_PROMPT} ({found.reason})"
             log.warning("%s: %s", dirpath, error)
-            sets.append(CandidateSet(queries=(Query(prompt="", group=group, prompt_source=found.source),), source=dirpath,
-                                     error=error))
+            query = Query(prompt="", group=group, prompt_source=found.source)  # a format without a prompt: named
+            sets.append(CandidateSet(queries=(query,), source=dirpath, error=error))
         else:
-            sets.append(CandidateSet(queries=(Query(prompt=found.prompt, group=group, prompt_source=found.source),), paths=images))
+            query = Query(prompt=found.prompt, group=group, prompt_source=found.source)
+            sets.append(CandidateSet(queries=(query,), paths=images))
     report_unlisted()
     if not sets:
         raise UsageError(f"no images found in {folder}")

@@ -635,7 +635,8 @@ class Engine:
         cset = st.cset
         if cset.error is not None:
             return Ranking(tuple(Record(prompt=q.prompt or None, path=cset.source, id=q.id, group=q.group,
-                                        error=cset.error, prompt_source=q.prompt_source) for q in cset.queries), failed=1)
+                                        error=cset.error, prompt_source=q.prompt_source)
+                                 for q in cset.queries), failed=1)
         ok = [e for e in st.entries if e.error is None and e.key in st.found]
         errors = [(e.path, e.error or st.reasons.get(e.key or "", "failed")) for e in st.entries
                   if not (e.error is None and e.key in st.found)]

@@ -28,10 +28,16 @@ def prompt_rows(args: list[str], stdin=None, max_pixels: int | None = None,
         raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
 
 
+def check_format(fmt: str | None) -> str | None:
+    """fmt itself when `prompts` can write it (None: chosen later); a usage error otherwise (-f paths)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"pickrank prompts writes {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not -f {fmt}")
+    return fmt
+
+
 def write_prompts(rows: Iterable[dict], fmt: str, out: Output) -> int:
     """Write the rows in fmt (table, jsonl, json or csv), streaming where the format allows; the number of rows."""
-    if fmt not in FORMATS:
-        raise UsageError(f"pickrank prompts writes {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not -f {fmt}")
+    check_format(fmt)
     if fmt == "table":
         return _table(list(rows), out)
     s, n = out.stream, 0

@@ -60,10 +60,10 @@ def groups(tmp_path: Path) -> Path:
     """One group per generator fixture file (two copies each), a prompt.txt group, and an unknown-JSON group."""
     root = tmp_path / "gens"
     for name in FIXTURES:
-        stem = name.replace(".", "_")
+        group = root / name.replace(".", "_")
+        group.mkdir(parents=True)
         for i in range(2):
-            shutil.copy(GENERATORS / name, (root / stem).mkdir(parents=True, exist_ok=True) or
-                        root / stem / f"{i}{Path(name).suffix}")
+            shutil.copy(GENERATORS / name, group / f"{i}{Path(name).suffix}")
     for i in range(2):
         draw_image(root / "txt" / f"{i}.png", (40, 30), seed=i)
     (root / "txt" / "prompt.txt").write_text("a red cat\n")
