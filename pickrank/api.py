@@ -39,7 +39,7 @@ import torch
 from . import loading
 from .errors import InputFailed, UsageError
 from .model import Embedder, features
-from .options import DType, ModelOptions
+from .options import Alpha, DType, ModelOptions
 from .pipeline import Batcher, encode_prompts
 from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
                      resize_crop_geometry)
@@ -152,17 +152,18 @@ class PickScorer:
     def from_pretrained(cls, model: str | None = None, processor: str | None = None, device: str = "auto",
                         dtype: DType | str = "fp32", revision: str | None = None, offline: bool = False,
                         batch_size: int | None = None, differentiable: bool = False,
-                        max_pixels: int | None = DEFAULT_MAX_PIXELS, *,
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, *, alpha: Alpha | str = "white",
                         options: ModelOptions | None = None) -> "PickScorer":
         """Load as the CLI does: model (default $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1), processor (default
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
         The model arguments build a `pickrank.options.ModelOptions`, the object `pickrank score --dtype ...` builds,
         and load through the same function; or give `options` (a ModelOptions) instead of them.
+        `alpha`: "white" (transparency composited onto white) or "drop" (the alpha channel discarded), as --alpha.
         `differentiable=True` makes `score` take the differentiable path for float tensors by default.
         """
         given = ModelOptions.from_values(model=model, processor=processor, revision=revision, offline=offline,
-                                         device=device, dtype=dtype, batch_size=batch_size)
+                                         device=device, dtype=dtype, batch_size=batch_size, alpha=alpha)
         if options is not None and given != ModelOptions():
             raise UsageError("give the model options either as arguments or as options=ModelOptions(...), not both")
         embedder = loading.load_embedder(options or given).result()
@@ -265,10 +266,10 @@ class PickScorer:
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
              workers: int | None = None) -> list[dict]:
-        """Rank image files for one prompt: the CLI's records (prompt, path, score, prob, rank, truncated, error),
-        best first, then the files that failed (with `error`). Folders and globs expand as on the command line;
-        the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the same batch
-        size (batches of another size change the last float digits, in the CLI as well)."""
+        """Rank image files for one prompt: the CLI's records (prompt, prompt_source, path, score, prob, rank,
+        truncated, error), best first, then the files that failed (with `error`). Folders and globs expand as on the
+        command line; the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the
+        same batch size (batches of another size change the last float digits, in the CLI as well)."""
         from .cache import NullCache
         from .discover import expand
         from .pipeline import Engine, RunOptions, single_set

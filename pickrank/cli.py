@@ -26,8 +26,8 @@ from . import __version__
 from . import loading
 from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
                      PickrankError, Terminated, UsageError)
-from .options import (CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions, OnError,
-                      OutputOptions, RunOptions, SummaryFormat)
+from .options import (Alpha, CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions,
+                      OnError, OutputOptions, PromptFrom, RunOptions, SummaryFormat)
 from .outputs import InputIsOutput, abandon
 
 app = typer.Typer(
@@ -75,6 +75,9 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
     "device": (ModelOptions, Annotated[str, Opt(
         help="auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).")], "auto"),
     "dtype": (ModelOptions, Annotated[DType, Opt(help="Model precision; fp32 is the reference.")], DType.fp32),
+    "alpha": (ModelOptions, Annotated[Alpha, Opt(
+        help="Transparent images: white composites them onto white (transformers 5's CLIP processor); drop "
+             "discards the alpha channel, as transformers 4.x and PickScore's training code did.")], Alpha.white),
     "batch_size": (ModelOptions, Annotated[Optional[int], Opt(
         min=1, help="Images per model call [default: 32 on GPU, 8 on CPU].")], None),
     "workers": (RunOptions, Annotated[Optional[int], Opt(
@@ -392,18 +395,29 @@ def _score(opts: Opts, sets: list, sinks: list, copy_to: str | None) -> int:
 @with_options(*SCORING)
 def score(
     paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
-    prompt: Annotated[str, Opt("--prompt", "-p", help="The prompt the images were generated for.")],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="The prompt the images were generated for "
+                                         "[default: each image's own metadata prompt].")] = None,
+    prompt_from: Annotated[Optional[PromptFrom], Opt(
+        "--prompt-from", help="metadata: score each image against the prompt in its own metadata (what leaving "
+                              "out --prompt does); images with the same prompt form one ranking.")] = None,
     top: Annotated[Optional[int], Opt(min=1, help="Show only the best K.")] = None,
     *, opts: Opts,
 ) -> None:
-    """Score images against one prompt and rank them.
+    """Score images against one prompt, or each against its own metadata prompt, and rank them.
 
     Example: pickrank score --prompt "a red cat on a sofa" sample_images/
     """
     from .jobs import score_job
 
-    opts = replace(opts, run=replace(opts.run, top=top))
-    _run("score", opts, lambda: score_job(prompt, paths, sys.stdin), inputs=paths)
+    run = replace(opts.run, top=top)
+    opts = replace(opts, run=run)
+
+    def sets() -> list:
+        if prompt is not None and prompt_from is PromptFrom.metadata:
+            raise UsageError("give --prompt or --prompt-from metadata, not both")
+        return score_job(prompt, paths, sys.stdin, run.max_pixels, run.max_bytes)
+
+    _run("score", opts, sets, inputs=paths)
 
 
 @app.command("best-of-n")
@@ -411,7 +425,7 @@ def score(
 def best_of_n(
     folder: Annotated[str, Arg(help="Folder of candidates; each subfolder with images is a group.")],
     prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="Prompt for every group [default: prompt.txt in "
-                                         "the group, else the PNG metadata's prompt].")] = None,
+                                         "the group, else the first image's metadata prompt].")] = None,
     top: Annotated[int, Opt(min=1, help="Keep the best K of each group.")] = 1,
     copy_to: Annotated[Optional[str], Opt(help="Copy the winners into this folder (never overwrites).")] = None,
     *, opts: Opts,
@@ -446,6 +460,29 @@ def batch(
     opts = replace(opts, run=replace(opts.run, top=top))
     _run("batch", opts, lambda: batch_job(prompts_csv, paths or [], sys.stdin),
          inputs=[prompts_csv, *(paths or [])])
+
+
+@app.command()
+@with_options((OutputOptions, "format", "output"), (RunOptions, "max_pixels", "max_bytes"), CommandOptions)
+def prompts(
+    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
+    *, opts: Opts,
+) -> None:
+    """Show the prompt pickrank reads from each image's metadata, its source, and why there is none (no model).
+
+    Example: pickrank prompts comfyui_output/
+    """
+    with _Command(opts.command) as cmd:
+        from .outputs import check_outputs, choose_format
+        from .promptlist import check_format, prompt_rows, write_prompts
+        from .writers import Output
+
+        fmt = check_format(choose_format(opts.output))
+        check_outputs([("-o", opts.output.output)], paths)
+        out = Output(opts.output.output)
+        cmd.sinks.append(out)  # an -o file is replaced only when every image was listed
+        write_prompts(prompt_rows(paths, sys.stdin, opts.run.max_pixels, opts.run.max_bytes),
+                      fmt or ("table" if out.is_terminal else "jsonl"), out)
 
 
 def _cache_command(opts: Opts, action: Callable, check: Callable[[], None] = lambda: None) -> None:

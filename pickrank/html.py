@@ -54,6 +54,7 @@ section.set{margin:18px 0 28px}
 section.set>h2{font-size:16px;margin:0 0 4px;white-space:pre-wrap;overflow-wrap:anywhere}
 section.set>h2 .tag{display:inline-block;font-size:12px;font-weight:600;color:#fff;background:#56627a;
 border-radius:4px;padding:1px 6px;margin-right:6px;vertical-align:2px;white-space:normal}
+section.set>h2 .tag.src{background:#7a6a56;font-weight:400}
 .sub{color:var(--mute);font-size:12px;margin:0 0 10px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:12px}
 .card{position:relative;background:var(--card);border:1px solid var(--line);border-radius:8px;overflow:hidden;
@@ -371,6 +372,8 @@ class _Renderer:
             tag = f'<span class="tag" title="group">{esc(first.group)}</span>'
         elif first.id is not None:
             tag = f'<span class="tag" title="id">{esc(first.id)}</span>'
+        if first.prompt_source is not None:
+            tag += f'<span class="tag src" title="where the prompt came from">{esc(first.prompt_source)}</span>'
         heading = esc(prompt) if prompt else '<span class="empty">(no prompt)</span>'
         scored = [r for r in records if r.error is None]
         failed = [r for r in records if r.error is not None]
@@ -428,7 +431,8 @@ class _Renderer:
 
 # -- saved results ---------------------------------------------------------------------------------------
 
-_RECORD_FIELDS = ("prompt", "path", "score", "prob", "rank", "id", "group", "error", "truncated", "copied_to")
+_RECORD_FIELDS = ("prompt", "prompt_source", "path", "score", "prob", "rank", "id", "group", "error", "truncated",
+                  "copied_to")
 _META_FIELDS = ("model", "revision", "device", "dtype", "pickrank")
 
 
@@ -449,7 +453,8 @@ def _to_record(d: dict, where: str) -> Record:
     truncated = d.get("truncated")
     return Record(prompt=text("prompt"), path=text("path"), score=num("score", float), prob=num("prob", float),
                   rank=num("rank", int), id=text("id"), group=text("group"), error=text("error"),
-                  truncated=truncated in (True, "true", "True", "1", 1), copied_to=text("copied_to"))
+                  truncated=truncated in (True, "true", "True", "1", 1), copied_to=text("copied_to"),
+                  prompt_source=text("prompt_source"))
 
 
 def load_results(path: str) -> tuple[list[Record], dict, str]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
+from dataclasses import replace
 from typing import Iterator, TextIO
 
 from .discover import expand, first_visit, is_image_name
 from .errors import UsageError
-from .reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, read_text_metadata
+from .metadata import FoundPrompt, prompt_from_image
+from .reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .records import CandidateSet, Query
 from .textfile import decode_utf8
 
@@ -28,13 +29,50 @@ def _peek(paths: Iterator[str]) -> tuple[str | None, Iterator[str]]:
     return None, iter(())
 
 
-def score_job(prompt: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
-    """`pickrank score`: one prompt over every image the arguments name."""
+def score_job(prompt: str | None, args: list[str], stdin: TextIO | None = None,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS, max_bytes: int | None = DEFAULT_MAX_BYTES
+              ) -> list[CandidateSet]:
+    """`pickrank score`: one prompt over every image the arguments name; without one, each image's own metadata
+    prompt (`metadata_sets`)."""
+    if prompt is None:
+        return metadata_sets(args, stdin, max_pixels, max_bytes)
     check_prompt(prompt)
     first, paths = _peek(expand(args, stdin))
     if first is None:
         raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
-    return [CandidateSet(queries=(Query(prompt=prompt),), paths=paths)]
+    return [CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)]
+
+
+def metadata_sets(args: list[str], stdin: TextIO | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
+    """Every image the arguments name, scored against the prompt in its own metadata: images with the same prompt
+    form one ranking (in the order their prompts first appear), and an image without one is an error record naming
+    why. Each image's metadata is read once, all of it before scoring (headers only: no pixel is decoded)."""
+    paths = list(expand(args, stdin))
+    if not paths:
+        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+    by_prompt: dict[str, tuple[str | None, list[str]]] = {}  # prompt -> (source of its first image, images)
+    order: list[CandidateSet | str] = []  # an error set in its place, or the prompt whose ranking goes there
+    for path in paths:
+        found = prompt_from_image(path, max_pixels, max_bytes)
+        if found.prompt is None:
+            order.append(_no_prompt_set(path, found.reason or "no generation metadata"))
+        elif found.prompt in by_prompt:
+            by_prompt[found.prompt][1].append(path)
+        else:
+            by_prompt[found.prompt] = (found.source, [path])
+            order.append(found.prompt)
+    return [s if isinstance(s, CandidateSet) else
+            CandidateSet(queries=(Query(prompt=s, prompt_source=by_prompt[s][0]),), paths=by_prompt[s][1])
+            for s in order]
+
+
+def _no_prompt_set(path: str, reason: str) -> CandidateSet:
+    """The error record of an image without a metadata prompt (an unreadable one: its read error, as scoring says)."""
+    unreadable = reason.startswith("unreadable: ")
+    error = reason[len("unreadable: "):] if unreadable else f"no prompt: {reason} (give --prompt to score it)"
+    log.warning("%s: %s", path, error)
+    return CandidateSet(queries=(Query(prompt=""),), source=path, error=error)
 
 
 def check_prompt(prompt: str) -> None:
@@ -47,53 +85,52 @@ def check_prompt(prompt: str) -> None:
 
 def prompt_from_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                          max_bytes: int | None = DEFAULT_MAX_BYTES) -> str | None:
-    """The generation prompt stored in an image's text metadata (A1111 `parameters`, `prompt`, `Description`).
+    """The generation prompt stored in an image's metadata (`metadata.prompt_from_image`), or None.
 
     The file is opened as for scoring (regular files only, within max_bytes and max_pixels) and no pixel is
     decoded: a FIFO in the group cannot hang the run, nor a huge image fill memory.
     """
-    try:
-        info = read_text_metadata(path, max_pixels, max_bytes)
-    except Exception:  # ReadError, or a Pillow bug: an unreadable image has no prompt; it is reported when scored
+    return prompt_from_image(path, max_pixels, max_bytes).prompt
+
+
+NO_PROMPT = "no prompt: give --prompt, add prompt.txt, or embed it in the image metadata"
+
+
+def _prompt_txt(folder: str) -> str | None:
+    """The text of FOLDER/prompt.txt, stripped; None when there is none, it is empty or unreadable."""
+    txt = os.path.join(folder, "prompt.txt")
+    if not os.path.isfile(txt):
         return None
-    params = info.get("parameters")
-    if isinstance(params, str) and params.strip():
-        text = params.split("Negative prompt:", 1)[0]
-        if "Negative prompt:" not in params and "\nSteps:" in text:
-            text = text.split("\nSteps:", 1)[0]
-        if text.strip():
-            return text.strip()
-    for field in ("prompt", "Description", "description"):
-        value = info.get(field)
-        if isinstance(value, str) and value.strip():
-            if value.strip().startswith(("{", "[")):
-                try:
-                    json.loads(value)  # ComfyUI stores its whole graph as JSON under "prompt": not a prompt
-                    continue
-                except ValueError:
-                    pass
-            return value.strip()
-    return None
+    try:
+        with open(txt, encoding="utf-8-sig") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def find_group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
+                      max_bytes: int | None) -> FoundPrompt:
+    """A best-of-n group's prompt and its source: --prompt (`option`), else prompt.txt, else the first image's
+    metadata prompt that is found (its format); with none, the reason the first image has none."""
+    if prompt:
+        return FoundPrompt(prompt, "option")
+    text = _prompt_txt(folder)
+    if text:
+        return FoundPrompt(text, "prompt.txt")
+    first: FoundPrompt | None = None
+    for path in images:
+        found = prompt_from_image(path, max_pixels, max_bytes)
+        if found.prompt:
+            return found
+        if first is None:
+            first = replace(found, reason=f"{os.path.basename(path)}: {found.reason}")
+    return first or FoundPrompt(None, None, "no images")
 
 
 def _group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
                   max_bytes: int | None) -> str | None:
-    if prompt:
-        return prompt
-    txt = os.path.join(folder, "prompt.txt")
-    if os.path.isfile(txt):
-        try:
-            with open(txt, encoding="utf-8-sig") as f:
-                text = f.read().strip()
-        except (OSError, UnicodeDecodeError):
-            text = ""
-        if text:
-            return text
-    for path in images:
-        found = prompt_from_metadata(path, max_pixels, max_bytes)
-        if found:
-            return found
-    return None
+    """The group's prompt text only (see find_group_prompt)."""
+    return find_group_prompt(folder, images, prompt, max_pixels, max_bytes).prompt
 
 
 def _group_name(folder: str, dirpath: str) -> str:
@@ -139,13 +176,15 @@ def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None
         if not images:
             continue
         group = _group_name(folder, dirpath)
-        text = _group_prompt(dirpath, images, prompt, max_pixels, max_bytes)
-        if text is None:
-            log.warning("%s: no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata", dirpath)
-            sets.append(CandidateSet(queries=(Query(prompt="", group=group),), source=dirpath,
-                                     error="no prompt: give --prompt, add prompt.txt, or embed it in PNG metadata"))
+        found = find_group_prompt(dirpath, images, prompt, max_pixels, max_bytes)
+        if found.prompt is None:
+            error = f"{NO_PROMPT} ({found.reason})"
+            log.warning("%s: %s", dirpath, error)
+            query = Query(prompt="", group=group, prompt_source=found.source)  # a format without a prompt: named
+            sets.append(CandidateSet(queries=(query,), source=dirpath, error=error))
         else:
-            sets.append(CandidateSet(queries=(Query(prompt=text, group=group),), paths=images))
+            query = Query(prompt=found.prompt, group=group, prompt_source=found.source)
+            sets.append(CandidateSet(queries=(query,), paths=images))
     report_unlisted()
     if not sets:
         raise UsageError(f"no images found in {folder}")
@@ -207,7 +246,7 @@ def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> li
         prompt = row.get("prompt", "")
         if not prompt.strip():
             raise UsageError(f"{csv_path}: row {n} has an empty prompt")
-        q = Query(prompt=prompt, id=(row.get("id") or "").strip() or str(n))
+        q = Query(prompt=prompt, id=(row.get("id") or "").strip() or str(n), prompt_source="csv")
         if q.id in ids:  # each row is still its own ranking, in row order
             log.warning("%s: id %r of row %d repeats row %d's", csv_path, q.id, n, ids[q.id])
         ids.setdefault(q.id, n)

@@ -92,10 +92,11 @@ class LoadingEmbedder:
 
 def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
                        batch_size: int | None = None,
-                       on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
+                       on_loaded: Callable[["Embedder"], None] | None = None,
+                       alpha: str = "white") -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
     weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread."""
-    info = inspect_model(source, dtype)
+    info = inspect_model(source, dtype, alpha)
 
     def load() -> "Embedder":
         from .model import Embedder
@@ -113,4 +114,4 @@ def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None]
     `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`)."""
     source = resolve_source(options.model, options.processor, options.revision, options.offline)
     return load_in_background(source, device=options.device, dtype=options.dtype.value,
-                              batch_size=options.batch_size, on_loaded=on_loaded)
+                              batch_size=options.batch_size, on_loaded=on_loaded, alpha=options.alpha.value)

@@ -44,6 +44,20 @@ class SummaryFormat(str, Enum):
     json = "json"
 
 
+class Alpha(str, Enum):
+    """What happens to transparency before the model: composite onto white (transformers 5's CLIP processor), or
+    drop the alpha channel (transformers 4.x and PickScore's training code, `image.convert("RGB")`)."""
+
+    white = "white"
+    drop = "drop"
+
+
+class PromptFrom(str, Enum):
+    """Where `pickrank score` takes its prompt from without --prompt: each image's own metadata."""
+
+    metadata = "metadata"
+
+
 class OnError(str, Enum):
     """What a run does with an image that cannot be read: report it and go on, or stop (a str, so that code
     comparing with "fail" keeps working)."""
@@ -109,9 +123,11 @@ class ModelOptions:
     device: str = "auto"
     dtype: DType = DType.fp32
     batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
+    alpha: Alpha = Alpha.white  # part of the preprocessing, hence of the cache fingerprint
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", as_enum(DType, self.dtype, "dtype"))
+        object.__setattr__(self, "alpha", as_enum(Alpha, self.alpha, "--alpha value"))
 
     @classmethod
     def from_values(cls, **values: Any) -> "ModelOptions":

@@ -635,7 +635,8 @@ class Engine:
         cset = st.cset
         if cset.error is not None:
             return Ranking(tuple(Record(prompt=q.prompt or None, path=cset.source, id=q.id, group=q.group,
-                                        error=cset.error) for q in cset.queries), failed=1)
+                                        error=cset.error, prompt_source=q.prompt_source)
+                                 for q in cset.queries), failed=1)
         ok = [e for e in st.entries if e.error is None and e.key in st.found]
         errors = [(e.path, e.error or st.reasons.get(e.key or "", "failed")) for e in st.entries
                   if not (e.error is None and e.key in st.found)]
@@ -644,7 +645,7 @@ class Engine:
             records += self._ranked(q, [(e.path, st.found[e.key]) for e in ok], prompts)  # type: ignore[index]
             truncated = prompts.truncated(q.prompt)
             records += [Record(prompt=q.prompt, path=path, id=q.id, group=q.group, error=reason,
-                               truncated=truncated) for path, reason in errors]
+                               truncated=truncated, prompt_source=q.prompt_source) for path, reason in errors]
         self.summary.rankings += len(cset.queries)
         return Ranking(tuple(records), failed=len(errors))
 
@@ -665,13 +666,13 @@ class Engine:
             if top is not None and rk[i] > top:
                 break
             out.append(Record(prompt=q.prompt, path=ok[i][0], score=scores[i], prob=probs[i], rank=rk[i], id=q.id,
-                              group=q.group, truncated=truncated))
+                              group=q.group, truncated=truncated, prompt_source=q.prompt_source))
         return out
 
 
 def single_set(prompt: str, paths: Iterable[str]) -> CandidateSet:
     """One prompt over one candidate set (the `score` command)."""
-    return CandidateSet(queries=(Query(prompt=prompt),), paths=paths)
+    return CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)
 
 
 def with_copied(record: Record, dest: str) -> Record:

@@ -51,6 +51,7 @@ class ImageSpec:
     image_mean: tuple[float, ...] | None = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] | None = (0.26862954, 0.26130258, 0.27577711)
     convert_rgb: bool = True
+    alpha: str = "white"  # transparency: "white" composites onto white (transformers 5), "drop" discards it (4.x)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ImageSpec":
@@ -85,8 +86,12 @@ class ImageSpec:
                    convert_rgb=bool(cfg.get("do_convert_rgb", True)))
 
     def fingerprint(self) -> str:
-        """A stable string naming this preprocessing, for cache keys."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """A stable string naming this preprocessing, for cache keys (alpha "white" is left out: the fingerprint of
+        the preprocessing before --alpha existed, so that existing cache entries stay valid)."""
+        d = asdict(self)
+        if d["alpha"] == "white":
+            del d["alpha"]
+        return json.dumps(d, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -246,11 +251,13 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert to RGB as transformers' convert_to_rgb does: transparency composited onto white."""
+def to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:
+    """Convert to RGB as transformers 5's convert_to_rgb does, transparency composited onto white; or, with alpha
+    "drop", as transformers 4.x did (PickScore's training code): `convert("RGB")`, which discards the alpha channel
+    (and a palette's transparent index) and keeps the colours under it."""
     if image.mode == "RGB":
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    if alpha != "drop" and ("A" in image.getbands() or image.info.get("transparency") is not None):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -379,7 +386,7 @@ def resize_crop_geometry(w: int, h: int, spec: ImageSpec) -> Geometry:
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """Resize (PIL, as the reference) and centre-crop; return uint8 pixels shaped (3, H, W)."""
     if spec.convert_rgb:
-        image = to_rgb(image)
+        image = to_rgb(image, spec.alpha)
     elif image.mode != "RGB":
         image = image.convert("RGB")
     geo = resize_crop_geometry(*image.size, spec)

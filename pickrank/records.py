@@ -28,6 +28,8 @@ class Query:
     prompt: str
     id: str | None = None
     group: str | None = None
+    # Where the prompt came from: option (--prompt), prompt.txt, csv, or a metadata format (metadata.SOURCES).
+    prompt_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Record:
     error: str | None = None
     truncated: bool = False
     copied_to: str | None = None
+    prompt_source: str | None = None  # the query's: option, prompt.txt, csv or a metadata format
 
     def to_dict(self, fields: tuple[str, ...]) -> dict:
         """The record as a dict with exactly `fields`, in that order."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ModelLoadError
 from .options import DTYPE_NAMES, DType, as_enum  # noqa: F401 - DTYPE_NAMES: model.py imports it from here
@@ -181,15 +181,18 @@ class ModelInfo:
     dtype: str
 
 
-def inspect_model(source: ModelSource, dtype: str = "fp32") -> ModelInfo:
-    """Check the model is a safetensors CLIP, and read its preprocessing and cache fingerprint (JSON files only)."""
+def inspect_model(source: ModelSource, dtype: str = "fp32", alpha: str = "white") -> ModelInfo:
+    """Check the model is a safetensors CLIP, and read its preprocessing and cache fingerprint (JSON files only);
+    alpha ("white" or "drop": what becomes of transparency) is part of both."""
     check_dtype_name(dtype)
     if source.model_is_local:
         check_local_weights(source.model)
     elif os.path.exists(source.model):
         raise ModelLoadError(f"{source.model}: not a folder")
     revision = check_is_clip(source)
-    spec = ImageSpec.from_config(load_processor_config(source.processor, source.offline))
+    if alpha not in ("white", "drop"):
+        raise ValueError(f"alpha must be 'white' or 'drop', not {alpha!r}")
+    spec = replace(ImageSpec.from_config(load_processor_config(source.processor, source.offline)), alpha=alpha)
     ident = f"{os.path.abspath(source.model)}@{local_fingerprint(source.model)}" if source.model_is_local \
         else f"{source.model}@{revision or source.revision or 'main'}"
     fingerprint = f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"

@@ -35,10 +35,11 @@ log = logging.getLogger("pickrank")
 
 
 def record_fields(kind: str, copy: bool = False) -> tuple[str, ...]:
-    """Output columns for a command: batch adds id, best-of-n adds group (and copied_to with --copy-to)."""
+    """Output columns for a command: batch adds id, best-of-n adds group (and copied_to with --copy-to); every
+    command says where each record's prompt came from (prompt_source)."""
     lead = {"batch": ("id",), "best-of-n": ("group",)}.get(kind, ())
     tail = ("copied_to",) if copy else ()
-    return lead + ("prompt", "path", "score", "prob", "rank", "truncated", "error") + tail
+    return lead + ("prompt", "prompt_source", "path", "score", "prob", "rank", "truncated", "error") + tail
 
 
 def csv_safe(value: object) -> object:
@@ -412,7 +413,10 @@ class TableWriter(Writer):
             title = f"[{first.group}] {title}"
         elif first.id and "id" in self.fields:
             title = f"[{first.id}] {title}"
-        table = Table(title=escape(title if len(title) < 200 else title[:197] + "..."), title_justify="left")
+        title = title if len(title) < 200 else title[:197] + "..."
+        if first.prompt_source not in (None, "option", "csv"):  # a prompt the user did not type: say whence
+            title = f"{title}  (prompt from {first.prompt_source})"
+        table = Table(title=escape(title), title_justify="left")
         for name, justify in (("rank", "right"), ("score", "right"), ("prob", "right"), ("path", "left")):
             table.add_column(name, justify=justify, overflow="fold")
         for r in records:

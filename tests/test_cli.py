@@ -101,7 +101,7 @@ def test_formats_parse_back_to_the_same_records(runner, model_dir, images, tmp_p
                                                   str(images)).stdout)))
     assert [r["path"] for r in rows] == [r["path"] for r in base]
     assert [float(r["score"]) for r in rows] == [r["score"] for r in base]
-    assert list(rows[0].keys()) == ["prompt", "path", "score", "prob", "rank", "truncated", "error"]
+    assert list(rows[0].keys()) == ["prompt", "prompt_source", "path", "score", "prob", "rank", "truncated", "error"]
     paths = invoke(runner, model_dir, "score", "-p", "x", "-f", "paths", "--top", "3", str(images)).stdout
     assert paths.splitlines() == [r["path"] for r in base[:3]]
     table = invoke(runner, model_dir, "score", "-p", "x", "-f", "table", str(images)).stdout

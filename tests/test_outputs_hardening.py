@@ -347,7 +347,7 @@ def parse_as(fmt: str, text: str) -> list[str]:
         return [json.loads(line)["path"] for line in text.splitlines()]
     if fmt == "csv":
         rows = list(csv.DictReader(io.StringIO(text)))
-        assert list(rows[0]) == ["prompt", "path", "score", "prob", "rank", "truncated", "error"]
+        assert list(rows[0]) == ["prompt", "prompt_source", "path", "score", "prob", "rank", "truncated", "error"]
         return [r["path"] for r in rows]
     return text.splitlines()
 

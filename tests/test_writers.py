@@ -17,7 +17,7 @@ RECS = (Record("p", "a.png", 21.5, 0.7, 1), Record("p", "=b.png", 20.0, 0.3, 2),
 
 
 def test_record_fields_per_command():
-    assert record_fields("score")[:5] == ("prompt", "path", "score", "prob", "rank")
+    assert record_fields("score")[:6] == ("prompt", "prompt_source", "path", "score", "prob", "rank")
     assert record_fields("batch")[0] == "id" and record_fields("best-of-n")[0] == "group"
     assert record_fields("best-of-n", copy=True)[-1] == "copied_to"
 
