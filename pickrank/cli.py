@@ -10,6 +10,7 @@ discarded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import inspect
@@ -17,8 +18,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import typer
 
@@ -290,14 +292,34 @@ class _Command:
 
     def __exit__(self, kind: type | None, e: BaseException | None, tb: object) -> None:
         code = self.code
-        try:
-            if e is not None:
-                if isinstance(e, InputIsOutput):
-                    abandon(self.sinks)  # found while reading inputs: even the HTML page of a failed run is not written
-                code = _exit_code(e, self.options.debug)  # --debug re-raises (after the finally)
-        finally:
-            code = _close_sinks(self.sinks, code)
+        late: list[int] = []
+        with _stop_signals_noted(late):  # the outputs being closed stay whole, whatever signal comes now
+            try:
+                if e is not None:
+                    if isinstance(e, InputIsOutput):
+                        abandon(self.sinks)  # found while reading inputs: even the HTML page of a failed run goes
+                    code = _exit_code(e, self.options.debug)  # --debug re-raises (after the finally)
+            finally:
+                code = _close_sinks(self.sinks, code)
+        if late and code in (EXIT_OK, EXIT_PARTIAL):
+            code = _exit_code(Terminated(late[0]) if late[0] != signal.SIGINT else KeyboardInterrupt(), False)
         raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _stop_signals_noted(noted: list[int]) -> Iterator[None]:
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP are noted in `noted` instead of raised (main thread only)."""
+    saved = []
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not None:
+                saved.append((sig, signal.signal(sig, lambda n, _frame: noted.append(n))))
+    try:
+        yield
+    finally:
+        for sig, handler in saved:
+            signal.signal(sig, handler)
 
 
 def _load_embedder(options: ModelOptions):
@@ -821,6 +843,11 @@ def run() -> None:
         print(f"pickrank: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     finally:
+        # The command is over and its outputs are closed: a stop signal from now on ends the process at once,
+        # instead of raising inside the interpreter's clean-up (multiprocessing's finalizers print that traceback).
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
         # At exit the interpreter's collector walks the ~million objects of torch and transformers several times
         # (~0.7 s here); frozen objects are skipped. Outputs are closed by now, and the memory goes with the process.
         gc.freeze()
