@@ -9,7 +9,6 @@ only the page's own script run, thumbnails embedded once each as base64 JPEG.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 from datetime import datetime
 from typing import IO, Sequence
@@ -17,7 +16,7 @@ from typing import IO, Sequence
 from . import __version__
 from .compare import CompareResult, ScoreTable, prompt_scores, win_matrix, winner
 from .errors import OutputError
-from .html import _href, _Thumbnails, esc
+from .html import _href, _Thumbnails, content_security_policy, esc
 from .writers import Output, check_output
 
 BAR = "#2f6fde"  # the bars' colour (the screenshot test looks for it)
@@ -93,9 +92,7 @@ d.documentElement.setAttribute("data-ready","1");
 })();
 """
 
-_CSP = ("default-src 'none'; img-src * data: file: blob:; style-src 'unsafe-inline'; "
-        f"script-src 'sha256-{base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()}'; "
-        "base-uri 'none'; form-action 'none'")
+_CSP = content_security_policy(_JS)
 
 
 def check_html(path: str, option: str = "--html") -> None:

@@ -138,9 +138,14 @@ d.documentElement.setAttribute("data-ready","1");
 })();
 """
 
-_CSP = ("default-src 'none'; img-src * data: file: blob:; style-src 'unsafe-inline'; "
-        f"script-src 'sha256-{base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()}'; "
-        "base-uri 'none'; form-action 'none'")
+def content_security_policy(script: str) -> str:
+    """The pages' policy: nothing fetched, inline styles, and only `script` (by its hash) may run."""
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return ("default-src 'none'; img-src * data: file: blob:; style-src 'unsafe-inline'; "
+            f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
+
+
+_CSP = content_security_policy(_JS)
 
 
 def _clean(text: object) -> str:

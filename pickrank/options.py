@@ -112,8 +112,17 @@ def _build(cls: type[B], values: dict[str, Any]) -> B:
     return cls(**values)
 
 
+class _Bundle:
+    """What every option bundle shares: `from_values` builds it from plain values (an enum or its name) and the
+    defaults; an unknown name is a TypeError, as for a function."""
+
+    @classmethod
+    def from_values(cls: type[B], **values: Any) -> B:
+        return _build(cls, values)
+
+
 @dataclass(frozen=True)
-class ModelOptions:
+class ModelOptions(_Bundle):
     """Which model runs, where and how: what `load_embedder` needs."""
 
     model: str | None = None  # None: $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1
@@ -129,14 +138,9 @@ class ModelOptions:
         object.__setattr__(self, "dtype", as_enum(DType, self.dtype, "dtype"))
         object.__setattr__(self, "alpha", as_enum(Alpha, self.alpha, "--alpha value"))
 
-    @classmethod
-    def from_values(cls, **values: Any) -> "ModelOptions":
-        """From plain values (dtype as DType or its name); unknown names are a TypeError, as for a function."""
-        return _build(cls, values)
-
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(_Bundle):
     """How a run behaves, independent of what it scores (the engine's options)."""
 
     batch_size: int | None = None  # images per model call; None: the embedder's
@@ -159,19 +163,15 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
-class CacheOptions:
+class CacheOptions(_Bundle):
     """The embedding cache: which file, or none at all."""
 
     cache: str | None = None  # None: $PICKRANK_CACHE, else ~/.cache/pickrank/embeddings.sqlite3
     no_cache: bool = False
 
-    @classmethod
-    def from_values(cls, **values: Any) -> "CacheOptions":
-        return _build(cls, values)
-
 
 @dataclass(frozen=True)
-class OutputOptions:
+class OutputOptions(_Bundle):
     """Where and how results are written."""
 
     format: Format | None = None  # None: from the output's extension, else table on a terminal, else jsonl
@@ -183,13 +183,9 @@ class OutputOptions:
         if self.format is not None:
             object.__setattr__(self, "format", as_enum(Format, self.format, "format"))
 
-    @classmethod
-    def from_values(cls, **values: Any) -> "OutputOptions":
-        return _build(cls, values)
-
 
 @dataclass(frozen=True)
-class EngineOptions:
+class EngineOptions(_Bundle):
     """Which engine embeds: local, or Ray (with its cluster address and actor count)."""
 
     engine: EngineName = EngineName.local
@@ -199,18 +195,10 @@ class EngineOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine", as_enum(EngineName, self.engine, "engine"))
 
-    @classmethod
-    def from_values(cls, **values: Any) -> "EngineOptions":
-        return _build(cls, values)
-
 
 @dataclass(frozen=True)
-class CommandOptions:
+class CommandOptions(_Bundle):
     """What every command's lifecycle needs: how much it says on stderr, and whether errors show tracebacks."""
 
     quiet: bool = False
     debug: bool = False
-
-    @classmethod
-    def from_values(cls, **values: Any) -> "CommandOptions":
-        return _build(cls, values)
