@@ -73,6 +73,36 @@ class EngineName(str, Enum):
     ray = "ray"
 
 
+class Scale(str, Enum):
+    """The unit a score is reported in: the one list (prob, a softmax of raw scores, is the same in every unit)."""
+
+    raw = "raw"  # exp(logit_scale) * cos: the model card's number (~21 for a good match)
+    cosine = "cosine"  # raw / exp(logit_scale): the cosine similarity (Diffusion-DPO, t2v_metrics)
+    unit26 = "unit26"  # raw / 26: what flow_grpo, verl-omni and cosmos-rl use as a reward
+
+    def divisor(self, logit_scale_exp: float) -> float:
+        """What a raw score is divided by to give this unit (`logit_scale_exp` is exp(logit_scale))."""
+        return {"raw": 1.0, "cosine": float(logit_scale_exp), "unit26": 26.0}[self.value]
+
+    def convert(self, raw: float, logit_scale_exp: float) -> float:
+        """A raw PickScore in this unit."""
+        return raw / self.divisor(logit_scale_exp)
+
+
+class BackendName(str, Enum):
+    """What runs the model: PyTorch (the reference), or ONNX Runtime on an exported model (no torch)."""
+
+    torch = "torch"
+    onnx = "onnx"
+
+
+class Decode(str, Enum):
+    """How JPEGs are decoded: exactly (the reference), or at reduced DCT scale first (faster, opt-in, not exact)."""
+
+    exact = "exact"
+    fast = "fast"
+
+
 DTYPE_NAMES: tuple[str, ...] = tuple(d.value for d in DType)
 FORMATS: tuple[str, ...] = tuple(f.value for f in Format)
 
