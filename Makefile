@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch (an unpinned torch pulls a multi-GB CUDA build); users may install any torch>=2.1.
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,eval,ray
+EXTRAS ?= test,eval,ray,serve,onnx
 
 .PHONY: install test bench clean
 
