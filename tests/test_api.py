@@ -34,8 +34,7 @@ def same_size(tmp_path_factory) -> list[str]:
 
 
 def as_float_batch(paths: list[str]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
-                       ).float() / 255
+    return as_uint8_batch(paths).float() / 255
 
 
 def test_rank_and_score_equal_the_cli(scorer, model_dir, images, runner):
@@ -147,3 +146,44 @@ def test_torch_preprocess_matches_pillow_on_exact_sizes():
     assert small.shape == (1, 3, 224, 224)
     assert torch.allclose(small[0, :, :, 62], small[0, :, :, 100]) and not torch.allclose(small[0, :, :, 0],
                                                                                            small[0, :, :, 100])
+
+
+def as_uint8_batch(paths: list[str]) -> torch.Tensor:
+    """Same-size image files as one uint8 tensor (N, 3, H, W)."""
+    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2)
+
+
+def test_on_device_path_is_batched_close_to_exact_and_gradient_free(scorer, same_size):
+    exact = scorer.score(PROMPT, same_size)
+    batch = as_uint8_batch(same_size)
+    fast = scorer.score(PROMPT, batch, preprocess="torch")
+    assert fast.shape == exact.shape and fast.device == batch.device and not fast.requires_grad
+    dev = (fast - exact).abs().max().item()
+    spread = (exact.max() - exact.min()).item()
+    # measured on drawn images (pickrank/api.py's docstring): max ~0.005 on a spread of ~14
+    assert 0 < dev < 0.02 and dev < 0.002 * spread
+    # float input in [0, 1] is the same pixels: the same scores
+    assert torch.allclose(scorer.score(PROMPT, batch.float() / 255, preprocess="torch"), fast, atol=1e-5)
+    # the same math as the differentiable path, without autograd
+    x = (batch.float() / 255).requires_grad_(True)
+    assert torch.allclose(scorer.score(PROMPT, x, differentiable=True).detach(), fast, atol=1e-5)
+
+
+def test_on_device_path_equals_exact_without_resizing(scorer, tmp_path):
+    paths = [str(draw_image(tmp_path / f"e{i}.png", (224, 224), seed=i)) for i in range(3)]
+    # 224x224 uint8 images: no resize and no crop, so nothing is rounded differently
+    assert torch.allclose(scorer.score(["a dog", "a cat", "a dog"], as_uint8_batch(paths), preprocess="torch"),
+                          scorer.score(["a dog", "a cat", "a dog"], paths), atol=1e-4)
+
+
+def test_on_device_path_as_default_and_refusals(model_dir, same_size):
+    s = PickScorer.from_pretrained(str(model_dir), device="cpu", preprocess="torch")
+    batch = as_uint8_batch(same_size)
+    assert torch.equal(s.score(PROMPT, batch), s.score(PROMPT, batch, preprocess="torch"))
+    assert s.score(PROMPT, same_size).shape == (len(same_size),)  # paths: the exact path under the default
+    with pytest.raises(UsageError, match="one tensor"):
+        s.score(PROMPT, same_size, preprocess="torch")
+    with pytest.raises(UsageError, match="unknown preprocess"):
+        s.score(PROMPT, batch, preprocess="pillow")
+    with pytest.raises(UsageError, match="unknown preprocess"):
+        PickScorer(s.embedder, preprocess="fast")
