@@ -86,12 +86,15 @@ class EmbeddingCache(NullCache):
     (`problem` says why). A cache file without write permission is opened read-only (`read_only`): lookups work,
     nothing is stored."""
 
-    def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0, warn: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0, warn: bool = True,
+                 peek: bool = False) -> None:
         self.path = Path(path) if path else default_cache_path()
         self.timeout = timeout
         self.warn = warn  # False for `pickrank cache` commands, which report `problem` as an error instead
+        self.peek = peek  # `pickrank doctor`: only look (no file made, nothing moved aside, nothing written)
         self.read_only = False
         self.problem: str | None = None
+        self.not_ours = False  # the path holds a file that is not a pickrank cache (`problem` says what)
         self._db: sqlite3.Connection | None = None
         self._open()
 
@@ -198,8 +201,8 @@ class EmbeddingCache(NullCache):
         columns = tuple(row[1] for row in db.execute("PRAGMA table_info(embeddings)"))
         return columns == _COLUMNS and db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
 
-    def _connect_read_only(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._uri("mode=ro"), uri=True, timeout=self.timeout, isolation_level=None,
+    def _connect_read_only(self, query: str = "mode=ro") -> sqlite3.Connection:
+        db = sqlite3.connect(self._uri(query), uri=True, timeout=self.timeout, isolation_level=None,
                              check_same_thread=False)
         try:
             db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
@@ -226,6 +229,12 @@ class EmbeddingCache(NullCache):
     def _open(self) -> None:
         try:
             ours = self._claim()
+            if self.peek:
+                if ours:  # without a -wal file to read, immutable: not even a -shm file is made
+                    query = "mode=ro" if os.path.exists(f"{self.path}-wal") else "mode=ro&immutable=1"
+                    self._db = self._retrying(lambda: self._connect_read_only(query))
+                    self.read_only = not self._writable()
+                return
             if not self._writable():
                 if not ours:  # an empty file, and its mode says leave it so
                     raise _NotOurs("an empty read-only file")
@@ -233,6 +242,7 @@ class EmbeddingCache(NullCache):
                 return
             self._open_read_write(ours)
         except _NotOurs as e:
+            self.not_ours = True
             self._disable(f"{self.path}: {e}; left untouched (give --cache another file)")
         except (sqlite3.Error, OSError) as e:
             self._disable(f"{self.path}: {e}")

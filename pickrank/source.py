@@ -60,12 +60,19 @@ def load_error_text(what: str, e: Exception, offline: bool) -> str:
     return f"cannot load {what}: {text}"
 
 
+def hub_offline(offline: bool = False) -> bool:
+    """Whether the hub must not be asked: --offline, or HF_HUB_OFFLINE as huggingface_hub itself reads it."""
+    from huggingface_hub import constants
+
+    return offline or bool(getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)())
+
+
 def hub_file(repo: str, filename: str, revision: str | None, offline: bool, option: str) -> str:
     """The local path of one small file of a hub repo, downloaded if need be. Without a network this fails at once,
     in one line: hf_hub_download itself retries for ~25 s (minutes when packets are dropped), logging each try."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    if not (offline or getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()):
+    if not hub_offline(offline):
         try:
             cached = isinstance(try_to_load_from_cache(repo, filename, revision=revision), str)
         except ValueError:  # not a valid repo id (a missing folder, say): hf_hub_download says so below
