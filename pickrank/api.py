@@ -39,7 +39,7 @@ import torch
 from . import loading
 from .errors import InputFailed, UsageError
 from .model import Embedder, features
-from .options import Alpha, DType, ModelOptions
+from .options import Alpha, DType, ModelOptions, Scale, as_enum
 from .pipeline import Batcher, encode_prompts
 from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
                      resize_crop_geometry)
@@ -143,17 +143,19 @@ class PickScorer:
     """
 
     def __init__(self, embedder: Embedder, differentiable: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, score_scale: Scale | str = Scale.raw) -> None:
         self.embedder = embedder
         self.differentiable = differentiable
         self.max_pixels = max_pixels
+        self.score_scale = as_enum(Scale, score_scale, "scale")  # the unit of score() and rank() (not `.scale`)
+        self._provenance: dict | None = None
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, processor: str | None = None, device: str = "auto",
                         dtype: DType | str = "fp32", revision: str | None = None, offline: bool = False,
                         batch_size: int | None = None, differentiable: bool = False,
                         max_pixels: int | None = DEFAULT_MAX_PIXELS, *, alpha: Alpha | str = "white",
-                        options: ModelOptions | None = None) -> "PickScorer":
+                        scale: Scale | str = "raw", options: ModelOptions | None = None) -> "PickScorer":
         """Load as the CLI does: model (default $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1), processor (default
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
@@ -161,13 +163,14 @@ class PickScorer:
         and load through the same function; or give `options` (a ModelOptions) instead of them.
         `alpha`: "white" (transparency composited onto white) or "drop" (the alpha channel discarded), as --alpha.
         `differentiable=True` makes `score` take the differentiable path for float tensors by default.
+        `scale`: the unit of `score` and `rank` ("raw", "cosine" or "unit26", as --scale); kept in `score_scale`.
         """
         given = ModelOptions.from_values(model=model, processor=processor, revision=revision, offline=offline,
                                          device=device, dtype=dtype, batch_size=batch_size, alpha=alpha)
         if options is not None and given != ModelOptions():
             raise UsageError("give the model options either as arguments or as options=ModelOptions(...), not both")
         embedder = loading.load_embedder(options or given).result()
-        return cls(embedder, differentiable=differentiable, max_pixels=max_pixels)
+        return cls(embedder, differentiable=differentiable, max_pixels=max_pixels, score_scale=scale)
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -182,6 +185,16 @@ class PickScorer:
     @property
     def spec(self) -> ImageSpec:
         return self.embedder.spec
+
+    @property
+    def provenance(self) -> dict:
+        """Where this scorer's numbers come from (`pickrank.provenance.Provenance.as_dict()`): computed on first
+        use (the weights are hashed once, then remembered beside the embedding cache), the same dict after."""
+        if self._provenance is None:
+            from .provenance import compute
+
+            self._provenance = compute(self.embedder, self.score_scale).as_dict()
+        return self._provenance
 
     # -- embeddings -------------------------------------------------------------------------------------
     def embed_texts(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -230,8 +243,10 @@ class PickScorer:
         return torch.cat(out)
 
     # -- scores -----------------------------------------------------------------------------------------
-    def score(self, prompts: str | Sequence[str], images: Any, differentiable: bool | None = None) -> torch.Tensor:
-        """Raw PickScores, one per image: 1-D fp32 tensor (CPU; on the images' device when differentiable).
+    def score(self, prompts: str | Sequence[str], images: Any, differentiable: bool | None = None,
+              scale: Scale | str | None = None) -> torch.Tensor:
+        """PickScores, one per image: 1-D fp32 tensor (CPU; on the images' device when differentiable), in the
+        unit `scale` names (default: `score_scale`, raw unless `from_pretrained(scale=...)` said otherwise).
 
         `prompts`: one prompt for every image, or a list with one prompt per image. `images`: see
         `embed_images`. `differentiable` (default: as given to `from_pretrained`) uses the torch preprocessing
@@ -256,13 +271,15 @@ class PickScorer:
             index = [pos[p] for p in prompts]
         if n == 0:
             return torch.empty(0)
+        unit = self.score_scale if scale is None else as_enum(Scale, scale, "scale")
+        divisor = unit.divisor(self.scale)
         text = self.embed_texts(unique)[torch.tensor(index)]
         if want and is_float_batch:
             image = self.embed_images_differentiable(images)
             # clone(): text embeddings come from inference mode, which autograd cannot save for backward
             scores = paired_scores(text.clone().to(image.device), image, self.scale)
-            return scores.to(images.device)
-        return paired_scores(text, self.embed_images(images), self.scale)
+            return (scores / divisor).to(images.device)  # a division by a constant: gradients still flow
+        return paired_scores(text, self.embed_images(images), self.scale) / divisor
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
              workers: int | None = None) -> list[dict]:
@@ -284,6 +301,7 @@ class PickScorer:
         if not files:
             return []
         engine = Engine(self.embedder, NullCache(), RunOptions(top=top, workers=workers,
-                                                                max_pixels=self.max_pixels))
+                                                                max_pixels=self.max_pixels,
+                                                                scale=self.score_scale))
         fields = record_fields("score")
         return [r.to_dict(fields) for ranking in engine.run([single_set(prompt, files)]) for r in ranking.records]
