@@ -125,8 +125,9 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
              "exp(logit_scale), as Diffusion-DPO and t2v_metrics) or unit26 (raw / 26, as flow_grpo, verl-omni and "
              "cosmos-rl); prob and ranks are the same in every unit.")], Scale.raw),
     "with_meta": (OutputOptions, Annotated[bool, Opt(
-        "--with-meta", help="With -f json: write {\"meta\": provenance, \"records\": [...]} instead of the bare "
-                            "array (model, revision, weight hashes, dtype, device, preprocessing, scale, versions).")],
+        "--with-meta", help="Add the run's provenance (model, revision, weight hashes, dtype, device, "
+                            "preprocessing, scale, versions): -f json writes {\"meta\": ..., \"records\": [...]} "
+                            "instead of the bare array; eval's summary gains it.")],
         False),
     "meta": (OutputOptions, Annotated[Optional[str], Opt(
         "--meta", metavar="FILE", help="Also write the run's provenance to FILE as JSON (beside any format; "
@@ -660,8 +661,6 @@ def eval_(
     *, opts: Opts,
 ) -> None:
     """Measure pairwise preference accuracy on labelled pairs, with the Pick-a-Pic paper's tie protocol.
-
-    With --with-meta the summary (table or JSON) also gives the run's provenance.
 
     Example: pickrank eval test.parquet --validation validation.parquet -o pairs.jsonl
     """

@@ -117,10 +117,10 @@ def test_with_meta_is_refused_where_the_format_stays_pure_records(runner, model_
 
 
 def page_provenance(text: str) -> dict:
-    """The JSON data block of a page (its only script of type application/json)."""
-    m = re.search(r'<script type="application/json" id="pickrank-provenance">(.*?)</script>', text, re.S)
+    """The provenance a page carries for machines: its provenance block's data-json attribute."""
+    m = re.search(r'<details class="prov" id="provenance" data-json="([^"]*)">', text)
     assert m, "no provenance block"
-    return json.loads(m.group(1))
+    return json.loads(html.unescape(m.group(1)))
 
 
 def test_html_report_shows_the_provenance_escaped_and_report_keeps_it(runner, model_dir, images, tmp_path):
@@ -134,7 +134,7 @@ def test_html_report_shows_the_provenance_escaped_and_report_keeps_it(runner, mo
     text = page.read_text()
     meta = page_provenance(text)
     assert meta == json.loads(saved.read_text())["meta"] and meta["model"] == str(odd)
-    assert "<evil>" not in text and "</script>x" not in text  # neither in the visible table nor in the data block
+    assert "<evil>" not in text and "</script>x" not in text  # neither in the visible table nor in data-json
     assert html.escape(str(odd)) in text and meta["weights"]["model.safetensors"] in text  # the visible block
     assert '<dd data-k="scale">raw</dd>' in text
     report = tmp_path / "again.html"
