@@ -51,7 +51,7 @@ import torch
 from . import loading
 from .errors import InputFailed, UsageError
 from .model import Embedder, features
-from .options import Alpha, DType, ModelOptions
+from .options import Alpha, DType, ModelOptions, Scale, as_enum
 from .pipeline import Batcher, encode_prompts
 from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
                      resize_crop_geometry)
@@ -162,18 +162,22 @@ class PickScorer:
     """
 
     def __init__(self, embedder: Embedder, differentiable: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, preprocess: str = "exact") -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, preprocess: str = "exact",
+                 score_scale: Scale | str = Scale.raw) -> None:
         self.embedder = embedder
         self.differentiable = differentiable
         self.max_pixels = max_pixels
         self.preprocess = _check_preprocess(preprocess)
+        self.score_scale = as_enum(Scale, score_scale, "scale")  # the unit of score() and rank() (not `.scale`)
+        self._provenance: dict | None = None
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, processor: str | None = None, device: str = "auto",
                         dtype: DType | str = "fp32", revision: str | None = None, offline: bool = False,
                         batch_size: int | None = None, differentiable: bool = False,
                         max_pixels: int | None = DEFAULT_MAX_PIXELS, *, alpha: Alpha | str = "white",
-                        preprocess: str = "exact", options: ModelOptions | None = None) -> "PickScorer":
+                        preprocess: str = "exact", scale: Scale | str = "raw",
+                        options: ModelOptions | None = None) -> "PickScorer":
         """Load as the CLI does: model (default $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1), processor (default
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
@@ -182,13 +186,15 @@ class PickScorer:
         `alpha`: "white" (transparency composited onto white) or "drop" (the alpha channel discarded), as --alpha.
         `differentiable=True` makes `score` take the differentiable path for float tensors by default;
         `preprocess="torch"` makes it take the batched on-device path for image tensors (see the module docstring).
+        `scale`: the unit of `score` and `rank` ("raw", "cosine" or "unit26", as --scale); kept in `score_scale`.
         """
         given = ModelOptions.from_values(model=model, processor=processor, revision=revision, offline=offline,
                                          device=device, dtype=dtype, batch_size=batch_size, alpha=alpha)
         if options is not None and given != ModelOptions():
             raise UsageError("give the model options either as arguments or as options=ModelOptions(...), not both")
         embedder = loading.load_embedder(options or given).result()
-        return cls(embedder, differentiable=differentiable, max_pixels=max_pixels, preprocess=preprocess)
+        return cls(embedder, differentiable=differentiable, max_pixels=max_pixels, preprocess=preprocess,
+                   score_scale=scale)
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -203,6 +209,16 @@ class PickScorer:
     @property
     def spec(self) -> ImageSpec:
         return self.embedder.spec
+
+    @property
+    def provenance(self) -> dict:
+        """Where this scorer's numbers come from (`pickrank.provenance.Provenance.as_dict()`): computed on first
+        use (the weights are hashed once, then remembered beside the embedding cache), the same dict after."""
+        if self._provenance is None:
+            from .provenance import compute
+
+            self._provenance = compute(self.embedder, self.score_scale).as_dict()
+        return self._provenance
 
     # -- embeddings -------------------------------------------------------------------------------------
     def embed_texts(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -267,9 +283,10 @@ class PickScorer:
 
     # -- scores -----------------------------------------------------------------------------------------
     def score(self, prompts: str | Sequence[str], images: Any, differentiable: bool | None = None,
-              preprocess: str | None = None) -> torch.Tensor:
-        """Raw PickScores, one per image: 1-D fp32 tensor (CPU; on the images' device when differentiable or
-        preprocessed on the device).
+              preprocess: str | None = None, scale: Scale | str | None = None) -> torch.Tensor:
+        """PickScores, one per image: 1-D fp32 tensor (CPU; on the images' device when differentiable or
+        preprocessed on the device), in the unit `scale` names (default: `score_scale`, raw unless
+        `from_pretrained(scale=...)` said otherwise).
 
         `prompts`: one prompt for every image, or a list with one prompt per image. `images`: see
         `embed_images`. `differentiable` (default: as given to `from_pretrained`) uses the torch preprocessing
@@ -291,6 +308,7 @@ class PickScorer:
         if not is_batch:
             images = _as_list(images)  # once: `images` may be a generator
         n = images.shape[0] if is_batch else len(images)
+        divisor = (self.score_scale if scale is None else as_enum(Scale, scale, "scale")).divisor(self.scale)
         text = self._paired_texts(prompts, n)
         if n == 0:
             return torch.empty(0)
@@ -298,8 +316,9 @@ class PickScorer:
             image = self.embed_images_differentiable(images) if want and is_float_batch \
                 else self.embed_images_on_device(images)
             # clone(): text embeddings come from inference mode, which autograd cannot save for backward
-            return paired_scores(text.clone().to(image.device), image, self.scale).to(images.device)
-        return paired_scores(text, self.embed_images(images), self.scale)
+            scores = paired_scores(text.clone().to(image.device), image, self.scale)
+            return (scores / divisor).to(images.device)  # a division by a constant: gradients still flow
+        return paired_scores(text, self.embed_images(images), self.scale) / divisor
 
     def _paired_texts(self, prompts: str | Sequence[str], n: int) -> torch.Tensor:
         """One text embedding per image (N, D): one prompt for all, or one per image, each distinct one encoded once."""
@@ -336,6 +355,7 @@ class PickScorer:
         if not files:
             return []
         engine = Engine(self.embedder, NullCache(), RunOptions(top=top, workers=workers,
-                                                                max_pixels=self.max_pixels))
+                                                                max_pixels=self.max_pixels,
+                                                                scale=self.score_scale))
         fields = record_fields("score")
         return [r.to_dict(fields) for ranking in engine.run([single_set(prompt, files)]) for r in ranking.records]

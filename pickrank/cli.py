@@ -29,7 +29,7 @@ from . import loading
 from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
                      PickrankError, Terminated, UsageError)
 from .options import (Alpha, CacheOptions, CommandOptions, DType, EngineName, EngineOptions, Format, ModelOptions,
-                      OnError, OutputOptions, PromptFrom, RunOptions, SummaryFormat)
+                      OnError, OutputOptions, PromptFrom, RunOptions, Scale, SummaryFormat)
 from .outputs import InputIsOutput, abandon
 
 app = typer.Typer(
@@ -120,6 +120,18 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
     "null": (OutputOptions, Annotated[bool, Opt(
         "--null", "-0", help="End each path with NUL instead of a newline, for xargs -0 (implies -f paths).")],
         False),
+    "scale": (RunOptions, Annotated[Scale, Opt(
+        help="The unit of the scores: raw (exp(logit_scale) * cosine, the model card's ~21), cosine (raw / "
+             "exp(logit_scale), as Diffusion-DPO and t2v_metrics) or unit26 (raw / 26, as flow_grpo, verl-omni and "
+             "cosmos-rl); prob and ranks are the same in every unit.")], Scale.raw),
+    "with_meta": (OutputOptions, Annotated[bool, Opt(
+        "--with-meta", help="Add the run's provenance (model, revision, weight hashes, dtype, device, "
+                            "preprocessing, scale, versions): -f json writes {\"meta\": ..., \"records\": [...]} "
+                            "instead of the bare array; eval's summary gains it.")],
+        False),
+    "meta": (OutputOptions, Annotated[Optional[str], Opt(
+        "--meta", metavar="FILE", help="Also write the run's provenance to FILE as JSON (beside any format; "
+                                       "atomically, as -o).")], None),
 }
 
 
@@ -335,6 +347,22 @@ def _load_embedder(options: ModelOptions):
     return loading.load_embedder(options, on_loaded=loaded)
 
 
+def _provenance(embedder, scale: Scale, cache: str | None) -> dict:
+    """The run's provenance (`provenance.compute`: waits for the model), weight hashes remembered beside the
+    embedding cache."""
+    from .hashing import HashStore
+    from .provenance import compute
+
+    return compute(embedder, scale, store=HashStore.beside(cache)).as_dict()
+
+
+def _meta_writer(path: str | None):
+    """The --meta FILE sink (None without --meta); its path was checked with the other outputs."""
+    from .writers import MetaWriter, Output
+
+    return MetaWriter(Output(path, label="--meta")) if path else None
+
+
 def _run(kind: str, opts: Opts, make_sets: Callable[[], list], copy_to: str | None = None,
          inputs: Sequence[str] = ()) -> None:
     """Everything a scoring command does, inside the command lifecycle.
@@ -350,10 +378,13 @@ def _run(kind: str, opts: Opts, make_sets: Callable[[], list], copy_to: str | No
         # Inputs and output paths are checked before the (slow) model load.
         sets = make_sets()
         fmt = choose_format(out)
-        files = check_outputs([("-o", out.output), ("--html", out.html)], inputs)
+        files = check_outputs([("-o", out.output), ("--html", out.html), ("--meta", out.meta)], inputs)
         target = Output(out.output)
         fmt = fmt or ("table" if target.is_terminal else "jsonl")
-        cmd.sinks.append(make_writer(fmt, target, record_fields(kind, copy=copy_to is not None), null=out.null))
+        cmd.sinks.append(make_writer(fmt, target, record_fields(kind, copy=copy_to is not None), null=out.null,
+                                     with_meta=out.with_meta))
+        if out.meta:
+            cmd.sinks.append(_meta_writer(out.meta))
         if out.html:
             from .html import HtmlReport
 
@@ -380,13 +411,14 @@ def _score(opts: Opts, sets: list, sinks: list, copy_to: str | None) -> int:
     from tqdm import tqdm
 
     from .cache import open_cache
-    from .outputs import copy_winners, set_meta, write_ranking
+    from .outputs import MetaHandOver, copy_winners, write_ranking
 
     if opts.engine.engine is EngineName.ray:
         from .ray_engine import require_ray
 
         require_ray()  # without the extra: a one-line usage error before the (slow) model load
     embedder = _load_embedder(opts.model)
+    meta = MetaHandOver(sinks, embedder, lambda: _provenance(embedder, opts.run.scale, opts.cache.cache))
     cache = open_cache(opts.cache.cache, enabled=not opts.cache.no_cache)
     bar = tqdm(unit="img", file=sys.stderr, disable=True if opts.command.quiet else None, dynamic_ncols=True,
                leave=False)
@@ -395,6 +427,7 @@ def _score(opts: Opts, sets: list, sinks: list, copy_to: str | None) -> int:
     failed = 0
     try:
         for ranking in engine.run(sets):
+            meta.give()  # once, before the first records: -f json --with-meta writes the provenance first
             records = ranking.records
             failed += ranking.failed
             if copy_to:
@@ -403,10 +436,13 @@ def _score(opts: Opts, sets: list, sinks: list, copy_to: str | None) -> int:
             for sink in sinks:
                 write_ranking(sink, records)
         embedder.result()  # a run that never needed the model still reports a model that failed to load
+        meta.give()
+    except BaseException:
+        meta.give_if_loaded()  # an interrupted run's page and --meta still say what ran
+        raise
     finally:
         bar.close()
         cache.close()
-        set_meta(sinks, embedder)
     s = engine.summary
     log.info("%d image(s), %d embedded, %d from cache, %d failed, %d ranking(s)", s.images, s.embedded,
              s.cache_hits, s.failures, s.rankings)
@@ -604,7 +640,8 @@ def report(
 
 
 @app.command("eval")
-@with_options(ModelOptions, (RunOptions, "max_pixels"), CommandOptions)
+@with_options(ModelOptions, (RunOptions, "max_pixels", "scale"), (OutputOptions, "with_meta", "meta"),
+              CommandOptions)
 def eval_(
     data: Annotated[str, Arg(metavar="DATA", help="Pick-a-Pic parquet (a file, a folder or a quoted glob of "
                              "shards; needs pip install 'pickrank[eval]'), or CSV/JSONL with prompt, image_0, "
@@ -629,20 +666,27 @@ def eval_(
     """
     import json
 
+    from .outputs import check_outputs
+
     with _Command(opts.command) as cmd:
         if tie_threshold is not None and validation is not None:
             raise UsageError("give --tie-threshold or --validation, not both")
         if json_summary and format is SummaryFormat.table:
             raise UsageError("--json is -f json: give one of -f table and --json")
-        from .evaluate import Dataset, evaluate, format_summary
+        from .evaluate import Dataset, evaluate
         from .writers import Output
 
         # Inputs and the output path are checked before the (slow) model load.
         dataset = Dataset(data)
         val = Dataset(validation) if validation is not None else None
+        check_outputs([("--meta", opts.output.meta), *([("-o", output)] if output else [])],
+                      [data, *([validation] if validation else [])])
         out = Output(output) if output else None
         if out is not None:
             cmd.sinks.append(out)
+        meta_out = _meta_writer(opts.output.meta)
+        if meta_out is not None:
+            cmd.sinks.append(meta_out)
         from tqdm import tqdm
 
         embedder = _load_embedder(opts.model)
@@ -652,12 +696,29 @@ def eval_(
                    dynamic_ncols=True, leave=False)
         try:
             result = evaluate(dataset, embedder, threshold=tie_threshold, validation=val, resamples=bootstrap,
-                              seed=seed, out=out, max_pixels=opts.run.max_pixels, on_progress=bar.update)
+                              seed=seed, out=out, max_pixels=opts.run.max_pixels, on_progress=bar.update,
+                              scale=opts.run.scale)
         finally:
             bar.close()
+        summary = _eval_meta(result, embedder, opts, meta_out)
         as_json = json_summary or format is SummaryFormat.json
-        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else format_summary(result))
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else summary)
         cmd.code = EXIT_PARTIAL if result.skipped else EXIT_OK
+
+
+def _eval_meta(result, embedder, opts: Opts, meta_out) -> str:
+    """The provenance where eval's options ask for it (--meta FILE; --with-meta: the summary's "model" becomes the
+    whole provenance, and the table gains its lines); returns the table. Without them the summary is as before."""
+    from .evaluate import format_summary
+    from .provenance import summary_lines
+
+    wanted = opts.output.with_meta or meta_out is not None
+    prov = _provenance(embedder, opts.run.scale, None) if wanted else None
+    if meta_out is not None:
+        meta_out.set_meta(prov)
+    if opts.output.with_meta:
+        result.model = prov
+    return "\n".join([format_summary(result), *(summary_lines(prov) if opts.output.with_meta else [])])
 
 
 # -- compare (issue 14) ------------------------------------------------------------------------------------
@@ -674,8 +735,8 @@ class CompareFormat(str, Enum):
 
 
 class _Gathered:
-    """The sink `_score` hands compare's records to: kept in memory for the statistics, with the model's
-    description (its provenance)."""
+    """The sink `_score` hands compare's records to: kept in memory for the statistics, with the run's
+    provenance."""
 
     def __init__(self) -> None:
         self.records: list = []
@@ -686,6 +747,12 @@ class _Gathered:
 
     def set_meta(self, meta: dict) -> None:
         self.meta = dict(meta)
+
+    def raw_per_unit(self) -> float:
+        """What one unit of the gathered scores is in raw PickScore (`Scale.divisor`; 1 when no model ran)."""
+        if not self.meta:
+            return 1.0
+        return Scale(self.meta["scale"]).divisor(self.meta["exp_logit_scale"])
 
 
 class _WrittenAtEnd:
@@ -726,7 +793,8 @@ def _say_left_out(result, verbose: bool) -> None:
 
 
 @app.command()
-@with_options(ModelOptions, RunOptions, CacheOptions, (OutputOptions, "output"), EngineOptions, CommandOptions)
+@with_options(ModelOptions, RunOptions, CacheOptions, (OutputOptions, "output", "meta"), EngineOptions,
+              CommandOptions)
 def compare(
     systems: Annotated[Optional[list[str]], Arg(metavar="SYSTEM_FOLDER", help="One folder of images per "
                        "system (or one manifest file).")] = None,
@@ -790,7 +858,8 @@ def compare(
                  LAYOUTS[plan.layout], len(plan.systems), len(plan.slots), len(plan.image_paths()), plan.baseline)
         fmt = _compare_format(format, opts.output.output)
         inputs = [*(systems or ()), *(p for p in (prompts, manifest) if p)]
-        files = check_outputs([("-o", opts.output.output), ("--per-prompt", per_prompt), ("--html", html)], inputs)
+        files = check_outputs([("-o", opts.output.output), ("--per-prompt", per_prompt), ("--html", html),
+                               ("--meta", opts.output.meta)], inputs)
         if html:
             check_html(html)
         main_out = _WrittenAtEnd(Output(opts.output.output))
@@ -799,10 +868,14 @@ def compare(
         if rows_out is not None:
             cmd.sinks.append(rows_out)
         gathered = _Gathered()
-        cmd.code = _score(opts, guard_inputs(plan.candidate_sets(), files), [gathered], None)
+        meta_out = _meta_writer(opts.output.meta)
+        if meta_out is not None:
+            cmd.sinks.append(meta_out)
+        sinks = [gathered, *([meta_out] if meta_out is not None else [])]
+        cmd.code = _score(opts, guard_inputs(plan.candidate_sets(), files), sinks, None)
         _write_comparison(plan, gathered, fmt, main_out, rows_out, html, verbose,
-                          dict(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed),
-                          opts.run.workers)
+                          dict(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed,
+                               raw_per_unit=gathered.raw_per_unit()), opts.run.workers)
 
 
 def _write_comparison(plan, gathered: _Gathered, fmt: str, main_out: _WrittenAtEnd,

@@ -476,7 +476,7 @@ class CompareResult:
     confidence: float
     layout: str = "scores"
     excluded: tuple[Excluded, ...] = ()
-    model: dict = field(default_factory=dict)  # provenance the CLI fills (Embedder.describe())
+    model: dict = field(default_factory=dict)  # the run's provenance, which the CLI fills (`provenance.Provenance`)
 
     def pair(self, system: str, reference: str) -> PairStats | None:
         """The pair's statistics in either orientation (win rates mirrored), or None when not computed."""
@@ -633,8 +633,11 @@ def _opt(x: float) -> float | None:
 
 def compare(table: ScoreTable, *, baseline: str | None = None, all_pairs: bool = False,
             bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE,
-            best_of_n: bool = False) -> CompareResult:
-    """Every statistic of the comparison: per system, per pair, and (best_of_n) the best-of-k curves."""
+            best_of_n: bool = False, raw_per_unit: float = 1.0) -> CompareResult:
+    """Every statistic of the comparison: per system, per pair, and (best_of_n) the best-of-k curves.
+
+    `raw_per_unit`: what a score in the table's unit is in raw PickScore (`Scale.divisor`; 1 for raw scores), so
+    that the preference probability is PickScore's softmax whatever unit the scores are reported in."""
     baseline = baseline or table.baseline
     if baseline not in table.systems:
         raise UsageError(f"--baseline {baseline!r} is not one of the systems: {', '.join(table.systems)}")
@@ -655,7 +658,7 @@ def compare(table: ScoreTable, *, baseline: str | None = None, all_pairs: bool =
         wins = _pair_wins(samples[a], samples[b])
         size = np.maximum(np.sum(~np.isnan(samples[a]), 1) * np.sum(~np.isnan(samples[b]), 1), 1)
         pair_cols.append((cols.add((d > 0) + 0.5 * (d == 0), mask), cols.add(d, mask),
-                          cols.add(0.5 * (1.0 + np.tanh(d / 2.0)), mask),  # sigmoid(d), without overflow
+                          cols.add(0.5 * (1.0 + np.tanh(d * raw_per_unit / 2.0)), mask),  # sigmoid, no overflow
                           cols.add(wins.sum(axis=(1, 2)) / size, mask)))
         if best_of_n:
             for x, y in ((a, b), (b, a)):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import base64
 import os
-from datetime import datetime
 from typing import IO, Sequence
 
 from . import __version__
 from .compare import CompareResult, ScoreTable, prompt_scores, win_matrix, winner
 from .errors import OutputError
-from .html import _href, _Thumbnails, content_security_policy, esc
+from .html import PROVENANCE_CSS, _href, _Thumbnails, content_security_policy, esc, header_meta, provenance_block
 from .writers import Output, check_output
 
 BAR = "#2f6fde"  # the bars' colour (the screenshot test looks for it)
@@ -221,21 +220,19 @@ class _Page:
         self.out.write("".join(parts))
 
     def render(self, title: str) -> None:
-        r, m = self.r, self.meta
-        date = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-        meta = [("model", m.get("model")), ("revision", m.get("revision")), ("dtype", m.get("dtype")),
-                ("device", m.get("device")), ("pickrank", m.get("pickrank") or __version__), ("date", date),
-                ("prompts", r.prompts), ("systems", len(r.systems)), ("baseline", r.baseline),
-                ("bootstrap", r.bootstrap), ("seed", r.seed), ("layout", r.layout)]
+        r = self.r
+        meta = header_meta(self.meta) + [
+            ("prompts", r.prompts), ("systems", len(r.systems)), ("baseline", r.baseline),
+            ("bootstrap", r.bootstrap), ("seed", r.seed), ("layout", r.layout)]
         self.w('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
                f'<meta http-equiv="Content-Security-Policy" content="{esc(_CSP)}">\n',
                '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
                f'<meta name="generator" content="pickrank {esc(__version__)}">\n',
-               f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
+               f"<title>{esc(title)}</title>\n<style>{_CSS}{PROVENANCE_CSS}</style>\n</head>\n<body>\n",
                f'<header>\n<h1>{esc(title)}<small>PickScore comparison</small></h1>\n<dl class="meta">')
         for k, v in meta:
             self.w(f'<div><dt>{esc(k)}</dt><dd data-k="{esc(k)}">{esc("unknown" if v is None else v)}</dd></div>')
-        self.w("</dl>\n</header>\n<main>\n")
+        self.w("</dl>\n</header>\n", provenance_block(self.meta), "<main>\n")
         self.summary()
         self.w('<div class="charts"><figure id="means">', bar_chart(r),
                f'<figcaption>Mean PickScore per system with its {round(r.confidence * 100):g}% bootstrap interval '

@@ -37,6 +37,7 @@ import numpy as np
 
 from .cache import NullCache
 from .errors import PickrankError, UsageError
+from .options import Scale, as_enum
 from .pipeline import Engine, Ranking, RunOptions, _LocalBackend
 from .reader import DEFAULT_MAX_PIXELS
 from .records import CandidateSet, ImageBytes, Query
@@ -409,8 +410,9 @@ def _scored(dataset: Dataset, embedder: "ImageTextEmbedder", max_pixels: int | N
 def evaluate(dataset: Dataset, embedder: "ImageTextEmbedder", threshold: float | None = None,
              validation: Dataset | None = None, resamples: int = 1000, seed: int = 0, out=None,
              max_pixels: int | None = DEFAULT_MAX_PIXELS,
-             on_progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a writers.Output)."""
+             on_progress: Callable[[int], None] | None = None, scale: Scale | str = Scale.raw) -> EvalResult:
+    """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a writers.Output), their
+    scores in `scale`'s unit (probabilities and predictions always come from the raw scores)."""
     if threshold is not None and validation is not None:
         raise UsageError("give either a tie threshold or a validation file to choose it, not both")
     engine = pair_engine(embedder, max_pixels)
@@ -430,6 +432,7 @@ def evaluate(dataset: Dataset, embedder: "ImageTextEmbedder", threshold: float |
         threshold = 0.0 if threshold is None else float(threshold)
     credits: list[float] = []
     label_ties = pred_ties = skipped = 0
+    unit = as_enum(Scale, scale, "--scale value").convert
     for pair, res in score_pairs(dataset, embedder, max_pixels, on_progress=on_progress, engine=engine):
         rec = dict.fromkeys(PAIR_FIELDS)
         rec.update(index=pair.index, prompt=pair.prompt, label=pair.label)
@@ -444,7 +447,8 @@ def evaluate(dataset: Dataset, embedder: "ImageTextEmbedder", threshold: float |
             credits.append(c)
             label_ties += pair.label == TIE
             pred_ties += pred == TIE
-            rec.update(score_0=res[0], score_1=res[1], p_0=p0, p_1=p1, prediction=pred, credit=c)
+            rec.update(score_0=unit(res[0], embedder.scale), score_1=unit(res[1], embedder.scale), p_0=p0, p_1=p1,
+                       prediction=pred, credit=c)
         if out is not None:
             out.stream.write(json.dumps(rec, ensure_ascii=False) + "\n")
     if not credits:

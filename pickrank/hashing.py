@@ -42,6 +42,11 @@ class HashStore:
         self.path = Path(path) if path is not None else default_store()
         self.computed = 0
 
+    @classmethod
+    def beside(cls, cache: str | os.PathLike | None) -> "HashStore":
+        """The store beside an embedding cache file (--cache); None: beside the default one."""
+        return cls(Path(cache).parent / STORE_NAME if cache else None)
+
     def sha256(self, path: str | os.PathLike) -> str:
         """The file's SHA-256, from the store when its path, size and mtime are unchanged, else computed and kept."""
         real = os.path.realpath(path)

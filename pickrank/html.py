@@ -163,6 +163,42 @@ def esc(text: object) -> str:
     return html.escape(_clean(text), quote=True)
 
 
+# The provenance block both pages show (html.py's gallery and compare_html.py's comparison).
+PROVENANCE_CSS = """
+details.prov{margin:10px 20px 0;background:#fff;border:1px solid var(--line,#dde1e7);border-radius:8px;padding:6px 12px;
+font-size:12px}details.prov summary{cursor:pointer;font-weight:600}
+details.prov table{border-collapse:collapse;margin:6px 0}details.prov th{text-align:left;padding:2px 12px 2px 0;
+vertical-align:top;color:#6a7282;font-weight:normal}details.prov td{overflow-wrap:anywhere;font-family:monospace}
+"""
+
+
+def header_meta(meta: dict) -> list[tuple[str, object]]:
+    """The header's model items, from the provenance (or the fields saved results carry), and the date."""
+    date = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
+    version = meta.get("pickrank") or (meta.get("versions") or {}).get("pickrank") or __version__
+    return [("model", meta.get("model")), ("revision", meta.get("revision")), ("dtype", meta.get("dtype")),
+            ("device", meta.get("device")), ("scale", meta.get("scale")), ("pickrank", version), ("date", date)]
+
+
+def _flat(value: object) -> str:
+    """A provenance value as one line of text."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_flat(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_flat(v) for v in value)
+    return "-" if value is None else str(value)
+
+
+def provenance_block(meta: dict) -> str:
+    """The run's provenance, when the page has one: a visible table, and the same as JSON in the block's data-json
+    attribute for machines (escaped as every attribute: no extra script, so the page still runs only its own)."""
+    if "weights" not in meta:  # saved results without --with-meta: only the fields their records carry
+        return ""
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_flat(v))}</td></tr>" for k, v in meta.items())
+    return (f'<details class="prov" id="provenance" data-json="{esc(json.dumps(meta, ensure_ascii=False))}">'
+            f"<summary>Provenance</summary><table>{rows}</table></details>\n")
+
+
 def _check_html_path(path: str, option: str) -> None:
     """Fail early (before the model loads) when the page could not be written; a FIFO is not opened yet."""
     check_output(path, label=option)
@@ -276,8 +312,8 @@ class HtmlReport:
         self.closed = False
 
     def set_meta(self, meta: dict) -> None:
-        """Model, revision, device, dtype (as Embedder.describe() gives them)."""
-        self.meta.update({k: v for k, v in meta.items() if v is not None})
+        """The run's provenance (`Provenance.as_dict()`), or the model fields saved results carry."""
+        self.meta.update(meta)  # None values too: a local folder's revision is None in the provenance
 
     def write(self, records: Iterable[Record]) -> None:
         for section in _split_rankings(records):
@@ -343,21 +379,18 @@ class _Renderer:
         scored = [r for s in sections for r in s if r.error is None]
         failed = [r for s in sections for r in s if r.error is not None]
         title = self.r.title or f"pickrank {self.r.kind}"
-        m = self.r.meta
-        date = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-        meta = [("model", m.get("model")), ("revision", m.get("revision")), ("dtype", m.get("dtype")),
-                ("device", m.get("device")), ("pickrank", m.get("pickrank") or __version__), ("date", date),
-                ("rankings", len(sections)), ("images ranked", len(scored)),
-                ("distinct images", len({r.path for r in scored})), ("failed", len(failed))]
+        meta = header_meta(self.r.meta) + [
+            ("rankings", len(sections)), ("images ranked", len(scored)),
+            ("distinct images", len({r.path for r in scored})), ("failed", len(failed))]
         self.w('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
                f'<meta http-equiv="Content-Security-Policy" content="{esc(_CSP)}">\n',
                '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
                '<meta name="generator" content="pickrank ', esc(__version__), '">\n',
-               f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
+               f"<title>{esc(title)}</title>\n<style>{_CSS}{PROVENANCE_CSS}</style>\n</head>\n<body>\n",
                f'<header>\n<h1>{esc(title)}<small>PickScore ranking</small></h1>\n<dl class="meta">')
         for k, v in meta:
             self.w(f"<div><dt>{esc(k)}</dt><dd data-k=\"{esc(k)}\">{esc('unknown' if v is None else v)}</dd></div>")
-        self.w('</dl>\n</header>\n<div class="tools"><input id="q" type="search" placeholder="Filter by prompt '
+        self.w('</dl>\n</header>\n', provenance_block(self.r.meta), '<div class="tools"><input id="q" type="search" placeholder="Filter by prompt '
                'or file name" aria-label="Filter"><label>Sort <select id="sort"><option value="rank">score, best '
                'first</option><option value="worst">score, worst first</option><option value="name">file name'
                f'</option></select></label><span class="n" id="n">{len(scored)} shown</span></div>\n<main>\n')
@@ -462,8 +495,22 @@ def _to_record(d: dict, where: str) -> Record:
                   prompt_source=text("prompt_source"))
 
 
+def _with_meta(text: str) -> tuple[dict, list] | None:
+    """(meta, records) of results saved with `-f json --with-meta`; None for anything else (JSON Lines, an array)."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:  # JSON Lines: one object per line
+        return None
+    if isinstance(data, dict) and isinstance(data.get("records"), list) and isinstance(data.get("meta"), dict):
+        return data["meta"], data["records"]
+    return None
+
+
 def load_results(path: str) -> tuple[list[Record], dict, str]:
-    """Records saved with `-f jsonl` (or `-f json`), the meta fields they carry, and the command kind guessed.
+    """Records saved with `-f jsonl` (or `-f json`, with or without --with-meta), the meta they carry (the
+    provenance, or the model fields of their records), and the command kind guessed.
 
     Raises UsageError (exit 2) for a missing, unreadable or invalid file.
     """
@@ -482,9 +529,11 @@ def load_results(path: str) -> tuple[list[Record], dict, str]:
     except OSError as e:
         raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
     rows: list[tuple[str, object]] = []
-    if text.lstrip().startswith("["):
+    wrapped = _with_meta(text)
+    meta: dict = dict(wrapped[0]) if wrapped is not None else {}
+    if wrapped is not None or text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = wrapped[1] if wrapped is not None else json.loads(text)
         except ValueError as e:
             raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         rows = [(f"{path} item {i + 1}", d) for i, d in enumerate(data)]
@@ -497,7 +546,6 @@ def load_results(path: str) -> tuple[list[Record], dict, str]:
             except ValueError:
                 raise UsageError(f"{path} line {n}: not JSON; give results written with -f jsonl") from None
     records: list[Record] = []
-    meta: dict = {}
     keys: set[str] = set()
     for where, d in rows:
         if not isinstance(d, dict) or not ({"path", "prompt"} & d.keys()):

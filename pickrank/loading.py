@@ -69,6 +69,10 @@ class LoadingEmbedder:
         return self.result().batch_size
 
     @property
+    def backend(self) -> str:
+        return self.result().backend
+
+    @property
     def device(self) -> "torch.device":
         return self.result().device
 

@@ -12,8 +12,9 @@ import torch
 
 from .errors import ModelLoadError, UsageError
 from .reader import ImageSpec, normalize
-from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, DTYPE_NAMES, ModelInfo, ModelSource, check_dtype_name,
-                     inspect_model, load_error_text, local_fingerprint, resolve_source)
+from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, DTYPE_NAMES, WEIGHTS_INDEX, ModelInfo, ModelSource,
+                     check_dtype_name, inspect_model, load_error_text, local_fingerprint, model_file, resolve_source,
+                     weight_files)
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROCESSOR", "ModelSource", "resolve_source", "local_fingerprint", "Embedder",
            "PickScoreTowers", "features", "pick_device", "check_dtype", "cpu_has_bf16"]
@@ -84,23 +85,11 @@ def features(out: object) -> torch.Tensor:
 
 def _weights_file_for(source: ModelSource, tensor: str) -> str:
     """The local path of the safetensors file holding `tensor` (downloaded from the hub if needed)."""
-
-    def fetch(name: str) -> str:
-        if source.model_is_local:
-            return os.path.join(source.model, name)
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(source.model, name, revision=source.revision, local_files_only=source.offline)
-
-    index = "model.safetensors.index.json"
-    try:
-        single = fetch("model.safetensors")
-        if os.path.exists(single):
-            return single
-    except Exception:  # a sharded checkpoint has no model.safetensors: use its index
-        pass
-    with open(fetch(index), encoding="utf-8") as f:
-        return fetch(json.load(f)["weight_map"][tensor])
+    files = weight_files(source)
+    if len(files) == 1:
+        return files[0]
+    with open(model_file(source, WEIGHTS_INDEX), encoding="utf-8") as f:
+        return model_file(source, json.load(f)["weight_map"][tensor])
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -163,6 +152,7 @@ class Embedder:
     """PickScore's two towers on one device and dtype; embeddings come back L2-normalised, fp32, on the CPU."""
 
     ready = True  # as `loading.LoadingEmbedder.ready`: an Embedder is loaded
+    backend = "torch"  # what runs the model, for the provenance (an ONNX embedder says "onnx")
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
                  dtype: torch.dtype, fingerprint: str, source: ModelSource | None = None,

@@ -179,9 +179,13 @@ class RunOptions(_Bundle):
     on_error: OnError = OnError.continue_
     max_pixels: int | None = field(default_factory=_default_max_pixels)  # None: no limit
     max_bytes: int | None = field(default_factory=_default_max_bytes)  # files larger are refused unread; None: none
+    # The unit of the scores the engine reports (prob and ranks come from raw scores, so they never change). Here,
+    # not in OutputOptions: the Engine, which every command and PickScorer.rank score through, reads RunOptions.
+    scale: Scale = Scale.raw
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_error", as_enum(OnError, self.on_error, "--on-error value"))
+        object.__setattr__(self, "scale", as_enum(Scale, self.scale, "--scale value"))
 
     @classmethod
     def from_values(cls, **values: Any) -> "RunOptions":
@@ -208,6 +212,8 @@ class OutputOptions(_Bundle):
     output: str | None = None  # None or "-": stdout
     html: str | None = None
     null: bool = False
+    with_meta: bool = False  # -f json: {"meta": provenance, "records": [...]} instead of the bare array
+    meta: str | None = None  # also write the provenance, as JSON, to this file
 
     def __post_init__(self) -> None:
         if self.format is not None:

@@ -11,7 +11,7 @@ import os
 import shutil
 import stat
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import OutputError, UsageError
 from .options import OutputOptions
@@ -23,14 +23,32 @@ class InputIsOutput(UsageError):
     """An output would be written over one of the run's inputs: nothing at all is written (exit 2)."""
 
 
-def set_meta(sinks: list, embedder) -> None:
-    """Tell the HTML report which model ran (known once it has loaded; a failed load leaves it out)."""
-    if not embedder.ready or embedder.error() is not None:
-        return
-    d = embedder.describe()
-    for sink in sinks:
-        if hasattr(sink, "set_meta"):
-            sink.set_meta(d)
+class MetaHandOver:
+    """Hands the run's provenance to the sinks that carry it (those with `set_meta`), once: computed only when one
+    does (the weight hashes cost a read of the weights the first time), and only from a model that loaded."""
+
+    def __init__(self, sinks: list, embedder, compute: Callable[[], dict]) -> None:
+        self.takers = [s for s in sinks if hasattr(s, "set_meta")]
+        self.embedder, self.compute = embedder, compute
+        self.done = not self.takers
+
+    def give(self) -> None:
+        """Compute the provenance and hand it over (waits for the model; a failed load raises its error)."""
+        if not self.done:
+            meta = self.compute()
+            for sink in self.takers:
+                sink.set_meta(meta)
+            self.done = True
+
+    def give_if_loaded(self) -> None:
+        """For a run that is failing or interrupted: hand it over if the model has loaded, never raising (the page
+        of an interrupted run still says which model ran; the run's own error is the one reported)."""
+        if self.done or not self.embedder.ready or self.embedder.error() is not None:
+            return
+        try:
+            self.give()
+        except Exception as e:  # the run's own error or interrupt matters more
+            log.warning("provenance left out: %s", e)
 
 
 def choose_format(o: OutputOptions) -> str | None:
@@ -40,7 +58,11 @@ def choose_format(o: OutputOptions) -> str | None:
     fmt = o.format.value if o.format is not None else None
     if o.null and fmt not in (None, "paths"):
         raise UsageError(f"-0/--null goes with -f paths only, not -f {fmt}")
-    return fmt or ("paths" if o.null else format_for_path(o.output))
+    fmt = fmt or ("paths" if o.null else format_for_path(o.output))
+    if o.with_meta and fmt != "json":  # CSV, JSON Lines and the others stay pure records
+        raise UsageError(f"--with-meta wraps -f json's array, not -f {fmt or 'jsonl/table'}: give -f json, or "
+                         "--meta FILE to write the provenance beside any format")
+    return fmt
 
 
 def stdout_target():

@@ -631,6 +631,10 @@ class Engine:
         finally:
             run.close()
 
+    def unit(self, raw: float) -> float:
+        """A raw score in the run's unit (`RunOptions.scale`)."""
+        return self.options.scale.convert(raw, self.embedder.scale)
+
     def _rank(self, st: _SetState, prompts: _Prompts | _PromptStream) -> Ranking:
         cset = st.cset
         if cset.error is not None:
@@ -661,12 +665,13 @@ class Engine:
         probs = softmax_probs(torch.tensor(scores, dtype=torch.float32)).tolist() if scores else []
         rk = ranks(scores)
         truncated, top = prompts.truncated(q.prompt), self.options.top
+        unit = self.unit  # probs and ranks above come from the raw scores: --scale changes only the score column
         out = []
         for i in sorted(range(len(ok)), key=lambda i: rk[i]):
             if top is not None and rk[i] > top:
                 break
-            out.append(Record(prompt=q.prompt, path=ok[i][0], score=scores[i], prob=probs[i], rank=rk[i], id=q.id,
-                              group=q.group, truncated=truncated, prompt_source=q.prompt_source))
+            out.append(Record(prompt=q.prompt, path=ok[i][0], score=unit(scores[i]), prob=probs[i], rank=rk[i],
+                              id=q.id, group=q.group, truncated=truncated, prompt_source=q.prompt_source))
         return out
 
 

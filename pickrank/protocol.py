@@ -24,6 +24,10 @@ class ImageTextEmbedder(Protocol):
     fingerprint: str  # the cache key's model part (idem)
 
     @property
+    def backend(self) -> str:
+        """What runs the model: "torch" (an ONNX embedder says "onnx"); part of the provenance."""
+
+    @property
     def ready(self) -> bool:
         """True once the model is there (a loaded Embedder always; a loading one once its load has ended)."""
 

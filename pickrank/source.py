@@ -22,6 +22,10 @@ DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _PROCESSOR_FILES = ("preprocessor_config.json",)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+# Every file a CLIP tokenizer may load from: what the provenance's tokenizer hash covers (those present).
+TOKENIZER_FILES = ("added_tokens.json", "merges.txt", "special_tokens_map.json", "tokenizer.json",
+                   "tokenizer_config.json", "vocab.json")
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,28 @@ def check_is_clip(source: ModelSource) -> str | None:
         raise ModelLoadError(f"{source.model} is a {model_type or 'unknown'!r} model, not CLIP: "
                              "pickrank needs a CLIP model such as yuvalkirstain/PickScore_v1")
     return revision
+
+
+def model_file(source: ModelSource, name: str) -> str:
+    """The local path of one file of the model: in its folder, or in the hub cache (downloaded if need be)."""
+    if source.model_is_local:
+        return os.path.join(source.model, name)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(source.model, name, revision=source.revision, local_files_only=source.offline)
+
+
+def weight_files(source: ModelSource) -> list[str]:
+    """The safetensors files the weights load from: model.safetensors, else the shards its index names."""
+    try:
+        single = model_file(source, "model.safetensors")
+        if os.path.exists(single):
+            return [single]
+    except Exception:  # a sharded checkpoint has no model.safetensors (the hub says so with its own errors)
+        pass
+    with open(model_file(source, WEIGHTS_INDEX), encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [model_file(source, name) for name in shards]
 
 
 def local_fingerprint(folder: str) -> str:

@@ -327,12 +327,27 @@ class JsonlWriter(Writer):
 class JsonWriter(Writer):
     """One JSON array, streamed element by element; always closed, so an interrupted run is still valid JSON."""
 
+    tail = "\n"  # after the array's "]"
+    eager = True  # the "[" goes out at once (a reader sees the output begin)
+
     def __init__(self, out: Output, fields: tuple[str, ...]) -> None:
         super().__init__(out, fields)
         self.count = 0
-        self.out.stream.write("[")
+        self.opened = False
+        if self.eager:
+            self._open()
+
+    def _open(self) -> None:
+        """Write what comes before the first element (once)."""
+        if not self.opened:
+            self.opened = True
+            self.out.stream.write(self.head())
+
+    def head(self) -> str:
+        return "["
 
     def write(self, records: Iterable[Record]) -> None:
+        self._open()
         items = [json.dumps(r.to_dict(self.fields), ensure_ascii=False) for r in records]
         if items:  # one write per ranking, so an interrupt never leaves half an element
             self.out.stream.write(("," if self.count else "") + "\n  " + ",\n  ".join(items))
@@ -340,8 +355,49 @@ class JsonWriter(Writer):
         self.out.stream.flush()
 
     def close(self) -> None:
-        self.out.stream.write("\n]\n" if self.count else "]\n")
+        self._open()
+        self.out.stream.write(("\n]" if self.count else "]") + self.tail)
         super().close()
+
+
+class JsonMetaWriter(JsonWriter):
+    """-f json --with-meta: one object {"meta": provenance, "records": [...]}, the array streamed as JsonWriter's.
+    The head waits for the first ranking or the close, by which time the CLI has handed over the provenance."""
+
+    tail = "}\n"
+    eager = False  # the head holds the provenance, known once the model has loaded
+    meta: dict | None = None
+
+    def set_meta(self, meta: dict) -> None:
+        self.meta = meta
+
+    def head(self) -> str:
+        return '{"meta": ' + json.dumps(self.meta, ensure_ascii=False) + ', "records": ['
+
+
+class MetaWriter:
+    """--meta FILE: the run's provenance as one JSON object, written (temp file, then rename) when the run closes;
+    a run that never had it (the model failed to load) leaves an earlier file as it was."""
+
+    def __init__(self, out: Output) -> None:
+        self.out = out
+        self.meta: dict | None = None
+
+    def write(self, records: Iterable[Record]) -> None:
+        """Records are not its business."""
+
+    def set_meta(self, meta: dict) -> None:
+        self.meta = meta
+
+    def close(self) -> None:
+        if self.meta is None:
+            self.out.discard()
+            return
+        self.out.stream.write(json.dumps(self.meta, ensure_ascii=False, indent=2) + "\n")
+        self.out.close()
+
+    def discard(self) -> None:
+        self.out.discard()
 
 
 class CsvWriter(Writer):
@@ -432,10 +488,12 @@ def _closed_pipe() -> None:
     raise BrokenPipeError
 
 
-def make_writer(fmt: str, out: Output, fields: tuple[str, ...], null: bool = False) -> Writer:
-    """The writer for a --format name; null (-0) ends each path with NUL and goes only with paths."""
-    classes = {"json": JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter, "paths": PathsWriter,
-               "table": TableWriter}
+def make_writer(fmt: str, out: Output, fields: tuple[str, ...], null: bool = False,
+                with_meta: bool = False) -> Writer:
+    """The writer for a --format name; null (-0) ends each path with NUL and goes only with paths; with_meta wraps
+    -f json's array with the provenance (`outputs.choose_format` refuses it with the other formats)."""
+    classes = {"json": JsonMetaWriter if with_meta else JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter,
+               "paths": PathsWriter, "table": TableWriter}
     if fmt not in classes:
         raise OutputError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "paths":

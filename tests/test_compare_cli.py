@@ -50,7 +50,8 @@ def two_samples(root: Path, system: str, seed: int, n: int = 4) -> Path:
 
 
 def test_help_names_the_layouts_and_lists_each_shared_option_once(runner, monkeypatch):
-    takes = [n for n in SHARED if n not in ("format", "html", "null")]  # compare has its own -f and --html
+    # compare has its own -f and --html; its JSON carries the provenance without --with-meta
+    takes = [n for n in SHARED if n not in ("format", "html", "null", "with_meta")]
     monkeypatch.setitem(test_options.COMMANDS, ("compare",), (cli.compare, takes))
     test_options.test_shared_options_are_listed_once_and_commands_declare_only_their_own(
         runner, monkeypatch, ("compare",))
