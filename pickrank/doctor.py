@@ -337,13 +337,6 @@ def check_weights_complete(s: Subject) -> tuple[Status, str]:
     return Status.ok, f"{len(files)} file(s), {total / 1e6:.1f} MB: every tensor's bytes are there"
 
 
-def hash_store(cache: CacheOptions) -> "HashStore":
-    """The weight-hash memo: beside --cache when given, else the default store."""
-    from .hashing import STORE_NAME, HashStore
-
-    return HashStore(Path(cache.cache).parent / STORE_NAME if cache.cache else None)
-
-
 def lfs_sha256(path: str) -> str | None:
     """The SHA-256 the hub gives a file, where the HF cache tells it: its blob is named by it (None elsewhere)."""
     real = os.path.realpath(path)
@@ -357,7 +350,9 @@ def lfs_sha256(path: str) -> str | None:
 @check("weights_hashes", needs=("weights_complete",))
 def check_weight_hashes(s: Subject) -> tuple[Status, str]:
     """The weight files' SHA-256, compared with the hub revision's where the HF cache knows it."""
-    store, said = hash_store(s.cache), []
+    from .hashing import HashStore
+
+    store, said = HashStore.beside(s.cache.cache), []
     unknown = "no reference: a local folder" if s.source.model_is_local else "no reference: its blob is not named by it"
     for path in weight_files(s.model_dir):
         digest, ref = store.sha256(path), lfs_sha256(path)
