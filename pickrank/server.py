@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import hmac
 import json
 import logging
@@ -30,7 +31,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -681,3 +682,69 @@ def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, t
         return await svc.answer("metrics", request, svc.metrics_text)
 
     return app
+
+
+# -- running it -----------------------------------------------------------------------------------------------
+
+def bind(host: str, port: int) -> Any:
+    """A listening TCP socket on host:port (port 0: a free one), for uvicorn to serve on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        from .errors import UsageError
+
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock
+
+
+def url_of(sock: Any) -> str:
+    """http://host:port of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def graceful_server(app: FastAPI) -> Any:
+    """A uvicorn server whose SIGTERM, SIGINT and SIGHUP stop it gracefully (no new connections, requests in flight
+    answered), and which does not raise the signal again once it has stopped: a stopped server exits 0."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            names = ("SIGINT", "SIGTERM", "SIGHUP")
+            saved = {s: signal.signal(s, self.handle_exit) for s in (getattr(signal, n, None) for n in names) if s}
+            try:
+                yield
+            finally:
+                for sig, handler in saved.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
+                            timeout_keep_alive=30)
+    return Server(config)
+
+
+def stop_if_load_fails(embedder: ImageTextEmbedder, server: Any, failed: list[BaseException]) -> None:
+    """In a thread: once the model's load has ended, stop the server (noting why in `failed`) if it failed."""
+    import threading
+
+    def watch() -> None:
+        error = getattr(embedder, "error", lambda: None)()
+        if error is not None:
+            failed.append(error)
+            server.should_exit = True
+
+    threading.Thread(target=watch, name="pickrank-load-watch", daemon=True).start()
