@@ -900,6 +900,9 @@ def serve(
                              workers=_serve_workers(opts.run.workers))
         model = replace(opts.model, batch_size=opts.model.batch_size or max_batch)
         if opts.engine.engine is EngineName.ray:
+            from .ray_engine import require_ray
+
+            require_ray()  # without the extra: a one-line usage error
             from .serve_ray import serve_ray
 
             serve_ray(model, limits, host, port, token, scale, replicas, opts.engine.ray_address)

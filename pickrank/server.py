@@ -510,8 +510,10 @@ class _Service:
     """One app's state: the embedder, limits, token, default scale, metrics; the batcher and decoders once the
     app has started."""
 
-    def __init__(self, embedder: ImageTextEmbedder, limits: ServeLimits, token: str | None, scale: Scale) -> None:
+    def __init__(self, embedder: ImageTextEmbedder, limits: ServeLimits, token: str | None, scale: Scale,
+                 make_batcher: Callable[..., Any]) -> None:
         self.embedder, self.limits, self.token, self.scale = embedder, limits, token, scale
+        self.make_batcher = make_batcher
         self.metrics = Metrics(limits.max_batch)
         self.batcher: DynamicBatcher | None = None
         self.decoders: Decoders | None = None
@@ -615,7 +617,7 @@ class _Service:
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         """Start the decoders and the batching task with the app; stop them after the last request."""
         self.decoders = Decoders(self.limits.workers)
-        self.batcher = DynamicBatcher(self.embedder, self.limits, self.metrics)
+        self.batcher = self.make_batcher(self.embedder, self.limits, self.metrics)
         task = asyncio.create_task(self.batcher.run(), name="pickrank-batcher")
         try:
             yield
@@ -639,13 +641,14 @@ _BODY_DOC = {"requestBody": {"required": True, "content": {
 
 
 def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, token: str | None = None,
-               scale: Scale | str = Scale.raw) -> FastAPI:
+               scale: Scale | str = Scale.raw, make_batcher: Callable[..., Any] = DynamicBatcher) -> FastAPI:
     """The reward server's FastAPI app over an embedder (loaded, or a `loading.LoadingEmbedder` still loading:
-    /healthz answers 503 until it is ready)."""
+    /healthz answers 503 until it is ready). `make_batcher(embedder, limits, metrics)` gathers images into model
+    calls (`score(pixels, prompts)`, `run()`, `close()`): DynamicBatcher here, `serve_ray.RayBatcher` on Ray."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    svc = _Service(embedder, limits or ServeLimits(), token, Scale(scale))
+    svc = _Service(embedder, limits or ServeLimits(), token, Scale(scale), make_batcher)
     app = FastAPI(title="pickrank reward server", version=__version__, lifespan=svc.lifespan,
                   description="PickScore rewards, batched across callers. Errors are JSON {\"error\": ...}.")
     app.state.service = svc

@@ -126,13 +126,14 @@ def as_json(prompts: str | list[str], files: list[Path], **extra: object) -> dic
 
 
 def post_json(url: str, prompts: str | list[str], files: list[Path], path: str = "/v1/score",
-              **extra: object) -> httpx.Response:
-    return httpx.post(url + path, json=as_json(prompts, files, **extra), timeout=60)
+              headers: dict | None = None, **extra: object) -> httpx.Response:
+    return httpx.post(url + path, json=as_json(prompts, files, **extra), timeout=60, headers=headers)
 
 
-def post_form(url: str, prompts: str | list[str], files: list[Path], path: str = "/v1/score") -> httpx.Response:
+def post_form(url: str, prompts: str | list[str], files: list[Path], path: str = "/v1/score",
+              headers: dict | None = None) -> httpx.Response:
     ps = [prompts] if isinstance(prompts, str) else prompts
-    return httpx.post(url + path, data={"prompt": ps}, timeout=60,
+    return httpx.post(url + path, data={"prompt": ps}, timeout=60, headers=headers,
                       files=[("image", (f.name, png_bytes(f), "image/png")) for f in files])
 
 
@@ -141,10 +142,11 @@ def safetensors_body(prompts: str | list[str], arrays: list[np.ndarray], **meta:
     return save({f"images.{i}": a[None] for i, a in enumerate(arrays)}, metadata={key: value, **meta})
 
 
-def post_st(url: str, prompts: str | list[str], files: list[Path], path: str = "/v1/score") -> httpx.Response:
+def post_st(url: str, prompts: str | list[str], files: list[Path], path: str = "/v1/score",
+            headers: dict | None = None) -> httpx.Response:
     arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     return httpx.post(url + path, content=safetensors_body(prompts, arrays), timeout=60,
-                      headers={"content-type": "application/x-safetensors"})
+                      headers={"content-type": "application/x-safetensors", **(headers or {})})
 
 
 POSTS = {"json": post_json, "multipart": post_form, "safetensors": post_st}
