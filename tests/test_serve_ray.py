@@ -15,7 +15,7 @@ import torch
 from pickrank.api import PickScorer
 from pickrank.client import RemoteScorer
 
-from .test_server import LIMITS, RTOL, TOL, POSTS, Server, drawn, running_server, scores_of
+from .test_server import LIMITS, POSTS, RTOL, TOL, Server, drawn, running_server, scores_of
 
 pytest.importorskip("ray.serve")
 
