@@ -879,7 +879,7 @@ def serve(
     scale: Annotated[Scale, Opt(help="Unit of the scores unless a request asks for another: raw (PickScore), "
                                 "unit26 (raw / 26, flow_grpo and verl-omni) or cosine (raw / exp(logit_scale)).")]
     = Scale.raw,
-    replicas: Annotated[Optional[int], Opt(min=1, help="--engine ray: model replicas [default: 1 per GPU, "
+    replicas: Annotated[Optional[int], Opt(min=1, help="Model replicas on Ray (engine ray) [default: 1 per GPU, "
                                            "else 1].")] = None,
     *, opts: Opts,
 ) -> None:

@@ -413,3 +413,21 @@ def test_a_model_that_fails_to_load_stops_the_server(tmp_path: Path, model_dir: 
         err = "".join(s.stderr)
     assert "pickrank: error:" in err
     no_traceback(err)
+
+
+def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
+    """serve takes the model options, --workers, --max-pixels, --engine, --ray-address, -q and --debug from the
+    one table, and declares only its own."""
+    from pickrank import cli
+    from pickrank.cli import SHARED, app
+
+    from . import test_options
+
+    takes = [n for n in SHARED if n in ("model", "processor", "revision", "offline", "device", "dtype", "alpha",
+                                        "batch_size", "workers", "quiet", "max_pixels", "debug", "engine",
+                                        "ray_address")]
+    monkeypatch.setitem(test_options.COMMANDS, ("serve",), (cli.serve, takes))
+    test_options.test_shared_options_are_listed_once_and_commands_declare_only_their_own(
+        runner, monkeypatch, ("serve",))
+    text = runner.invoke(app, ["serve", "--help"]).stdout
+    assert "Example: pickrank serve" in text and "--insecure-no-auth" in text
