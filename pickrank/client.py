@@ -13,7 +13,8 @@ Consecutive images of one size go in one tensor: `images.0` (N0, H0, W0, C), `im
 the prompts are the metadata "prompt" (one for all) or "prompts" (a JSON list, one per image), with "scale".
 
 Connection errors and 503s (loading, queue full; `Retry-After` honoured) are retried with exponential backoff until
-`deadline` seconds have passed; any other error raises `pickrank.errors.RemoteError` with the server's message.
+`deadline` seconds have passed; any other error raises `pickrank.errors.RemoteError` with the server's message, and
+so does a request that got no answer within `timeout` (it is not sent again: the server may still be scoring it).
 """
 
 from __future__ import annotations
@@ -138,6 +139,15 @@ class RemoteScorer:
                               503 if why.startswith("unavailable") else None)
         return delay
 
+    def _unreachable(self, e: Exception, path: str) -> str:
+        """Why a try failed, to retry; a request that was sent and timed out waiting for its answer is not sent
+        again (the server may still be scoring it: a retry would only add load) but raises RemoteError."""
+        import httpx
+
+        if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
+            raise RemoteError(f"{self.url}{path}: no answer within {self.timeout:g} s (timeout=)") from None
+        return f"cannot reach the server ({type(e).__name__}: {e})"
+
     def _post(self, path: str, body: bytes) -> dict:
         import httpx
 
@@ -147,7 +157,7 @@ class RemoteScorer:
                 outcome = self._judge(self._client.post(self.url + path, content=body, headers=self.headers), path)
                 why = "unavailable (503)"
             except httpx.TransportError as e:
-                outcome, why = _Attempt(), f"cannot reach the server ({type(e).__name__}: {e})"
+                outcome, why = _Attempt(), self._unreachable(e, path)
             if outcome.result is not None:
                 return outcome.result
             time.sleep(self._wait(attempt, outcome.retry_after, started, why))
@@ -164,7 +174,7 @@ class RemoteScorer:
                                           path)
                     why = "unavailable (503)"
                 except httpx.TransportError as e:
-                    outcome, why = _Attempt(), f"cannot reach the server ({type(e).__name__}: {e})"
+                    outcome, why = _Attempt(), self._unreachable(e, path)
                 if outcome.result is not None:
                     return outcome.result
                 await asyncio.sleep(self._wait(attempt, outcome.retry_after, started, why))

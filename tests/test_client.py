@@ -179,3 +179,17 @@ def test_recipes_run_unchanged_with_both_scorers(remote: RemoteScorer, scorer: P
     batches = [(prompts, images), (prompts[:2], torch.rand(2, 3, 32, 48))]
     for a, b in zip(reward_loop(scorer, batches), reward_loop(remote, batches)):
         assert close(a, b)
+
+
+def test_a_request_that_times_out_is_not_sent_again(model_dir: Path) -> None:
+    """The server holds the request in its batcher (--max-wait-ms 3000) past the client's timeout: RemoteError at
+    once, and the server saw one request, not a retry storm."""
+    with running_server(model_dir, "--max-wait-ms", "3000", workers=0) as s:
+        s.wait_ready()
+        with RemoteScorer(s.url, timeout=0.5, deadline=30) as r, pytest.raises(RemoteError, match="no answer"):
+            r.score("x", [np.zeros((8, 8, 3), np.uint8)])
+        time.sleep(3.5)
+        import httpx
+
+        metrics = httpx.get(s.url + "/metrics", timeout=10).text
+        assert 'pickrank_requests_total{endpoint="score",status="200"} 1.0' in metrics, metrics
