@@ -893,7 +893,10 @@ def serve(
     with _Command(opts.command):
         token = token or None  # PICKRANK_TOKEN= set empty is no token
         _check_exposure(host, token, insecure_no_auth)
-        from .server import ServeLimits
+        try:
+            from .server import ServeLimits
+        except ImportError as e:  # the serve extra is not installed
+            raise UsageError(f"pickrank serve needs the serve extra: pip install 'pickrank[serve]' ({e})") from None
 
         limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_body_mb=max_body_mb, max_images=max_images, max_pixels=opts.run.max_pixels,

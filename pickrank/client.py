@@ -85,7 +85,10 @@ class RemoteScorer:
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, deadline: float = 300.0,
                  scale: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise UsageError("RemoteScorer needs httpx: pip install 'pickrank[client]'") from None
 
         from .options import Scale, as_enum
 

@@ -431,3 +431,13 @@ def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
         runner, monkeypatch, ("serve",))
     text = runner.invoke(app, ["serve", "--help"]).stdout
     assert "Example: pickrank serve" in text and "--insecure-no-auth" in text
+
+
+def test_without_the_serve_extra_a_one_line_hint(model_dir: Path, tmp_path: Path) -> None:
+    """fastapi missing (a module of that name that cannot be imported shadows it): exit 2 naming the extra."""
+    (tmp_path / "fastapi.py").write_text("raise ImportError('No module named fastapi')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(pickrank_cmd("serve", "--model", str(model_dir)), capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 2 and "pip install 'pickrank[serve]'" in done.stderr, done.stderr
+    no_traceback(done.stderr)
