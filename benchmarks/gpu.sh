@@ -8,6 +8,7 @@
 # Needs a CUDA build of torch in the venv; no network. Usage:
 #   benchmarks/gpu.sh                       # defaults: DEVICE=cuda DTYPES="fp16 bf16" N_SMALL=2000 N_LARGE=8000
 #   DEVICE=cpu DTYPES= CASES=3 N_SMALL=2 N_LARGE=4 benchmarks/gpu.sh   # smoke test of the script on a CPU
+#   CASES=serve benchmarks/gpu.sh           # the reward server (benchmarks/serve_bench.py) on the GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -81,4 +82,11 @@ done
 echo "== case 3 (decode-bound): tiny model vs the single-process decode loop"
 run "pickrank tiny fp32" "$N_LARGE" score fp32 "$TINY" "$SET_LARGE" "$OUT/c3-tiny.jsonl"
 run "decode loop (1 process)" "$N_LARGE" "$PY" benchmarks/decode_loop.py "$TINY" "$SET_LARGE"
+fi
+
+if [[ " $CASES " == *" serve "* ]]; then
+echo "== serve: 32 clients x 4 images of 512x512 against pickrank serve, PickScore architecture, $DEVICE"
+"$PY" benchmarks/serve_bench.py --model "$MODEL" --device "$DEVICE" --clients "${SERVE_CLIENTS:-32}" \
+  --images "${SERVE_IMAGES:-4}" --rounds "${SERVE_ROUNDS:-5}" --max-batch "${SERVE_MAX_BATCH:-64}" \
+  --json "$OUT/serve.json"
 fi

@@ -52,7 +52,7 @@ from . import loading
 from .errors import InputFailed, UsageError
 from .model import Embedder, features
 from .options import Alpha, DType, ModelOptions, Scale, as_enum
-from .pipeline import Batcher, encode_prompts
+from .pipeline import Batcher, encode_paired, encode_prompts
 from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
                      resize_crop_geometry)
 from .score import paired_scores
@@ -105,6 +105,11 @@ def to_pil(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         return tensor_to_pil(item)
     raise UsageError(f"unsupported image type {type(item).__name__}: give paths, PIL images, uint8 numpy "
                      "arrays or tensors")
+
+
+def exact_pixels(item: ImageInput, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One image by the exact path: to_pil, then the reference's Pillow preprocessing -> uint8 (3, H, W)."""
+    return preprocess(to_pil(item, max_pixels), spec)
 
 
 def _as_list(images: Any) -> list:
@@ -233,7 +238,7 @@ class PickScorer:
         items = _as_list(images)
         if not items:
             return np.empty((0, 3, 0, 0), dtype=np.uint8)
-        return np.stack([preprocess(to_pil(it, self.max_pixels), self.spec) for it in items])
+        return np.stack([exact_pixels(it, self.spec, self.max_pixels) for it in items])
 
     def embed_images(self, images: Any) -> torch.Tensor:
         """L2-normalised image embeddings (N, D), fp32 on the CPU, by the exact path.
@@ -244,7 +249,7 @@ class PickScorer:
         batcher, out = Batcher(self.embedder), []
         step = max(1, self.embedder.batch_size)
         for i, item in enumerate(_as_list(images)):
-            batcher.add(Decoded(str(i), preprocess(to_pil(item, self.max_pixels), self.spec)))
+            batcher.add(Decoded(str(i), exact_pixels(item, self.spec, self.max_pixels)))
             if len(batcher) >= step:
                 out.append(batcher.embed(step).embeddings)
         if batcher:
@@ -323,17 +328,14 @@ class PickScorer:
     def _paired_texts(self, prompts: str | Sequence[str], n: int) -> torch.Tensor:
         """One text embedding per image (N, D): one prompt for all, or one per image, each distinct one encoded once."""
         if isinstance(prompts, str):
-            unique, index = [prompts], [0] * n
+            prompts = [prompts] * n
         else:
             prompts = list(prompts)
             if len(prompts) != n:
                 raise UsageError(f"{len(prompts)} prompts for {n} images: give one prompt, or one per image")
-            unique = list(dict.fromkeys(prompts))
-            pos = {p: i for i, p in enumerate(unique)}
-            index = [pos[p] for p in prompts]
         if n == 0:
             return torch.empty(0, 0)
-        return self.embed_texts(unique)[torch.tensor(index)]
+        return encode_paired(self.embedder, prompts)[0]
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
              workers: int | None = None) -> list[dict]:

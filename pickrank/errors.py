@@ -54,3 +54,13 @@ class Terminated(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class RemoteError(PickrankError):
+    """The reward server answered with an error (`status`, its `message`), or could not be reached in time
+    (`status` None, or 503 when it stayed unavailable until the deadline)."""
+
+    def __init__(self, message: str, status: int | None = None, server_message: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.server_message = server_message

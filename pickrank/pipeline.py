@@ -100,6 +100,19 @@ def encode_prompts(embedder: ImageTextEmbedder, texts: list[str], warn: bool = T
     return emb, truncated
 
 
+def encode_paired(embedder: ImageTextEmbedder, prompts: list[str],
+                  warn: bool = True) -> tuple[torch.Tensor, list[bool]]:
+    """One normalised text embedding per item of `prompts` (N, D), each distinct prompt encoded once, and whether
+    each item's prompt was truncated (PickScorer.score and the reward server pair prompts with images this way)."""
+    import torch
+
+    unique = list(dict.fromkeys(prompts))
+    pos = {p: i for i, p in enumerate(unique)}
+    index = [pos[p] for p in prompts]
+    text, truncated = encode_prompts(embedder, unique, warn)
+    return text[torch.tensor(index, dtype=torch.long)], [truncated[i] for i in index]
+
+
 class Batcher:
     """Decoded images waiting for the model, embedded the oldest `n` at a time: the one place where pixels are
     batched and embedded (the local backend and `PickScorer.embed_images` both use it)."""
