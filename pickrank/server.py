@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import sys
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -489,12 +490,12 @@ def model_provenance(embedder: ImageTextEmbedder) -> dict:
             "status": "loading" if not embedder.ready else "failed"}
 
 
-def server_info(embedder: ImageTextEmbedder, limits: ServeLimits, scale: Scale) -> dict:
+def server_info(model: dict, limits: ServeLimits, scale: Scale, ready: bool) -> dict:
     """GET /v1/info: the model's provenance, versions, limits and the default scale (the one place it is built)."""
     versions = {"pickrank": __version__, "python": sys.version.split()[0],
                 **{p: _version(p) for p in ("torch", "transformers", "fastapi", "uvicorn")}}
-    return {"model": model_provenance(embedder), "versions": versions, "limits": asdict(limits),
-            "scale": scale.value, "scales": [s.value for s in Scale], "ready": embedder.ready}
+    return {"model": model, "versions": versions, "limits": asdict(limits),
+            "scale": scale.value, "scales": [s.value for s in Scale], "ready": ready}
 
 
 # -- the app --------------------------------------------------------------------------------------------------
@@ -518,6 +519,33 @@ class _Service:
         self.batcher: DynamicBatcher | None = None
         self.decoders: Decoders | None = None
         self.queued = 0  # images accepted and not yet answered
+        self._provenance: dict | None = None
+        self._provenance_lock = threading.Lock()
+
+    def provenance(self) -> dict:
+        """The run's provenance (`pickrank.provenance`), computed once after the load (weight hashes are remembered
+        beside the cache); while the model loads, or when it failed, what is known of it. Blocks: call in a thread."""
+        if not self.embedder.ready or _load_error(self.embedder) is not None:
+            return model_provenance(self.embedder)
+        with self._provenance_lock:
+            if self._provenance is None:
+                from . import provenance
+
+                self._provenance = provenance.compute(self.embedder, self.scale).as_dict()
+        return self._provenance
+
+    async def model_info(self, scale: Scale | None = None) -> dict:
+        """The provenance for a response, with the unit its scores are in (a request may ask for another)."""
+        prov = await asyncio.to_thread(self.provenance)
+        return {**prov, "scale": (scale or self.scale).value} if "scale" in prov else prov
+
+    def _provenance_when_loaded(self) -> None:
+        """Wait for the load to end, then compute the provenance (a failure is the requests' to report)."""
+        getattr(self.embedder, "error", lambda: None)()
+        try:
+            self.provenance()
+        except Exception as e:  # noqa: BLE001 - a thread's failure must not go unseen, nor stop the server
+            log.warning("provenance: %s: %s", type(e).__name__, e)
 
     def authorize(self, request: Request) -> None:
         """401 unless the request carries the bearer token (compared in constant time), when one is set."""
@@ -584,7 +612,7 @@ class _Service:
         parsed, raw, truncated = await self.raw_scores(request)
         scale = parsed.scale or self.scale
         return {"scores": self.in_scale(raw, scale), "truncated": truncated, "scale": scale.value,
-                "model": model_provenance(self.embedder)}
+                "model": await self.model_info(scale)}
 
     async def rank(self, request: Request) -> dict:
         import torch
@@ -601,11 +629,11 @@ class _Service:
         order = sorted(range(len(scores)), key=lambda i: rk[i])
         return {"prompt": parsed.prompts[0], "truncated": truncated[0], "scale": scale.value,
                 "ranking": [{"index": i, "score": scores[i], "prob": probs[i], "rank": rk[i]} for i in order],
-                "model": model_provenance(self.embedder)}
+                "model": await self.model_info(scale)}
 
     async def health(self) -> Any:
         self.check_ready()
-        return {"status": "ok", "model": model_provenance(self.embedder)}
+        return {"status": "ok", "model": await self.model_info()}
 
     async def metrics_text(self) -> Response:
         from fastapi.responses import Response as Plain
@@ -619,6 +647,8 @@ class _Service:
         self.decoders = Decoders(self.limits.workers)
         self.batcher = self.make_batcher(self.embedder, self.limits, self.metrics)
         task = asyncio.create_task(self.batcher.run(), name="pickrank-batcher")
+        # hash the weights as soon as the model has loaded, not on the first request
+        threading.Thread(target=self._provenance_when_loaded, name="pickrank-provenance", daemon=True).start()
         try:
             yield
         finally:
@@ -676,7 +706,7 @@ def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, t
     @app.get("/v1/info", summary="Model, versions, limits and the default scale")
     async def info(request: Request) -> Response:
         async def work() -> dict:
-            return server_info(embedder, svc.limits, svc.scale)
+            return server_info(await svc.model_info(), svc.limits, svc.scale, embedder.ready)
 
         return await svc.answer("info", request, work)
 

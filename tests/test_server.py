@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -236,6 +237,17 @@ def test_rank_best_first_with_prob(server: Server, scorer: PickScorer, tmp_path:
     assert np.allclose([r["score"] for r in ranking], expected.sort(descending=True).values, atol=TOL, rtol=RTOL)
     two = post_json(server.url, ["a", "b", "a", "a"], files, path="/v1/rank")
     assert two.status_code == 400 and "one prompt" in two.json()["error"]
+
+
+def test_info_and_responses_carry_the_provenance(server: Server, model_dir: Path, tmp_path: Path) -> None:
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    info = httpx.get(server.url + "/v1/info", timeout=10).json()["model"]
+    assert info["weights"] == {"model.safetensors": weights} and info["backend"] == "torch"
+    assert info["model"] == os.path.abspath(model_dir) and info["scale"] == "raw"
+    assert info["versions"]["pickrank"] and info["preprocessing"]["decode"] == "exact"
+    body = post_json(server.url, "a red cat", drawn(tmp_path, 2), scale="unit26").json()
+    # the same provenance, in the unit this response's scores are in
+    assert body["model"] == {**info, "scale": "unit26"} and body["scale"] == "unit26"
 
 
 def test_info_metrics_docs(server: Server) -> None:
