@@ -933,7 +933,7 @@ def _check_exposure(host: str, token: str | None, insecure_no_auth: bool) -> Non
 
 
 @app.command()
-@with_options(ModelOptions, (RunOptions, "workers", "max_pixels"), (EngineOptions, "engine", "ray_address"),
+@with_options(ModelOptions, (RunOptions, "workers", "max_pixels", "scale"), (EngineOptions, "engine", "ray_address"),
               CommandOptions)
 def serve(
     host: Annotated[str, Opt(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
@@ -949,9 +949,6 @@ def serve(
                                         "(Authorization: Bearer TOKEN) [default: $PICKRANK_TOKEN].")] = None,
     insecure_no_auth: Annotated[bool, Opt("--insecure-no-auth", help="Serve a non-loopback --host without a "
                                           "token.")] = False,
-    scale: Annotated[Scale, Opt(help="Unit of the scores unless a request asks for another: raw (PickScore), "
-                                "unit26 (raw / 26, flow_grpo and verl-omni) or cosine (raw / exp(logit_scale)).")]
-    = Scale.raw,
     replicas: Annotated[Optional[int], Opt(min=1, help="Model replicas on Ray (engine ray) [default: 1 per GPU, "
                                            "else 1].")] = None,
     *, opts: Opts,
@@ -959,7 +956,8 @@ def serve(
     """Serve PickScore rewards over HTTP, batched across callers (needs the serve extra of pickrank).
 
     POST /v1/score and /v1/rank take JSON (base64 images), a multipart form or a safetensors body of uint8
-    images; GET /healthz, /v1/info, /metrics; API docs at /docs. SIGTERM stops it gracefully (exit 0).
+    images; GET /healthz, /v1/info, /metrics; API docs at /docs. Scores are in the scale option's unit unless a request
+    asks for another. SIGTERM stops it gracefully (exit 0).
 
     Example: pickrank serve --port 8765 --max-batch 64
     """
@@ -981,11 +979,11 @@ def serve(
             require_ray()  # without the extra: a one-line usage error
             from .serve_ray import serve_ray
 
-            serve_ray(model, limits, host, port, token, scale, replicas, opts.engine.ray_address)
+            serve_ray(model, limits, host, port, token, opts.run.scale, replicas, opts.engine.ray_address)
             return
         if replicas is not None:
             raise UsageError("--replicas needs --engine ray")
-        _serve_local(model, limits, host, port, token, scale)
+        _serve_local(model, limits, host, port, token, opts.run.scale)
 
 
 def _serve_workers(workers: int | None) -> int:
