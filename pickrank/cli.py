@@ -334,8 +334,8 @@ def _load_embedder(options: ModelOptions):
 
     def loaded(embedder) -> None:
         d = embedder.describe()
-        slow = " (CPU is slow: about 2 s per image for PickScore; a GPU or --dtype bf16 helps)" \
-            if embedder.device.type == "cpu" else ""
+        helps = "a GPU or --dtype bf16 helps" if embedder.backend == "torch" else "a GPU helps"
+        slow = f" (CPU is slow: about 2 s per image for PickScore; {helps})" if embedder.device.type == "cpu" else ""
         log.info("%s on %s, %s%s", embedder.source.model, d["device"], d["dtype"], slow)
 
     return loading.load_embedder(options, on_loaded=loaded)

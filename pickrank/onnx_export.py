@@ -71,6 +71,9 @@ class TextGraph(torch.nn.Module):
 def check_out_dir(out_dir: str) -> None:
     """OUT_DIR may be missing, an empty folder, or an earlier export (replaced); anything else is refused."""
     if not os.path.lexists(out_dir):
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        if not os.path.isdir(parent):
+            raise UsageError(f"{out_dir}: its folder {parent} does not exist")
         return
     if os.path.islink(out_dir) or not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir}: exists and is not a folder; give a new folder for the export")

@@ -373,7 +373,7 @@ class _Prompts:
         if self.keep_scores:
             return lambda v: float(v[pi])
         text, scale = self.text[pi:pi + 1], self.embedder.scale
-        return lambda v: float(pick_scores(text, v[None], scale))
+        return lambda v: float(pick_scores(text, v[None], scale)[0, 0])
 
 
 class _PromptStream:

@@ -153,6 +153,8 @@ def test_export_never_overwrites_a_folder_that_is_not_an_export(model_dir: Path,
     assert r.returncode == 0, r.stderr
     assert not (ours / "stale.onnx").exists() and (ours / "manifest.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["ours", "theirs"]
+    r = run("export", "onnx", str(tmp_path / "no" / "such" / "x"), "--model", str(model_dir))
+    assert r.returncode == 2 and "does not exist" in r.stderr
 
 
 # -- running it -------------------------------------------------------------------------------------------------
