@@ -82,7 +82,7 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
              "discards the alpha channel, as transformers 4.x and PickScore's training code did.")], Alpha.white),
     "backend": (ModelOptions, Annotated[Optional[BackendName], Opt(
         help="torch, or onnx: ONNX Runtime on a folder made by `pickrank export onnx` (no torch needed) "
-             "[default: onnx when --model is such a folder, else torch].")], None),
+             "[default: onnx when the model is such a folder, else torch].")], None),
     "decode": (ModelOptions, Annotated[Decode, Opt(
         help="exact decodes JPEGs as the reference does; fast decodes them at reduced DCT scale first (~1.8x "
              "faster on 1024x1024, scores not exact; its own cache entries).")], Decode.exact),
@@ -874,9 +874,10 @@ def export_onnx(
                                 "there is replaced, anything else is refused.")],
     *, opts: Opts,
 ) -> None:
-    """Export the vision and text towers as ONNX graphs (fp32), checked against torch, for --backend onnx.
+    """Export the vision and text towers as ONNX graphs (fp32), checked against torch, for the onnx backend (the
+    folder is then the model of any scoring command, run by ONNX Runtime).
 
-    Example: pickrank export onnx pickscore-onnx/ && pickrank score --model pickscore-onnx/ -p "a cat" imgs/
+    Example: pickrank export onnx pickscore-onnx/
     """
     with _Command(opts.command):
         loading.require_torch("pickrank export onnx")  # it traces the torch model
