@@ -6,13 +6,18 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 EXTRAS ?= test,eval,ray,serve,onnx
 
-.PHONY: install test bench clean
+.PHONY: install install-onnx test bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+
+# An environment that runs ONNX exports only (`--backend onnx`): no torch, no transformers.
+install-onnx:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps -e . && $(PY) -m pip install --quiet -r requirements-onnx.txt
 
 test:
 	$(PY) -m pytest -q

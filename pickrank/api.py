@@ -197,7 +197,11 @@ class PickScorer:
                                          device=device, dtype=dtype, batch_size=batch_size, alpha=alpha)
         if options is not None and given != ModelOptions():
             raise UsageError("give the model options either as arguments or as options=ModelOptions(...), not both")
-        embedder = loading.load_embedder(options or given).result()
+        loading_embedder = loading.load_embedder(options or given)
+        if loading_embedder.backend != "torch":  # its tensors, devices and differentiable path are torch's
+            raise UsageError("PickScorer runs the torch model; an ONNX export runs through the CLI "
+                             "(pickrank score --model EXPORT_FOLDER)")
+        embedder = loading_embedder.result()
         return cls(embedder, differentiable=differentiable, max_pixels=max_pixels, preprocess=preprocess,
                    score_scale=scale)
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,9 +31,6 @@ from .options import CacheOptions, ModelOptions
 from .reader import ImageSpec
 from .source import (_WEIGHT_SUFFIXES, ModelSource, check_is_clip, check_local_weights, hub_offline,
                      load_processor_config, resolve_source)
-
-if TYPE_CHECKING:
-    from .hashing import HashStore
 
 
 class Status(str, Enum):

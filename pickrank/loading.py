@@ -8,12 +8,14 @@ The `LoadingEmbedder` it returns is an `ImageTextEmbedder` (`protocol.py`) from 
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from .errors import UsageError
 from .options import ModelOptions
 from .source import ModelInfo, ModelSource, inspect_model, resolve_source
 
@@ -42,7 +44,7 @@ class LoadingEmbedder:
 
     def __init__(self, info: ModelInfo, future: Future) -> None:
         self.info = info
-        self.spec, self.fingerprint = info.spec, info.fingerprint
+        self.spec, self.fingerprint, self.backend = info.spec, info.fingerprint, info.backend
         self.source, self.revision = info.source, info.revision
         self._future = future
 
@@ -69,10 +71,6 @@ class LoadingEmbedder:
         return self.result().batch_size
 
     @property
-    def backend(self) -> str:
-        return self.result().backend
-
-    @property
     def device(self) -> "torch.device":
         return self.result().device
 
@@ -97,10 +95,10 @@ class LoadingEmbedder:
 def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
                        batch_size: int | None = None,
                        on_loaded: Callable[["Embedder"], None] | None = None,
-                       alpha: str = "white") -> LoadingEmbedder:
+                       alpha: str = "white", decode: str = "exact") -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
     weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread."""
-    info = inspect_model(source, dtype, alpha)
+    info = inspect_model(source, dtype, alpha, decode)
 
     def load() -> "Embedder":
         from .model import Embedder
@@ -113,9 +111,46 @@ def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "
     return LoadingEmbedder(info, in_thread(load, "pickrank-load"))
 
 
+def require_torch(what: str) -> None:
+    """A usage error, before any work, when torch or transformers is not installed (an ONNX-only environment)."""
+    try:
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    except ImportError:  # a finder that refuses the name: as good as missing
+        missing = ["torch"]
+    if missing:
+        raise UsageError(f"{what} needs {' and '.join(missing)}, which this environment lacks (an ONNX-only "
+                         "install): pip install pickrank for the torch backend, or give --model a folder made by "
+                         "`pickrank export onnx`")
+
+
+def load_export_in_background(source: ModelSource, options: ModelOptions,
+                              on_loaded: Callable[[object], None] | None = None) -> LoadingEmbedder:
+    """`load_in_background` for an ONNX export: checked now from its JSON files, opened on ONNX Runtime in a
+    thread (no torch, no transformers)."""
+    from .onnx_backend import OnnxEmbedder, inspect_export
+
+    info = inspect_export(source, options.dtype.value, options.alpha.value, options.decode.value)
+
+    def load() -> OnnxEmbedder:
+        embedder = OnnxEmbedder.load(info, device=options.device, batch_size=options.batch_size)
+        if on_loaded is not None:
+            on_loaded(embedder)
+        return embedder
+
+    return LoadingEmbedder(info, in_thread(load, "pickrank-load"))
+
+
 def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here) and load it in a thread; the CLI and
-    `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`)."""
+    `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`). An ONNX export folder
+    (or --backend onnx) loads on ONNX Runtime."""
+    from .onnx_backend import wants_onnx
+
     source = resolve_source(options.model, options.processor, options.revision, options.offline)
+    backend = options.backend.value if options.backend is not None else None
+    if wants_onnx(backend, source, options.processor is not None):
+        return load_export_in_background(source, options, on_loaded)
+    require_torch(f"the torch backend (--model {source.model})")
     return load_in_background(source, device=options.device, dtype=options.dtype.value,
-                              batch_size=options.batch_size, on_loaded=on_loaded, alpha=options.alpha.value)
+                              batch_size=options.batch_size, on_loaded=on_loaded, alpha=options.alpha.value,
+                              decode=options.decode.value)

@@ -12,16 +12,15 @@ import torch
 
 from .errors import ModelLoadError, UsageError
 from .reader import ImageSpec, normalize
-from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, DTYPE_NAMES, WEIGHTS_INDEX, ModelInfo, ModelSource,
-                     check_dtype_name, inspect_model, load_error_text, local_fingerprint, model_file, resolve_source,
-                     weight_files)
+from .source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, DTYPE_NAMES, MAX_TOKENS, WEIGHTS_INDEX, ModelInfo,
+                     ModelSource, check_dtype_name, inspect_model, load_error_text, local_fingerprint, model_file,
+                     resolve_source, vision_gflops, weight_files)
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROCESSOR", "ModelSource", "resolve_source", "local_fingerprint", "Embedder",
            "PickScoreTowers", "features", "pick_device", "check_dtype", "cpu_has_bf16"]
 
 log = logging.getLogger("pickrank")
 
-MAX_TOKENS = 77
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
@@ -148,11 +147,17 @@ class PickScoreTowers(torch.nn.Module):
         return self.vision(pixel_values=pixel_values).image_embeds
 
 
+def vision_dims(v: object) -> dict:
+    """What `source.vision_gflops` needs of a CLIP vision config (also written into an ONNX export's manifest)."""
+    names = ("hidden_size", "patch_size", "num_hidden_layers", "image_size", "intermediate_size", "num_channels")
+    return {n: int(getattr(v, n)) for n in names}
+
+
 class Embedder:
     """PickScore's two towers on one device and dtype; embeddings come back L2-normalised, fp32, on the CPU."""
 
     ready = True  # as `loading.LoadingEmbedder.ready`: an Embedder is loaded
-    backend = "torch"  # what runs the model, for the provenance (an ONNX embedder says "onnx")
+    backend = "torch"  # what runs the model (the provenance says it); embeddings are torch tensors (ONNX: numpy)
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
                  dtype: torch.dtype, fingerprint: str, source: ModelSource | None = None,
@@ -200,11 +205,7 @@ class Embedder:
     @property
     def image_gflops(self) -> float:
         """Approximate GFLOPs of one image through the vision tower (patch embedding, attention, MLPs)."""
-        v = self.model.config.vision_config
-        h, p, layers = v.hidden_size, v.patch_size, v.num_hidden_layers
-        tokens = (v.image_size // p) ** 2 + 1
-        per_layer = tokens * (4 * h * h + 2 * h * v.intermediate_size) + 2 * tokens * tokens * h
-        return 2 * (tokens * v.num_channels * p * p * h + layers * per_layer) / 1e9
+        return vision_gflops(vision_dims(self.model.config.vision_config))
 
     def describe(self) -> dict:
         """Model, revision, device and dtype, for logs and reports."""

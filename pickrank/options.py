@@ -163,10 +163,16 @@ class ModelOptions(_Bundle):
     dtype: DType = DType.fp32
     batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
     alpha: Alpha = Alpha.white  # part of the preprocessing, hence of the cache fingerprint
+    backend: BackendName | None = None  # None: onnx when `model` is an ONNX export folder, else torch
+    # Part of the preprocessing (as alpha), hence of the cache fingerprint: here, where the fingerprint is made.
+    decode: Decode = Decode.exact
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", as_enum(DType, self.dtype, "dtype"))
         object.__setattr__(self, "alpha", as_enum(Alpha, self.alpha, "--alpha value"))
+        object.__setattr__(self, "decode", as_enum(Decode, self.decode, "--decode value"))
+        if self.backend is not None:
+            object.__setattr__(self, "backend", as_enum(BackendName, self.backend, "backend"))
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ encoded once.
     CandidateSet --read_item--> Entry (path, key | error) --memo / cache / Backend--> Finished (keys, embeddings)
         --_Run.take--> per-set vectors --Engine._rank (score.py)--> Ranking (Records)
 
-torch is imported only where scores are computed: the CLI hands the engine a model still loading in a thread
-(`loading.LoadingEmbedder`), and reading, hashing, cache lookups and decoding start before torch is in.
+torch is imported only where scores are computed, and only for the torch backend: the CLI hands the engine a model
+still loading in a thread (`loading.LoadingEmbedder`), and reading, hashing, cache lookups and decoding start before
+torch is in. With an ONNX export (`embedder.backend == "onnx"`) embeddings and scores are numpy arrays and torch is
+never imported (`score.py` computes on either).
 """
 
 from __future__ import annotations
@@ -307,7 +309,10 @@ class _LocalBackend:
 
     def _pick_threads(self) -> None:
         """One intra-op thread for a small vision tower on the CPU, beside decode workers (process-wide until
-        close(), as torch's setting is)."""
+        close(), as torch's setting is). ONNX Runtime keeps its own threads: left as they are."""
+        if self.embedder.backend != "torch":
+            self.saved_threads = 0  # nothing to restore
+            return
         import torch  # loaded with the model by now
 
         self.saved_threads = torch.get_num_threads()
@@ -320,7 +325,7 @@ class _LocalBackend:
 
     def close(self) -> None:
         self.decoder.close()
-        if self.saved_threads is not None:
+        if self.saved_threads:  # None: never set; 0: not torch's to restore
             import torch
 
             torch.set_num_threads(self.saved_threads)
@@ -345,10 +350,8 @@ class _Prompts:
     @property
     def text(self) -> torch.Tensor:
         """The normalised prompt embeddings (P, D), in index order (waits for the model)."""
-        if self._text is None and not self.index:  # every set failed before it had a prompt
-            import torch
-
-            self._text = torch.empty(0, 0)
+        if self._text is None and not self.index:  # every set failed before it had a prompt: no image is scored
+            self._text = np.empty((0, 0), dtype=np.float32)
         if self._text is None:
             text, truncated = encode_prompts(self.embedder, list(self.index), self.warn)
             self._truncated = dict(zip(self.index, truncated))
@@ -368,14 +371,12 @@ class _Prompts:
     def to_memo(self, emb: torch.Tensor | np.ndarray) -> torch.Tensor:
         """What the run keeps per image, from (N, D) embeddings. One matrix-vector product per image: the result
         does not depend on which batch the image came in."""
-        import torch  # loaded with the model by now
+        from .score import as_array, pick_scores, stack
 
-        from .score import pick_scores
-
-        emb = torch.as_tensor(emb)
+        emb = as_array(emb, self.embedder.backend)
         if not self.keep_scores:
             return emb
-        return torch.stack([pick_scores(self.text, e[None], self.embedder.scale)[:, 0] for e in emb])
+        return stack([pick_scores(self.text, e[None], self.embedder.scale)[:, 0] for e in emb])
 
     def scorer(self, prompt: str) -> Callable[[torch.Tensor], float]:
         """The score of `prompt` from what to_memo kept."""
@@ -385,7 +386,7 @@ class _Prompts:
         if self.keep_scores:
             return lambda v: float(v[pi])
         text, scale = self.text[pi:pi + 1], self.embedder.scale
-        return lambda v: float(pick_scores(text, v[None], scale))
+        return lambda v: float(pick_scores(text, v[None], scale)[0, 0])
 
 
 class _PromptStream:
@@ -418,9 +419,9 @@ class _PromptStream:
 
     def to_memo(self, emb: torch.Tensor | np.ndarray) -> torch.Tensor:
         """The embeddings themselves: the prompts to come are not known yet."""
-        import torch
+        from .score import as_array
 
-        return torch.as_tensor(emb)
+        return as_array(emb, self.embedder.backend)
 
     def scorer(self, prompt: str) -> Callable[[torch.Tensor], float]:
         from .score import pick_score
@@ -555,7 +556,7 @@ class _Run:
             if f.keys:
                 emb = f.embeddings
                 engine.summary.embedded += len(f.keys)
-                engine.cache.put_many({k: emb[i].numpy() for i, k in enumerate(f.keys)},  # type: ignore[index]
+                engine.cache.put_many({k: np.asarray(emb[i]) for i, k in enumerate(f.keys)},  # type: ignore[index]
                                       engine.embedder.fingerprint)
                 vecs = self.prompts.to_memo(emb)  # type: ignore[arg-type]
                 for i, k in enumerate(f.keys):
@@ -669,13 +670,12 @@ class Engine:
     def _ranked(self, q: Query, ok: list[tuple[str, torch.Tensor]],
                 prompts: _Prompts | _PromptStream) -> list[Record]:
         """One query's records over the set's embedded images, best first (the first `top` of them)."""
-        import torch  # loaded with the model by now
-
-        from .score import ranks, softmax_probs
+        from .score import as_array, ranks, softmax_probs
 
         score = prompts.scorer(q.prompt)
         scores = [score(v) for _, v in ok]
-        probs = softmax_probs(torch.tensor(scores, dtype=torch.float32)).tolist() if scores else []
+        as_f32 = np.asarray(scores, dtype=np.float32)  # what torch.tensor(scores, dtype=float32) holds
+        probs = softmax_probs(as_array(as_f32, self.embedder.backend)).tolist() if scores else []
         rk = ranks(scores)
         truncated, top = prompts.truncated(q.prompt), self.options.top
         unit = self.unit  # probs and ranks above come from the raw scores: --scale changes only the score column

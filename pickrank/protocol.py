@@ -1,8 +1,9 @@
 """What every stage may ask of an embedder, loaded or still loading (no torch import here: the CLI's start-up and the
 decode workers stay light).
 
-Implemented by `model.Embedder` (loaded) and `loading.LoadingEmbedder` (loading in a thread: what is known before
-the weights load is there at once, the rest waits for the load, or raises its error).
+Implemented by `model.Embedder` (loaded), `onnx_backend.OnnxEmbedder` (an ONNX export on ONNX Runtime: numpy
+arrays where the torch embedder gives tensors) and `loading.LoadingEmbedder` (loading in a thread: what is known
+before the weights load is there at once, the rest waits for the load, or raises its error).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class ImageTextEmbedder(Protocol):
 
     spec: ImageSpec  # the preprocessing the image tower expects (known before the weights load)
     fingerprint: str  # the cache key's model part (idem)
+    backend: str  # "torch" (embeddings are torch tensors) or "onnx" (numpy arrays; no torch in the process) (idem)
 
     @property
     def backend(self) -> str:
@@ -41,7 +43,7 @@ class ImageTextEmbedder(Protocol):
 
     @property
     def device(self) -> "torch.device":
-        """Where the model runs."""
+        """Where the model runs (anything with `.type` "cpu"/"cuda"/"mps" and a str())."""
 
     @property
     def image_gflops(self) -> float:
@@ -50,8 +52,8 @@ class ImageTextEmbedder(Protocol):
     def describe(self) -> dict:
         """Model, revision, device and dtype, for logs and reports."""
 
-    def embed_texts(self, texts: list[str]) -> tuple["torch.Tensor", list[bool]]:
+    def embed_texts(self, texts: list[str]) -> tuple["torch.Tensor | np.ndarray", list[bool]]:
         """Normalised text embeddings (N, D) and, per text, whether it was truncated at 77 tokens."""
 
-    def embed_images(self, pixels: np.ndarray) -> "torch.Tensor":
+    def embed_images(self, pixels: np.ndarray) -> "torch.Tensor | np.ndarray":
         """Normalised image embeddings (N, D) of decoded uint8 images (N, 3, H, W)."""

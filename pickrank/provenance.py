@@ -56,9 +56,9 @@ class Provenance:
         return d
 
 
-def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw, decode: Decode | str = Decode.exact,
-            store: HashStore | None = None) -> Provenance:
-    """The provenance of a loaded embedder's run (waits for the load); weight hashes come from `store`."""
+def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw, store: HashStore | None = None) -> Provenance:
+    """The provenance of a loaded embedder's run (waits for the load); weight hashes come from `store`; the decode
+    mode from the embedder's preprocessing spec (--decode is part of it)."""
     store = store or HashStore()
     source: ModelSource = embedder.source  # type: ignore[attr-defined]
     described = embedder.describe()
@@ -66,14 +66,23 @@ def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw, decod
     return Provenance(
         model=os.path.abspath(source.model) if source.model_is_local else source.model,
         revision=getattr(embedder, "revision", None),
-        weights={os.path.basename(p): store.sha256(p) for p in weight_files(source)},
+        weights={os.path.basename(p): store.sha256(p) for p in model_weight_files(embedder.backend, source)},
         processor=os.path.abspath(source.processor) if os.path.isdir(source.processor) else source.processor,
         tokenizer_sha256=files_sha256(tok_files, store) if tok_files else None,
         tokenizer_files=tuple(os.path.basename(p) for p in tok_files),
         dtype=str(described.get("dtype")), device=str(described.get("device")),
         gpu=gpu_name(str(described.get("device"))), backend=embedder.backend,
-        preprocessing=preprocessing(embedder.spec, Decode(decode)),
+        preprocessing=preprocessing(embedder.spec, Decode(getattr(embedder.spec, "decode", "exact"))),
         scale=Scale(scale).value, exp_logit_scale=float(embedder.scale), versions=versions())
+
+
+def model_weight_files(backend: str, source: ModelSource) -> list[str]:
+    """The files the model's weights are in: safetensors for torch, an export's graphs and data files for ONNX."""
+    if backend == "onnx":
+        from .onnx_backend import graph_files
+
+        return graph_files(source.model)
+    return weight_files(source)
 
 
 def tokenizer_paths(source: ModelSource) -> list[str]:

@@ -52,6 +52,7 @@ class ImageSpec:
     image_std: tuple[float, ...] | None = (0.26862954, 0.26130258, 0.27577711)
     convert_rgb: bool = True
     alpha: str = "white"  # transparency: "white" composites onto white (transformers 5), "drop" discards it (4.x)
+    decode: str = "exact"  # JPEGs: "exact" (the reference), or "fast": decoded at reduced DCT scale first
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ImageSpec":
@@ -86,11 +87,13 @@ class ImageSpec:
                    convert_rgb=bool(cfg.get("do_convert_rgb", True)))
 
     def fingerprint(self) -> str:
-        """A stable string naming this preprocessing, for cache keys (alpha "white" is left out: the fingerprint of
-        the preprocessing before --alpha existed, so that existing cache entries stay valid)."""
+        """A stable string naming this preprocessing, for cache keys (alpha "white" and decode "exact" are left out:
+        the fingerprint of the preprocessing before those options existed, so that existing cache entries stay
+        valid; a fast decode has its own)."""
         d = asdict(self)
-        if d["alpha"] == "white":
-            del d["alpha"]
+        for name, default in (("alpha", "white"), ("decode", "exact")):
+            if d[name] == default:
+                del d[name]
         return json.dumps(d, sort_keys=True)
 
 
@@ -285,12 +288,16 @@ def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
                         f"(raise it with --max-pixels)")
 
 
-def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode the first frame of an image from bytes, refusing decompression bombs before decoding."""
+def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               spec: ImageSpec | None = None) -> Image.Image:
+    """Decode the first frame of an image from bytes, refusing decompression bombs before decoding; with a spec
+    whose decode is "fast", a JPEG is decoded at reduced DCT scale (`fast_draft`)."""
     try:
         image = _pillow_open(io.BytesIO(data))
         _check_pixels(image, max_pixels)
         image.seek(0)  # animated GIF/WebP/APNG: the first frame, as the reference's Image.open gives it
+        if spec is not None and spec.decode == "fast":
+            fast_draft(image, spec)
         image.load()
         return image
     except ReadError:
@@ -383,6 +390,17 @@ def resize_crop_geometry(w: int, h: int, spec: ImageSpec) -> Geometry:
     return Geometry(resize, pad, ((h - ch) // 2, (w - cw) // 2, ch, cw))
 
 
+def fast_draft(image: Image.Image, spec: ImageSpec) -> None:
+    """Ask libjpeg to decode a JPEG (not yet loaded) at the smallest DCT scale (1/2, 1/4, 1/8) still at least twice
+    the resize's target on each side, so that the exact bicubic resize that follows still has 2x the pixels it
+    keeps; other formats, and JPEGs too small to shrink, are left as they are."""
+    if image.format != "JPEG":
+        return
+    target = resize_crop_geometry(*image.size, spec).resize
+    if target is not None:
+        image.draft("RGB", (2 * target[0], 2 * target[1]))
+
+
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """Resize (PIL, as the reference) and centre-crop; return uint8 pixels shaped (3, H, W)."""
     if spec.convert_rgb:
@@ -430,7 +448,7 @@ def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:
 def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec,
                           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
     """The worker's unit: bytes -> Decoded, or ReadError."""
-    image = open_image(data, max_pixels)
+    image = open_image(data, max_pixels, spec)
     try:
         pixels = preprocess(image, spec)
     except (OSError, ValueError) as e:

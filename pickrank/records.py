@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -92,5 +93,5 @@ class Finished:
     none), and the keys that failed, with the reason."""
 
     keys: Sequence[str] = ()
-    embeddings: "torch.Tensor | None" = None
+    embeddings: "torch.Tensor | np.ndarray | None" = None
     failures: Sequence[tuple[str, str]] = ()

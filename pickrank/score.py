@@ -1,18 +1,62 @@
-"""Pure math: PickScore from normalised embeddings, softmax over a candidate set, ranks."""
+"""Pure math: PickScore from normalised embeddings, softmax over a candidate set, ranks.
+
+The same functions serve both backends: torch tensors (the torch embedder: computed exactly as before) or numpy
+arrays (an ONNX export, in an environment without torch). torch is imported only when a tensor is given.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+Array = Union["torch.Tensor", np.ndarray]
 
 
-def pick_scores(text: torch.Tensor, images: torch.Tensor, scale: float) -> torch.Tensor:
+def is_tensor(x: object) -> bool:
+    """Whether x is a torch tensor, told without importing torch (an ONNX run has none)."""
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def as_array(x: object, backend: str) -> Array:
+    """Embeddings or scores in the backend's kind of array: a torch tensor for "torch", else a numpy array."""
+    if backend == "torch":
+        import torch
+
+        return torch.as_tensor(x)
+    return np.asarray(x)
+
+
+def _f32(x: Array) -> Array:
+    return x.float() if is_tensor(x) else np.asarray(x, dtype=np.float32)
+
+
+def pick_scores(text: Array, images: Array, scale: float) -> Array:
     """exp(logit_scale) * cos(text, image) for every prompt x image: (P, D), (N, D) -> (P, N), fp32."""
-    return scale * (text.float() @ images.float().T)
+    return scale * (_f32(text) @ _f32(images).T)
 
 
-def softmax_probs(scores: torch.Tensor) -> torch.Tensor:
+def softmax_probs(scores: Array) -> Array:
     """Preference probabilities over one candidate set, as the model card computes them."""
-    return torch.softmax(scores.float(), dim=-1)
+    if is_tensor(scores):
+        import torch
+
+        return torch.softmax(scores.float(), dim=-1)
+    x = np.asarray(scores, dtype=np.float32)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # shifted: exp of a raw score (~20-30) stays finite
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def stack(rows: list[Array]) -> Array:
+    """Rows of one kind stacked into a matrix (torch.stack or np.stack)."""
+    if rows and is_tensor(rows[0]):
+        import torch
+
+        return torch.stack(rows)
+    return np.stack(rows)
 
 
 def ranks(scores: list[float]) -> list[int]:
@@ -24,11 +68,11 @@ def ranks(scores: list[float]) -> list[int]:
     return out
 
 
-def pick_score(text: torch.Tensor, image: torch.Tensor, scale: float) -> float:
+def pick_score(text: Array, image: Array, scale: float) -> float:
     """One prompt against one image, from 1-D normalised embeddings: scale * cos, as a float (eval's pairs)."""
     return float(scale * (text @ image))
 
 
-def paired_scores(text: torch.Tensor, images: torch.Tensor, scale: float) -> torch.Tensor:
+def paired_scores(text: Array, images: Array, scale: float) -> Array:
     """Row i of `text` against row i of `images`: (N, D), (N, D) -> (N,) (PickScorer.score)."""
     return scale * (text * images).sum(-1)

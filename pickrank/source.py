@@ -19,6 +19,7 @@ from .reader import ImageSpec
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+MAX_TOKENS = 77  # CLIP's text length: longer prompts are cut there, as the reference does
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _PROCESSOR_FILES = ("preprocessor_config.json",)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
@@ -212,21 +213,44 @@ class ModelInfo:
     fingerprint: str  # the cache key's model part: weights (or hub commit), dtype, preprocessing
     revision: str | None  # the hub commit, None for a local folder
     dtype: str
+    backend: str = "torch"  # what runs the model: "torch", or "onnx" (an export folder; numpy arrays, no torch)
 
 
-def inspect_model(source: ModelSource, dtype: str = "fp32", alpha: str = "white") -> ModelInfo:
+def run_fingerprint(ident: str, dtype: str, spec: ImageSpec) -> str:
+    """The cache key's model part: which weights (`ident`), the dtype, and a hash of the preprocessing."""
+    return f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"
+
+
+def vision_gflops(v: dict) -> float:
+    """Approximate GFLOPs of one image through a CLIP vision tower of this config (patch embedding, attention,
+    MLPs); `v` holds hidden_size, patch_size, num_hidden_layers, image_size, intermediate_size, num_channels."""
+    h, p, layers = v["hidden_size"], v["patch_size"], v["num_hidden_layers"]
+    tokens = (v["image_size"] // p) ** 2 + 1
+    per_layer = tokens * (4 * h * h + 2 * h * v["intermediate_size"]) + 2 * tokens * tokens * h
+    return 2 * (tokens * v["num_channels"] * p * p * h + layers * per_layer) / 1e9
+
+
+def with_run_choices(spec: ImageSpec, alpha: str, decode: str) -> ImageSpec:
+    """The spec with the run's --alpha and --decode (both part of the preprocessing, hence of the fingerprint)."""
+    if alpha not in ("white", "drop"):
+        raise ValueError(f"alpha must be 'white' or 'drop', not {alpha!r}")
+    if decode not in ("exact", "fast"):
+        raise ValueError(f"decode must be 'exact' or 'fast', not {decode!r}")
+    return replace(spec, alpha=alpha, decode=decode)
+
+
+def inspect_model(source: ModelSource, dtype: str = "fp32", alpha: str = "white",
+                  decode: str = "exact") -> ModelInfo:
     """Check the model is a safetensors CLIP, and read its preprocessing and cache fingerprint (JSON files only);
-    alpha ("white" or "drop": what becomes of transparency) is part of both."""
+    alpha ("white" or "drop": what becomes of transparency) and decode ("exact" or "fast") are part of both."""
     check_dtype_name(dtype)
     if source.model_is_local:
         check_local_weights(source.model)
     elif os.path.exists(source.model):
         raise ModelLoadError(f"{source.model}: not a folder")
     revision = check_is_clip(source)
-    if alpha not in ("white", "drop"):
-        raise ValueError(f"alpha must be 'white' or 'drop', not {alpha!r}")
-    spec = replace(ImageSpec.from_config(load_processor_config(source.processor, source.offline)), alpha=alpha)
+    spec = with_run_choices(ImageSpec.from_config(load_processor_config(source.processor, source.offline)),
+                            alpha, decode)
     ident = f"{os.path.abspath(source.model)}@{local_fingerprint(source.model)}" if source.model_is_local \
         else f"{source.model}@{revision or source.revision or 'main'}"
-    fingerprint = f"{ident}|{dtype}|{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:16]}"
-    return ModelInfo(source, spec, fingerprint, revision, dtype)
+    return ModelInfo(source, spec, run_fingerprint(ident, dtype, spec), revision, dtype)
