@@ -49,12 +49,11 @@ import numpy as np
 import torch
 
 from . import loading
-from .errors import InputFailed, UsageError
+from .errors import UsageError
 from .model import Embedder, features
 from .options import Alpha, DType, ModelOptions, Scale, as_enum
 from .pipeline import Batcher, encode_paired, encode_prompts
-from .reader import (DEFAULT_MAX_PIXELS, Decoded, ImageSpec, ReadError, open_image, preprocess, read_bytes,
-                     resize_crop_geometry)
+from .reader import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, preprocess, resize_crop_geometry, to_image
 from .score import paired_scores
 
 ImageInput = Any  # a path, a PIL image, a uint8 HWC numpy array, or a CHW tensor
@@ -79,32 +78,9 @@ def tensor_to_pil(x: torch.Tensor):
 def to_pil(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """A path, PIL image, uint8 numpy array (HWC or HW) or CHW tensor -> PIL image; unreadable files raise
     InputFailed naming the file."""
-    from PIL import Image
-
-    if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        try:
-            return open_image(read_bytes(path), max_pixels)
-        except ReadError as e:
-            raise InputFailed(f"{path}: {e}") from None
-    if isinstance(item, bytes):
-        try:
-            return open_image(item, max_pixels)
-        except ReadError as e:
-            raise InputFailed(f"image bytes: {e}") from None
-    if isinstance(item, Image.Image):
-        return item
-    if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8:
-            raise UsageError(f"numpy images must be uint8 (H, W, 3) or (H, W), got {item.dtype}; for floats in "
-                             "[0, 1] use (x * 255).round().clip(0, 255).astype(np.uint8)")
-        if (item.ndim == 3 and item.shape[2] in (3, 4)) or item.ndim == 2:
-            return Image.fromarray(np.ascontiguousarray(item))  # RGB, RGBA or L from the shape
-        raise UsageError(f"numpy images must be shaped (H, W, 3), (H, W, 4) or (H, W), got {item.shape}")
     if isinstance(item, torch.Tensor):
         return tensor_to_pil(item)
-    raise UsageError(f"unsupported image type {type(item).__name__}: give paths, PIL images, uint8 numpy "
-                     "arrays or tensors")
+    return to_image(item, max_pixels)
 
 
 def exact_pixels(item: ImageInput, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import RemoteError, UsageError
+from .options import Scale, as_enum
 from .reader import DEFAULT_MAX_PIXELS
 
 _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 2.0
@@ -90,7 +91,6 @@ class RemoteScorer:
         except ImportError:
             raise UsageError("RemoteScorer needs httpx: pip install 'pickrank[client]'") from None
 
-        from .options import Scale, as_enum
 
         self.url = url.rstrip("/")
         self.timeout, self.deadline, self.max_pixels = timeout, deadline, max_pixels
@@ -110,13 +110,14 @@ class RemoteScorer:
         self.close()
 
     # -- what is sent and what comes back ------------------------------------------------------------------------
-    def _body(self, prompts: str | Sequence[str], images: Any) -> tuple[bytes, int]:
+    def _body(self, prompts: str | Sequence[str], images: Any, scale: Scale | str | None = None) -> tuple[bytes, int]:
         from .api import _as_list
 
+        unit = as_enum(Scale, scale, "scale").value if scale is not None else self.scale
         arrays = [pixel_array(it, self.max_pixels) for it in _as_list(images)]
         if not isinstance(prompts, (str, list, tuple)):
             prompts = list(prompts)
-        return (encode_body(prompts, arrays, self.scale) if arrays else b""), len(arrays)
+        return (encode_body(prompts, arrays, unit) if arrays else b""), len(arrays)
 
     def _judge(self, response: Any, path: str) -> _Attempt:
         """A 2xx is the result; a 503 is a wait (its Retry-After); any other status raises RemoteError."""
@@ -184,20 +185,21 @@ class RemoteScorer:
                 attempt += 1
 
     # -- the calls ------------------------------------------------------------------------------------------------
-    def score(self, prompts: str | Sequence[str], images: Any) -> Any:
-        """Scores, one per image, as PickScorer.score returns them: a 1-D fp32 CPU tensor (in `scale`'s unit)."""
+    def score(self, prompts: str | Sequence[str], images: Any, scale: Scale | str | None = None) -> Any:
+        """Scores, one per image, as PickScorer.score returns them: a 1-D fp32 CPU tensor, in `scale`'s unit
+        [default: the one given to the constructor, else the server's]."""
         import torch
 
-        body, n = self._body(prompts, images)
+        body, n = self._body(prompts, images, scale)
         if n == 0:
             return torch.empty(0)
         return torch.tensor(self._post("/v1/score", body)["scores"], dtype=torch.float32)
 
-    async def ascore(self, prompts: str | Sequence[str], images: Any) -> Any:
+    async def ascore(self, prompts: str | Sequence[str], images: Any, scale: Scale | str | None = None) -> Any:
         """`score` for asyncio code (the images are converted in a thread, the request awaited)."""
         import torch
 
-        body, n = await asyncio.to_thread(self._body, prompts, images)
+        body, n = await asyncio.to_thread(self._body, prompts, images, scale)
         if n == 0:
             return torch.empty(0)
         return torch.tensor((await self._apost("/v1/score", body))["scores"], dtype=torch.float32)

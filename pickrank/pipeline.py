@@ -103,16 +103,17 @@ def encode_prompts(embedder: ImageTextEmbedder, texts: list[str], warn: bool = T
 
 
 def encode_paired(embedder: ImageTextEmbedder, prompts: list[str],
-                  warn: bool = True) -> tuple[torch.Tensor, list[bool]]:
+                  warn: bool = True) -> tuple["torch.Tensor | np.ndarray", list[bool]]:
     """One normalised text embedding per item of `prompts` (N, D), each distinct prompt encoded once, and whether
-    each item's prompt was truncated (PickScorer.score and the reward server pair prompts with images this way)."""
-    import torch
+    each item's prompt was truncated (PickScorer.score and the reward server pair prompts with images this way).
+    A torch tensor from the torch embedder, a numpy array from an ONNX export's."""
+    from .score import as_array
 
     unique = list(dict.fromkeys(prompts))
     pos = {p: i for i, p in enumerate(unique)}
     index = [pos[p] for p in prompts]
     text, truncated = encode_prompts(embedder, unique, warn)
-    return text[torch.tensor(index, dtype=torch.long)], [truncated[i] for i in index]
+    return text[as_array(np.asarray(index, dtype=np.int64), embedder.backend)], [truncated[i] for i in index]
 
 
 class Batcher:

@@ -564,3 +564,37 @@ def decode_many(jobs: list[tuple[str, bytes]], spec: ImageSpec, max_pixels: int 
 
 # Truncated files must fail, not be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def to_image(item: object, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, bytes, PIL image or uint8 numpy array (HWC or HW) -> PIL image, without torch (`api.to_pil` adds
+    tensors); unreadable files raise InputFailed naming the file."""
+    from .errors import InputFailed, UsageError
+
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        try:
+            return open_image(read_bytes(path), max_pixels)
+        except ReadError as e:
+            raise InputFailed(f"{path}: {e}") from None
+    if isinstance(item, bytes):
+        try:
+            return open_image(item, max_pixels)
+        except ReadError as e:
+            raise InputFailed(f"image bytes: {e}") from None
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise UsageError(f"numpy images must be uint8 (H, W, 3) or (H, W), got {item.dtype}; for floats in "
+                             "[0, 1] use (x * 255).round().clip(0, 255).astype(np.uint8)")
+        if (item.ndim == 3 and item.shape[2] in (3, 4)) or item.ndim == 2:
+            return Image.fromarray(np.ascontiguousarray(item))  # RGB, RGBA or L from the shape
+        raise UsageError(f"numpy images must be shaped (H, W, 3), (H, W, 4) or (H, W), got {item.shape}")
+    raise UsageError(f"unsupported image type {type(item).__name__}: give paths, PIL images, uint8 numpy "
+                     "arrays or tensors")
+
+
+def image_pixels(item: object, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One image (as `to_image` takes it) by the exact path: the reference's Pillow preprocessing -> uint8 (3, H, W)."""
+    return preprocess(to_image(item, max_pixels), spec)

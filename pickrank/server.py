@@ -10,7 +10,7 @@
     GET  /v1/info    model, versions, limits, default scale;  GET /metrics (Prometheus);  /docs (OpenAPI)
 
 Nothing here decodes, preprocesses or scores on its own: encoded images go through `reader.decode_many` in the
-CLI's worker pool, pixel arrays through `api.exact_pixels`, the model through `pipeline.Batcher` and
+CLI's worker pool, pixel arrays through `reader.image_pixels`, the model through `pipeline.Batcher` and
 `pipeline.encode_paired`, the math through `score.py`. The event loop only parses and waits: decoding runs in
 the pool (or threads), the model in one thread of its own.
 """
@@ -291,7 +291,7 @@ async def parse_request(request: Request, limits: ServeLimits) -> ScoreRequest:
 
 class Decoders:
     """Decoding and preprocessing off the event loop: encoded images in the CLI's worker pool (`reader.decode_many`,
-    the same limits), pixel arrays in threads (`api.exact_pixels`, Pillow releases the GIL while it resizes)."""
+    the same limits), pixel arrays in threads (`reader.image_pixels`, Pillow releases the GIL while it resizes)."""
 
     def __init__(self, workers: int) -> None:
         self.pool = worker_pool(workers) if workers > 0 else None
@@ -300,14 +300,14 @@ class Decoders:
     async def pixels(self, images: list[bytes | np.ndarray], spec: ImageSpec,
                      max_pixels: int | None) -> list[np.ndarray]:
         """Preprocessed uint8 (3, H, W) pixels per image, in order; a 422 (413 over max_pixels) naming the failed."""
-        from .api import exact_pixels
+        from .reader import image_pixels
 
         loop = asyncio.get_running_loop()
         encoded = [(str(i), im) for i, im in enumerate(images) if isinstance(im, bytes)]
         chunks = [encoded[i:i + _DECODE_CHUNK] for i in range(0, len(encoded), _DECODE_CHUNK)]
         pool: Executor = self.pool or self.threads
         futures = [asyncio.wrap_future(pool.submit(decode_many, c, spec, max_pixels)) for c in chunks]
-        arrays = {i: loop.run_in_executor(self.threads, exact_pixels, im, spec, None)
+        arrays = {i: loop.run_in_executor(self.threads, image_pixels, im, spec, None)
                   for i, im in enumerate(images) if not isinstance(im, bytes)}
         results: dict[int, Decoded | str] = {}
         for chunk, out in zip(chunks, await asyncio.gather(*futures)):
@@ -339,7 +339,7 @@ def score_batch(embedder: ImageTextEmbedder, pixels: list[np.ndarray],
         batcher.add(Decoded(str(i), px))
     images = batcher.embed(len(batcher)).embeddings
     text, truncated = encode_paired(embedder, prompts, warn=False)
-    return paired_scores(text, images, embedder.scale).numpy(), truncated
+    return np.asarray(paired_scores(text, images, embedder.scale), dtype=np.float32), truncated
 
 
 @dataclass
@@ -615,16 +615,14 @@ class _Service:
                 "model": await self.model_info(scale)}
 
     async def rank(self, request: Request) -> dict:
-        import torch
-
-        from .score import ranks, softmax_probs
+        from .score import as_array, ranks, softmax_probs
 
         parsed, raw, truncated = await self.raw_scores(request)
         if len(set(parsed.prompts)) > 1:
             raise ApiError(400, "prompts: a ranking is over one prompt: give 'prompt' (or equal prompts)")
         scale = parsed.scale or self.scale
         scores = self.in_scale(raw, scale)
-        probs = softmax_probs(torch.from_numpy(raw)).tolist()
+        probs = softmax_probs(as_array(raw, self.embedder.backend)).tolist()  # as the CLI's, on either backend
         rk = ranks(raw.tolist())
         order = sorted(range(len(scores)), key=lambda i: rk[i])
         return {"prompt": parsed.prompts[0], "truncated": truncated[0], "scale": scale.value,

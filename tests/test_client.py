@@ -152,10 +152,11 @@ def test_retries_until_the_server_is_up_and_loaded(model_dir: Path, scorer: Pick
 # -- the README's trainer recipes, run with both scorers ------------------------------------------------------
 
 def pickscore_reward_fn(scorer: Any) -> Any:
-    """flow_grpo-style: reward_fn(images, prompts, metadata) -> (scores, info); PickScore / 26 as flow_grpo does."""
+    """flow_grpo-style: reward_fn(images, prompts, metadata) -> (scores, info); PickScore / 26 as flow_grpo does
+    (the README's recipe)."""
 
     def reward_fn(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[Any, dict]:
-        scores = scorer.score(prompts, images) / 26
+        scores = scorer.score(prompts, images, scale="unit26")
         return scores.tolist(), {}
 
     return reward_fn
@@ -176,6 +177,7 @@ def test_recipes_run_unchanged_with_both_scorers(remote: RemoteScorer, scorer: P
     local, far = pickscore_reward_fn(scorer), pickscore_reward_fn(remote)
     (ls, linfo), (rs, rinfo) = local(images, prompts, [{}] * 4), far(images, prompts, [{}] * 4)
     assert linfo == rinfo == {} and np.allclose(ls, rs, atol=TOL, rtol=RTOL)
+    assert np.allclose(ls, (scorer.score(prompts, images) / 26).tolist(), atol=1e-6)
     batches = [(prompts, images), (prompts[:2], torch.rand(2, 3, 32, 48))]
     for a, b in zip(reward_loop(scorer, batches), reward_loop(remote, batches)):
         assert close(a, b)

@@ -296,3 +296,46 @@ def test_external_data_outside_the_export_is_refused(export_dir: Path, jpegs: Pa
     assert r.returncode == 1 and "cannot load the ONNX graph" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) <= 3
     no_traceback(r.stderr)
+
+
+def test_serve_runs_an_export_without_torch(export_dir: Path, model_dir: Path, tmp_path: Path) -> None:
+    """`pickrank serve` on the ONNX export, torch blocked: JSON and safetensors bodies score as the torch model."""
+    import base64
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+    from safetensors.numpy import save
+
+    from .test_server import running_server
+
+    blocker = tmp_path / "no-torch"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = {"PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
+    files = [draw_image(tmp_path / f"s{i}.png", (96 + 32 * i, 80), seed=i) for i in range(3)]
+    prompts = ["a red cat", "a blue dog", "a red cat"]
+    t = run("batch", str(write_pairs(tmp_path, prompts, files)), "--model", str(model_dir), "--no-cache", "-f", "jsonl")
+    assert t.returncode == 0, t.stderr
+    want = {os.path.basename(r["path"]): r["score"] for r in jsonl(t.stdout)}
+    with running_server(export_dir, env=env) as s:
+        s.wait_ready()
+        body = {"prompts": prompts, "images": [base64.b64encode(f.read_bytes()).decode() for f in files]}
+        got = httpx.post(s.url + "/v1/score", json=body, timeout=60)
+        assert got.status_code == 200, got.text
+        assert got.json()["model"]["backend"] == "onnx"
+        assert max(abs(a - want[f.name]) for a, f in zip(got.json()["scores"], files)) <= TOL
+        arrays = {f"images.{i}": np.asarray(Image.open(f).convert("RGB"))[None] for i, f in enumerate(files)}
+        st = httpx.post(s.url + "/v1/rank", content=save(arrays, metadata={"prompt": "a red cat"}),
+                        headers={"content-type": "application/x-safetensors"}, timeout=60)
+        assert st.status_code == 200, st.text
+        ranking = st.json()["ranking"]
+        assert abs(sum(r["prob"] for r in ranking) - 1) < 1e-5
+        assert abs(ranking[[r["index"] for r in ranking].index(0)]["score"] - want[files[0].name]) <= TOL
+
+
+def write_pairs(folder: Path, prompts: list[str], files: list[Path]) -> Path:
+    """A batch CSV: one row per (prompt, image)."""
+    csv = folder / "pairs.csv"
+    csv.write_text("id,prompt,images\n" + "".join(f"{i},{p},{f}\n" for i, (p, f) in enumerate(zip(prompts, files))))
+    return csv
