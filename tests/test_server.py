@@ -436,8 +436,8 @@ def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
     from . import test_options
 
     takes = [n for n in SHARED if n in ("model", "processor", "revision", "offline", "device", "dtype", "alpha",
-                                        "batch_size", "workers", "quiet", "max_pixels", "debug", "engine", "scale",
-                                        "ray_address")]
+                                        "backend", "decode", "batch_size", "workers", "quiet", "max_pixels", "debug",
+                                        "engine", "scale", "ray_address")]
     monkeypatch.setitem(test_options.COMMANDS, ("serve",), (cli.serve, takes))
     test_options.test_shared_options_are_listed_once_and_commands_declare_only_their_own(
         runner, monkeypatch, ("serve",))
