@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pickrank.devtools import build_model
+
+# A test suite started in the background of a non-interactive shell (`make test &`, nohup) inherits SIGINT
+# ignored, and so would every pickrank it starts: the Ctrl-C tests would see no Ctrl-C. Python's own handler here
+# makes the children start with the default disposition, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
