@@ -152,14 +152,17 @@ class _EmbedActor:
     """Embedding actor: loads the Embedder once, then embeds each chunk with `Embedder.embed_images`."""
 
     def __init__(self, source: ModelSource, device: str, dtype: str, batch_size: int, fingerprint: str,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, alpha: str = "white", decode: str = "exact") -> None:
         import torch
 
         from .model import Embedder
+        from .source import inspect_model
 
         if threads:
             torch.set_num_threads(threads)
-        self.embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size)
+        # the driver's preprocessing choices (--alpha, --decode) are part of the fingerprint the worker must match
+        info = inspect_model(source, dtype, alpha, decode)
+        self.embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info)
         _check_same_model(self.embedder.fingerprint, fingerprint, source)
         self.dim = int(self.embedder.model.config.projection_dim)
 
@@ -265,7 +268,8 @@ def _build_dataset(ray, feed, embedder: Embedder, plan: _Plan, max_pixels: int |
     """The run's one Dataset: the source task fed by `feed`, decode tasks, then the pool of embedding actors."""
     actor_kwargs = {"source": _worker_source(embedder), "device": plan.device,
                     "dtype": _DTYPE_NAMES.get(str(embedder.dtype), "fp32"), "batch_size": plan.batch_size,
-                    "fingerprint": embedder.fingerprint, "threads": plan.threads}
+                    "fingerprint": embedder.fingerprint, "threads": plan.threads, "alpha": embedder.spec.alpha,
+                    "decode": embedder.spec.decode}
     return (
         ray.data.range(1, override_num_blocks=1)
         .map_batches(_source, batch_size=1, num_cpus=0, fn_kwargs={"feed": feed})

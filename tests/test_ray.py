@@ -101,6 +101,18 @@ def test_batch_matches_local(ray_cluster, runner, model_dir, images, tmp_path):
     assert_same_records(jsonl(local.stdout), jsonl(ray.stdout))
 
 
+@pytest.mark.parametrize("choice", [("--alpha", "drop"), ("--decode", "fast")])
+def test_preprocessing_choices_reach_the_workers(ray_cluster, runner, model_dir, tmp_path, choice):
+    """The actors embed with the driver's --alpha and --decode (their fingerprint must match the driver's)."""
+    folder = tmp_path / "imgs"
+    for i in range(3):  # transparent PNGs (alpha matters) and large JPEGs (fast decode scales them)
+        draw_image(folder / f"t{i}.png", (300, 200), seed=i, mode="RGBA")
+        draw_image(folder / f"j{i}.jpg", (1024, 800), seed=10 + i)
+    local, ray = run_both(runner, model_dir, "score", "-p", "x", str(folder), *choice)
+    assert local.exit_code == ray.exit_code == 0, ray.output
+    assert_same_records(jsonl(local.stdout), jsonl(ray.stdout))
+
+
 def test_ray_fills_the_cache_the_local_engine_reads(ray_cluster, runner, model_dir, images, tmp_path):
     cache = str(tmp_path / "emb.sqlite3")
     args = ["score", "-p", "x", str(images), "--model", str(model_dir), "-f", "jsonl", "--cache", cache]
