@@ -482,9 +482,7 @@ def _version(package: str) -> str | None:
 
 
 def model_provenance(embedder: ImageTextEmbedder) -> dict:
-    """What the scores come from: model, revision, device, dtype (what is known while it still loads)."""
-    if embedder.ready and _load_error(embedder) is None:
-        return {**embedder.describe(), "logit_scale_exp": embedder.scale}
+    """What is known of the model while it loads, or once it failed (a loaded one has its full provenance)."""
     source = getattr(embedder, "source", None)
     return {"model": getattr(source, "model", None), "revision": getattr(embedder, "revision", None),
             "status": "loading" if not embedder.ready else "failed"}
