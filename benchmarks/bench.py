@@ -277,7 +277,7 @@ def warm_up(model: Path, images: list[str]) -> None:
             with open(p, "rb") as f:
                 while f.read(1 << 24):
                     pass
-    subprocess.run([PY, "-c", "import torch, transformers, PIL, numpy, pickrank.cli; "
+    subprocess.run([PY, "-c", "import torch, transformers, PIL, numpy, pickrank.cli.app; "
                     "from transformers import AutoProcessor, CLIPModel"], cwd=ROOT, env=child_env(), check=True)
 
 
@@ -423,7 +423,7 @@ def case1(cfg: dict, quick: bool) -> tuple[list[str], dict]:
 
 def _cpu_runs_bf16() -> bool:
     """Whether pickrank runs --dtype bf16 on this CPU (the check it makes itself)."""
-    out = subprocess.run([sys.executable, "-c", "from pickrank.model import cpu_has_bf16; print(cpu_has_bf16())"],
+    out = subprocess.run([sys.executable, "-c", "from pickrank.models.torch_embedder import cpu_has_bf16; print(cpu_has_bf16())"],
                          capture_output=True, text=True)
     return out.stdout.strip() == "True"
 
@@ -586,7 +586,7 @@ def case3(cfg: dict, quick: bool, ref_cap_gb: float) -> tuple[list[str], dict]:
 
 def _default_workers() -> int:
     try:
-        from pickrank.pipeline import default_workers
+        from pickrank.core.engine import default_workers
 
         return default_workers()
     except Exception:  # pragma: no cover

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from pickrank.compare import ScoreTable, compare
+from pickrank.analysis.compare import ScoreTable, compare
 
 
 def synthetic(prompts: int, systems: int, samples: int, seed: int = 0) -> ScoreTable:

@@ -9,7 +9,7 @@ __all__ = ["PickScorer", "__version__"]
 def __getattr__(name: str):
     # Lazy: importing pickrank (and `pickrank --help`) must not import torch.
     if name == "PickScorer":
-        from .api import PickScorer
+        from pickrank.api import PickScorer
 
         return PickScorer
     raise AttributeError(name)

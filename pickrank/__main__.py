@@ -1,5 +1,5 @@
 """`python -m pickrank`."""
 
-from .cli import run
+from pickrank.cli.app import run
 
 run()

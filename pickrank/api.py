@@ -8,7 +8,7 @@
 
 Two image paths:
 
-* **exact** (the default): every image becomes a PIL image and goes through `pickrank.reader.preprocess`, the
+* **exact** (the default): every image becomes a PIL image and goes through `pickrank.inputs.reader.preprocess`, the
   reference's Pillow resize and centre crop, so scores equal the CLI's and the model card's. Float tensors are
   quantised first: ``(x * 255).round().clamp(0, 255).to(torch.uint8)``, channels last, then PIL.
 * **differentiable** (``differentiable=True``, float tensors only): resize, crop and normalise in torch
@@ -48,13 +48,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from . import loading
-from .errors import UsageError
-from .model import Embedder, features
-from .options import Alpha, DType, ModelOptions, Scale, as_enum
-from .pipeline import Batcher, encode_paired, encode_prompts
-from .reader import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, preprocess, resize_crop_geometry, to_image
-from .score import paired_scores
+from pickrank.core.engine import Batcher, encode_paired, encode_prompts
+from pickrank.core.scores import paired_scores
+from pickrank.errors import UsageError
+from pickrank.inputs.reader import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, preprocess, resize_crop_geometry, to_image
+from pickrank.models import loading
+from pickrank.models.torch_embedder import Embedder, features
+from pickrank.options import Alpha, DType, ModelOptions, Scale, as_enum
 
 ImageInput = Any  # a path, a PIL image, a uint8 HWC numpy array, or a CHW tensor
 
@@ -139,7 +139,7 @@ def _check_preprocess(name: str) -> str:
 class PickScorer:
     """PickScore_v1 for Python code: scores, rankings and embeddings, on one device and dtype.
 
-    Build it with `PickScorer.from_pretrained`; `embedder` is the underlying `pickrank.model.Embedder`.
+    Build it with `PickScorer.from_pretrained`; `embedder` is the underlying `pickrank.models.torch_embedder.Embedder`.
     """
 
     def __init__(self, embedder: Embedder, differentiable: bool = False,
@@ -197,10 +197,10 @@ class PickScorer:
 
     @property
     def provenance(self) -> dict:
-        """Where this scorer's numbers come from (`pickrank.provenance.Provenance.as_dict()`): computed on first
+        """Where this scorer's numbers come from (`pickrank.core.provenance.Provenance.as_dict()`): computed on first
         use (the weights are hashed once, then remembered beside the embedding cache), the same dict after."""
         if self._provenance is None:
-            from .provenance import compute
+            from pickrank.core.provenance import compute
 
             self._provenance = compute(self.embedder, self.score_scale).as_dict()
         return self._provenance
@@ -323,11 +323,11 @@ class PickScorer:
         truncated, error), best first, then the files that failed (with `error`). Folders and globs expand as on the
         command line; the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the
         same batch size (batches of another size change the last float digits, in the CLI as well)."""
-        from .cache import NullCache
-        from .discover import expand
-        from .pipeline import Engine, RunOptions, single_set
-        from .jobs import check_prompt
-        from .writers import record_fields
+        from pickrank.core.cache import NullCache
+        from pickrank.core.engine import Engine, RunOptions, single_set
+        from pickrank.inputs.discover import expand
+        from pickrank.inputs.sets import check_prompt
+        from pickrank.output.writers import record_fields
 
         if not isinstance(prompt, str):
             raise UsageError(f"the prompt must be a string, got {type(prompt).__name__}")

@@ -25,12 +25,19 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .devtools import LAION_PREPROCESSOR_CONFIG, PICKSCORE_ARCH
-from .errors import PickrankError
-from .options import CacheOptions, ModelOptions
-from .reader import ImageSpec
-from .source import (_WEIGHT_SUFFIXES, ModelSource, check_is_clip, check_local_weights, hub_offline,
-                     load_processor_config, resolve_source)
+from pickrank.devtools import LAION_PREPROCESSOR_CONFIG, PICKSCORE_ARCH
+from pickrank.errors import PickrankError
+from pickrank.inputs.reader import ImageSpec
+from pickrank.models.source import (
+    _WEIGHT_SUFFIXES,
+    ModelSource,
+    check_is_clip,
+    check_local_weights,
+    hub_offline,
+    load_processor_config,
+    resolve_source,
+)
+from pickrank.options import CacheOptions, ModelOptions
 
 
 class Status(str, Enum):
@@ -247,7 +254,7 @@ def check_processor(s: Subject) -> tuple[Status, str]:
 
 def _describe_spec(spec: ImageSpec) -> str:
     """The preprocessing in words: resize, resample, crop."""
-    from .reader import _RESAMPLE_NAMES
+    from pickrank.inputs.reader import _RESAMPLE_NAMES
 
     resize = f"shortest edge to {spec.shortest_edge}" if spec.shortest_edge else f"to {spec.resize_hw}"
     crop = f"centre crop {spec.crop_hw[0]}x{spec.crop_hw[1]}" if spec.crop_hw else "no crop"
@@ -270,7 +277,7 @@ def weight_files(folder: str) -> list[str]:
 @check("weights_format", needs=("model",))
 def check_weights_format(s: Subject) -> tuple[Status, str]:
     """The weights are safetensors (a pickle-only folder fails, named: unpickling can run code)."""
-    from .errors import ModelLoadError
+    from pickrank.errors import ModelLoadError
 
     if not s.source.model_is_local and not weight_files(s.model_dir):  # a run downloads only the safetensors
         repo = s.source.model
@@ -347,7 +354,7 @@ def lfs_sha256(path: str) -> str | None:
 @check("weights_hashes", needs=("weights_complete",))
 def check_weight_hashes(s: Subject) -> tuple[Status, str]:
     """The weight files' SHA-256, compared with the hub revision's where the HF cache knows it."""
-    from .hashing import HashStore
+    from pickrank.models.hashing import HashStore
 
     store, said = HashStore.beside(s.cache.cache), []
     unknown = "no reference: a local folder" if s.source.model_is_local else "no reference: its blob is not named by it"
@@ -474,7 +481,7 @@ def check_torch(s: Subject) -> tuple[Status, str]:
     """torch's version, and the devices it sees (GPU names)."""
     import torch
 
-    from .model import pick_device
+    from pickrank.models.torch_embedder import pick_device
 
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
@@ -489,8 +496,8 @@ def _runs(device: str, dtype: str) -> bool:
     """Whether pickrank runs this dtype on this device type (its own refusals: `model.check_dtype`)."""
     import torch
 
-    from .errors import UsageError
-    from .model import check_dtype
+    from pickrank.errors import UsageError
+    from pickrank.models.torch_embedder import check_dtype
 
     try:
         check_dtype(dtype, torch.device(device))
@@ -502,8 +509,8 @@ def _runs(device: str, dtype: str) -> bool:
 @check("precision")
 def check_precision(s: Subject) -> tuple[Status, str]:
     """Which of fp16/bf16 each device runs, and whether this run's --device and --dtype can run."""
-    from .errors import UsageError
-    from .model import check_dtype, pick_device
+    from pickrank.errors import UsageError
+    from pickrank.models.torch_embedder import check_dtype, pick_device
 
     support = "; ".join(f"{d}: fp32 yes, " + ", ".join(f"{t} {'yes' if _runs(d, t) else 'no'}"
                                                       for t in ("fp16", "bf16")) for d in _devices())
@@ -518,7 +525,7 @@ def check_precision(s: Subject) -> tuple[Status, str]:
 @check("cache")
 def check_cache(s: Subject) -> tuple[Status, str]:
     """The embedding cache's health and size, looked at read-only (nothing is made, moved or written)."""
-    from .cache import EmbeddingCache, default_cache_path
+    from pickrank.core.cache import EmbeddingCache, default_cache_path
 
     if s.cache.no_cache:
         return Status.ok, "not used (--no-cache)"
@@ -572,7 +579,7 @@ def check_decode_workers(s: Subject) -> tuple[Status, str]:
     """The decode worker pool starts, decodes one generated image and shuts down (timed)."""
     from concurrent.futures import TimeoutError as FutureTimeout
 
-    from .reader import DEFAULT_MAX_PIXELS, close_pool, decode_job, signals_deferred, worker_pool
+    from pickrank.inputs.reader import DEFAULT_MAX_PIXELS, close_pool, decode_job, signals_deferred, worker_pool
 
     start = time.perf_counter()
     pool = worker_pool(1)
@@ -596,7 +603,7 @@ def check_decode_workers(s: Subject) -> tuple[Status, str]:
 @check("selftest_preprocessing", needs=("processor",))
 def check_selftest_preprocessing(s: Subject) -> tuple[Status, str]:
     """pickrank's preprocessing against transformers' Pillow CLIP processor on generated images (pixel-exact)."""
-    from .reader import decode_and_preprocess, normalize
+    from pickrank.inputs.reader import decode_and_preprocess, normalize
 
     ref, spec, worst = reference_image_processor(s.processor_dir), s.spec, 0.0
     for i, (size, mode) in enumerate(_SAMPLES):
@@ -617,11 +624,11 @@ def check_selftest_preprocessing(s: Subject) -> tuple[Status, str]:
 
 def engine_scores(s: Subject, prompt: str, images: tuple[bytes, ...], device: str, dtype: str) -> list[float]:
     """The images' scores for the prompt through the real path: a model loaded as a run loads it, the `Engine`."""
-    from .cache import NullCache
-    from .loading import load_in_background
-    from .options import RunOptions
-    from .pipeline import Engine
-    from .records import CandidateSet, ImageBytes, Query
+    from pickrank.core.cache import NullCache
+    from pickrank.core.engine import Engine
+    from pickrank.models.loading import load_in_background
+    from pickrank.options import RunOptions
+    from pickrank.records import CandidateSet, ImageBytes, Query
 
     embedder = load_in_background(s.source, device=device, dtype=dtype, alpha=s.options.alpha.value)
     names = [f"doctor-{i}.png" for i in range(len(images))]
@@ -640,7 +647,7 @@ def reference_scores(s: Subject, prompt: str, images: tuple[bytes, ...]) -> list
     import torch
     from transformers import AutoTokenizer, CLIPModel
 
-    from .model import features
+    from pickrank.models.torch_embedder import features
 
     model = CLIPModel.from_pretrained(s.model_dir, local_files_only=True, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(s.processor_dir, local_files_only=True, trust_remote_code=False)
@@ -673,7 +680,7 @@ def check_selftest_score(s: Subject) -> tuple[Status, str]:
 @check("selftest_device", needs=("selftest_score", "precision"))
 def check_selftest_device(s: Subject) -> tuple[Status, str]:
     """The same pair on this run's --device and --dtype, against the fp32 reference (precision changes scores)."""
-    from .model import pick_device
+    from pickrank.models.torch_embedder import pick_device
 
     device, dtype = pick_device(s.options.device), s.options.dtype.value
     if device.type == "cpu" and dtype == "fp32":
@@ -694,7 +701,7 @@ def render(checks: list[Check], fmt: str) -> str:
     if fmt == "json":
         rows = [{**asdict(c), "status": c.status.value} for c in checks]
         return json.dumps({"ok": not bad, "failed": bad, "checks": rows}, ensure_ascii=False, indent=2)
-    from .terminal import terminal_safe
+    from pickrank.output.terminal import terminal_safe
 
     warned = sum(c.status is Status.warn for c in checks)
     width = max(len(c.name) for c in checks)

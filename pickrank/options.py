@@ -1,7 +1,7 @@
 """The options of a run, as typed objects declared once: the CLI builds them from its flags, the library from its
 keyword arguments, so the two cannot drift.
 
-Torch-free and typer-free (the CLI's flags for these fields are declared in `pickrank.cli`'s option table).
+Torch-free and typer-free (the CLI's flags for these fields are declared in `pickrank.cli.app`'s option table).
 Each bundle's `from_values` takes plain values (an enum or its name) and applies the defaults.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, TypeVar
 
-from .errors import UsageError
+from pickrank.errors import UsageError
 
 
 class DType(str, Enum):
@@ -119,13 +119,15 @@ def as_enum(cls: type[E], value: E | str, what: str) -> E:
 
 
 def _default_max_pixels() -> int:
-    from .reader import DEFAULT_MAX_PIXELS  # lazily: reader imports Pillow and numpy, which --help does not need
+    from pickrank.inputs.reader import (
+        DEFAULT_MAX_PIXELS,  # lazily: reader imports Pillow and numpy, which --help does not need
+    )
 
     return DEFAULT_MAX_PIXELS
 
 
 def _default_max_bytes() -> int:
-    from .reader import DEFAULT_MAX_BYTES
+    from pickrank.inputs.reader import DEFAULT_MAX_BYTES
 
     return DEFAULT_MAX_BYTES
 

@@ -63,7 +63,7 @@ def images(tmp_path: Path) -> Path:
 @pytest.fixture
 def count_embeds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A thin counting wrapper around the real Embedder.embed_images: how many images reached the model."""
-    from pickrank.model import Embedder
+    from pickrank.models.torch_embedder import Embedder
 
     calls: list[int] = []
     real = Embedder.embed_images

@@ -12,9 +12,9 @@ from PIL import Image
 
 from pickrank import PickScorer
 from pickrank.api import torch_preprocess
-from pickrank.cli import app
+from pickrank.cli.app import app
 from pickrank.errors import InputFailed, UsageError
-from pickrank.reader import ImageSpec, preprocess
+from pickrank.inputs.reader import ImageSpec, preprocess
 
 from .conftest import draw_image, image_paths
 

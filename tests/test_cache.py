@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from pickrank.cache import EmbeddingCache, default_cache_path
-from pickrank.cli import app
+from pickrank.cli.app import app
+from pickrank.core.cache import EmbeddingCache, default_cache_path
 from pickrank.devtools import build_model
-from pickrank.model import PickScoreTowers
+from pickrank.models.torch_embedder import PickScoreTowers
 
 from .conftest import draw_image
 
@@ -94,7 +94,7 @@ def test_edited_image_misses(runner, model_dir, images, cache_file, count_embeds
 
 
 def test_fingerprint_dtype_and_model_folder(runner, model_dir, images, cache_file, count_embeds, tmp_path):
-    from pickrank.model import cpu_has_bf16
+    from pickrank.models.torch_embedder import cpu_has_bf16
 
     run(runner, model_dir, cache_file, images)
     other = tmp_path / "other-model"

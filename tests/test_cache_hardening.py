@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pickrank.cache import EmbeddingCache
-from pickrank.cli import app
+from pickrank.cli.app import app
+from pickrank.core.cache import EmbeddingCache
 
 from .conftest import draw_image
 
@@ -370,7 +370,7 @@ def test_the_hub_path_still_downloads_and_reports_missing_repos(model_dir, image
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = hub_env(tmp_path, f"http://127.0.0.1:{server.server_address[1]}")
-        code = ("from pickrank.source import ModelSource, inspect_model; "
+        code = ("from pickrank.models.source import ModelSource, inspect_model; "
                 "info = inspect_model(ModelSource('someone/clip', 'someone/clip')); print(info.fingerprint)")
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
         assert res.returncode == 0, res.stderr  # the probe passed, config and preprocessor came over the network

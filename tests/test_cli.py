@@ -15,8 +15,8 @@ import pytest
 from PIL import PngImagePlugin
 
 from pickrank import __version__
-from pickrank.cli import app
-from pickrank.model import Embedder
+from pickrank.cli.app import app
+from pickrank.models.torch_embedder import Embedder
 
 from .conftest import draw_image, image_paths, mixed_batch_csv
 
@@ -177,7 +177,7 @@ def test_version():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from pickrank.cli import app; print('torch' in sys.modules)"
+    code = "import sys; from pickrank.cli.app import app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -206,7 +206,7 @@ def test_unavailable_device_and_dtype_are_usage_errors(runner, model_dir, images
 
 
 def test_bf16_runs_where_the_cpu_supports_it(runner, model_dir, images):
-    from pickrank.model import cpu_has_bf16
+    from pickrank.models.torch_embedder import cpu_has_bf16
 
     res = invoke(runner, model_dir, "score", "-p", "x", "--dtype", "bf16", "--no-cache", str(images))
     if not cpu_has_bf16():

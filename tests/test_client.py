@@ -1,4 +1,4 @@
-"""Issue 15: `pickrank.client.RemoteScorer` against a real `pickrank serve` (tiny real CLIP, nothing mocked): the
+"""Issue 15: `pickrank.serve.client.RemoteScorer` against a real `pickrank serve` (tiny real CLIP, nothing mocked): the
 same inputs and the same scores as the in-process PickScorer, retries, errors, and the README's trainer recipes run
 unchanged with either scorer."""
 
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from pickrank.api import PickScorer
-from pickrank.client import RemoteScorer
 from pickrank.errors import RemoteError, UsageError
+from pickrank.serve.client import RemoteScorer
 
 from .conftest import draw_image
 from .test_hardening import pickrank_cmd

@@ -16,9 +16,22 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pickrank.compare import (Comparison, ScoreTable, Slot, collect_scores, compare, csv_rows, detect_layout,
-                              per_prompt_rows, plan_comparison, print_table, sign_test, to_json, write_csv,
-                              write_per_prompt)
+from pickrank.analysis.compare import (
+    Comparison,
+    ScoreTable,
+    Slot,
+    collect_scores,
+    compare,
+    csv_rows,
+    detect_layout,
+    per_prompt_rows,
+    plan_comparison,
+    print_table,
+    sign_test,
+    to_json,
+    write_csv,
+    write_per_prompt,
+)
 from pickrank.errors import UsageError
 from pickrank.records import Record
 

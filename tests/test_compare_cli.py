@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pickrank import cli
-from pickrank.cli import SHARED, app
+import pickrank.cli.app as cli
+from pickrank.cli.app import SHARED, app
 
 from . import test_options
 from .conftest import draw_image

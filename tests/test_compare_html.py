@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pickrank.compare import collect_scores, compare, per_prompt_rows, plan_comparison
-from pickrank.compare_html import BAR, HEAT_HIGH, HEAT_LOW, write_html
+from pickrank.analysis.compare import collect_scores, compare, per_prompt_rows, plan_comparison
 from pickrank.errors import OutputError
 from pickrank.records import Record
+from pickrank.report.comparison import BAR, HEAT_HIGH, HEAT_LOW, write_html
 
 from .conftest import draw_image
 from .test_html import CHROMIUM_FLAGS, EVIL, Page, check_common, require_chromium

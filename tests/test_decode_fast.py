@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pickrank.inputs.reader import ImageSpec, decode_and_preprocess
 from pickrank.options import Decode, ModelOptions
-from pickrank.reader import ImageSpec, decode_and_preprocess
 
 from .conftest import draw_image
 from .test_hardening import jsonl, pickrank_cmd

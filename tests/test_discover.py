@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 
-from pickrank.discover import expand, is_image_name, walk_images
+from pickrank.inputs.discover import expand, is_image_name, walk_images
 
 
 def touch(p):

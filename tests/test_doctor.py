@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pickrank.cache import EmbeddingCache
-from pickrank.cli import app
+from pickrank.cli.app import app
+from pickrank.core.cache import EmbeddingCache
 from pickrank.doctor import _CHECKS
 
 from .test_hardening import no_traceback, pickrank_cmd

@@ -10,9 +10,18 @@ import sys
 import pytest
 
 from pickrank import PickScorer
-from pickrank.cli import app
-from pickrank.evaluate import (TIE, Dataset, accuracy, bootstrap_interval, choose_threshold, credit, pair_probs,
-                               parquet_label, predict)
+from pickrank.analysis.evaluate import (
+    TIE,
+    Dataset,
+    accuracy,
+    bootstrap_interval,
+    choose_threshold,
+    credit,
+    pair_probs,
+    parquet_label,
+    predict,
+)
+from pickrank.cli.app import app
 
 from .conftest import draw_image
 

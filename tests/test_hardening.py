@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pickrank.cli import app
+from pickrank.cli.app import app
 from pickrank.errors import ModelLoadError
 
 from .conftest import draw_image

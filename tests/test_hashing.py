@@ -4,7 +4,7 @@ import hashlib
 import json
 import os
 
-from pickrank.hashing import HashStore, sha256_file
+from pickrank.models.hashing import HashStore, sha256_file
 
 
 def test_sha256_matches_hashlib(tmp_path):

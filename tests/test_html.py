@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pickrank.cli import app
-from pickrank.html import HtmlReport
+from pickrank.cli.app import app
 from pickrank.records import Record
+from pickrank.report.gallery import HtmlReport
 
 from .conftest import draw_image
 

@@ -1,4 +1,4 @@
-"""pickrank.metadata: the prompt each generator stores, on real files (tests/data/generators, from sd-parsers) and on
+"""pickrank.inputs.metadata: the prompt each generator stores, on real files (tests/data/generators, from sd-parsers) and on
 files made here exactly as each tool writes them (how: in each helper's docstring)."""
 
 from __future__ import annotations
@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from pickrank.metadata import (FoundPrompt, a1111_prompt, comfy_prompt, decode_user_comment, prompt_from_image,
-                               prompt_from_metadata_dict, read_image_metadata, workflow_graph)
+from pickrank.inputs.metadata import (
+    FoundPrompt,
+    a1111_prompt,
+    comfy_prompt,
+    decode_user_comment,
+    prompt_from_image,
+    prompt_from_metadata_dict,
+    read_image_metadata,
+    workflow_graph,
+)
 
 DATA = Path(__file__).parent / "data" / "generators"
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,7 +412,7 @@ def test_fifo_is_refused_without_hanging(tmp_path):
     """In a child process with a timeout: a plain open() of a FIFO would block forever."""
     fifo = tmp_path / "a.png"
     os.mkfifo(fifo)
-    code = f"from pickrank.metadata import prompt_from_image as p; print(p({str(fifo)!r}).reason)"
+    code = f"from pickrank.inputs.metadata import prompt_from_image as p; print(p({str(fifo)!r}).reason)"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert out.stdout.strip() == "unreadable: not a regular file (a FIFO)", out.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pickrank.errors import UsageError
-from pickrank.model import Embedder, check_dtype, pick_device, resolve_source
+from pickrank.models.torch_embedder import Embedder, check_dtype, pick_device, resolve_source
 
 
 def test_devices_and_dtypes():

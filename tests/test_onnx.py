@@ -98,7 +98,7 @@ def test_dynamic_batch_and_text_length(export_dir: Path, model_dir: Path) -> Non
     """Batches and prompt lengths other than those traced give torch's embeddings."""
     import numpy as np
 
-    from pickrank.loading import load_embedder
+    from pickrank.models.loading import load_embedder
     from pickrank.options import ModelOptions
 
     onnx = load_embedder(ModelOptions(model=str(export_dir), device="cpu")).result()
@@ -119,8 +119,8 @@ def test_export_refused_when_the_graph_does_not_reproduce_torch(model_dir: Path,
     fails the parity check: exit 1, one line, nothing left in OUT_DIR or beside it."""
     import torch
 
-    from pickrank import onnx_export
-    from pickrank.cli import app
+    from pickrank.cli.app import app
+    from pickrank.models import onnx_export
 
     real = onnx_export.VisionGraph.forward
 
@@ -253,8 +253,8 @@ def test_provenance_of_an_export_run_without_torch(export_dir: Path, jpegs: Path
 
 def test_the_export_has_its_own_cache_entries(export_dir: Path, model_dir: Path, jpegs: Path,
                                               tmp_path: Path) -> None:
-    from pickrank.onnx_backend import inspect_export
-    from pickrank.source import inspect_model, resolve_source
+    from pickrank.models.onnx_embedder import inspect_export
+    from pickrank.models.source import inspect_model, resolve_source
 
     assert inspect_export(resolve_source(str(export_dir))).fingerprint != \
         inspect_model(resolve_source(str(model_dir))).fingerprint

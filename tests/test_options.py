@@ -12,10 +12,11 @@ import sys
 
 import pytest
 
-from pickrank import cli, loading
+import pickrank.cli.app as cli
 from pickrank.api import PickScorer
-from pickrank.cli import SHARED, app
+from pickrank.cli.app import SHARED, app
 from pickrank.errors import UsageError
+from pickrank.models import loading
 from pickrank.options import DType, Format, ModelOptions, OnError, RunOptions
 
 from .test_eval import pairs_data, write_csv  # noqa: F401 - pairs_data is a fixture
@@ -87,7 +88,7 @@ def test_option_values_are_checked_in_one_place():
     with pytest.raises(TypeError, match="dtypes"):
         ModelOptions.from_values(dtypes="fp32")
     # None means "the default" for the limits, on the command line and in the library alike
-    from pickrank.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from pickrank.inputs.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
     assert RunOptions.from_values(max_pixels=None, max_bytes=None) == RunOptions() == \
         RunOptions(max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES)
@@ -96,7 +97,9 @@ def test_option_values_are_checked_in_one_place():
 def test_dtype_and_format_names_come_from_one_list():
     import torch
 
-    from pickrank import ray_engine, source, writers
+    from pickrank.models import source
+    from pickrank.output import writers
+    from pickrank.ray import engine as ray_engine
 
     assert source.DTYPE_NAMES == tuple(d.value for d in DType) == ("fp32", "fp16", "bf16")
     assert ray_engine._DTYPE_NAMES == {str(torch.float32): "fp32", str(torch.float16): "fp16",

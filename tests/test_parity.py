@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
-from pickrank.cli import app
+from pickrank.cli.app import app
 
 from .conftest import draw_image, image_paths
 

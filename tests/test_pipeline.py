@@ -7,12 +7,12 @@ from concurrent.futures import Future
 
 import pytest
 
-from pickrank.model import Embedder, resolve_source
-from pickrank.pipeline import Engine, RunOptions, _LocalBackend, single_set
-from pickrank.reader import content_key, read_bytes
+from pickrank.core.engine import Engine, RunOptions, _LocalBackend, single_set
+from pickrank.inputs.reader import content_key, read_bytes
+from pickrank.models.loading import LoadingEmbedder, load_in_background
+from pickrank.models.source import inspect_model
+from pickrank.models.torch_embedder import Embedder, resolve_source
 from pickrank.records import CandidateSet, Query
-from pickrank.loading import LoadingEmbedder, load_in_background
-from pickrank.source import inspect_model
 
 from .conftest import image_paths
 

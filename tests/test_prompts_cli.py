@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from pickrank.cli import app
+from pickrank.cli.app import app
 
 from .conftest import draw_image
 
@@ -73,7 +73,7 @@ def groups(tmp_path: Path) -> Path:
 
 
 def test_best_of_n_reads_every_generator(runner, model_dir, groups):
-    from pickrank.metadata import prompt_from_image
+    from pickrank.inputs.metadata import prompt_from_image
 
     res = invoke(runner, model_dir, "best-of-n", str(groups), "-f", "jsonl")
     assert res.exit_code == 3, res.output  # the unknown group is an error record
@@ -164,7 +164,7 @@ def test_prompts_jsonl_in_a_pipe_without_torch(mixed):
                          env={**__import__("os").environ, "PYTHONPROFILEIMPORTTIME": "1"}, timeout=120)
     assert res.returncode == 0, res.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time")}
-    assert "pickrank.metadata" in imported  # the profile is really on
+    assert "pickrank.inputs.metadata" in imported  # the profile is really on
     assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers")}
     rows = {Path(r["path"]).name: r for r in jsonl(res.stdout)}
     assert all(list(r) == ["path", "prompt", "source", "reason"] for r in rows.values())
@@ -270,7 +270,7 @@ def test_alpha_matches_each_reference(model_dir, tmp_path):
     import numpy as np
     from transformers import AutoProcessor
 
-    from pickrank.reader import ImageSpec, normalize, open_image, preprocess
+    from pickrank.inputs.reader import ImageSpec, normalize, open_image, preprocess
 
     png = transparent_png(tmp_path / "t.png")
     data = png.read_bytes()
@@ -327,8 +327,8 @@ def test_alpha_through_the_cli_workers_and_cache(runner, model_dir, tmp_path):
 def test_alpha_white_fingerprint_is_unchanged_and_drop_differs(model_dir):
     import dataclasses
 
-    from pickrank.reader import ImageSpec
-    from pickrank.source import inspect_model, resolve_source
+    from pickrank.inputs.reader import ImageSpec
+    from pickrank.models.source import inspect_model, resolve_source
 
     spec = ImageSpec()
     # the spec's fields before --alpha and --decode (both left out while at their defaults)

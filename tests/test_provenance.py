@@ -23,10 +23,10 @@ import torch
 import transformers
 
 from pickrank import PickScorer
-from pickrank.cli import app
-from pickrank.hashing import STORE_NAME, HashStore
-from pickrank.provenance import compute
-from pickrank.source import TOKENIZER_FILES
+from pickrank.cli.app import app
+from pickrank.core.provenance import compute
+from pickrank.models.hashing import STORE_NAME, HashStore
+from pickrank.models.source import TOKENIZER_FILES
 
 from .conftest import draw_image
 

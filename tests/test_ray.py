@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from pickrank.cli import app
+from pickrank.cli.app import app
 
 from .conftest import draw_image, image_paths, mixed_batch_csv
 
@@ -143,10 +143,10 @@ def test_without_ray_installed_engine_ray_is_a_usage_error(runner, model_dir, im
 def test_a_model_the_workers_cannot_load_is_a_clear_error(ray_cluster, model_dir, images):
     from dataclasses import replace
 
+    from pickrank.core.engine import RunOptions, single_set
     from pickrank.errors import ModelLoadError
-    from pickrank.model import Embedder, resolve_source
-    from pickrank.pipeline import RunOptions, single_set
-    from pickrank.ray_engine import RayEngine
+    from pickrank.models.torch_embedder import Embedder, resolve_source
+    from pickrank.ray.engine import RayEngine
 
     embedder = Embedder.load(resolve_source(str(model_dir)), device="cpu")
     embedder.source = replace(embedder.source, model=str(model_dir / "missing"))  # as a worker without the folder
@@ -162,7 +162,7 @@ def test_a_model_the_workers_cannot_load_is_a_clear_error(ray_cluster, model_dir
     ({"CPU": 16}, 3, (3, 0, "cpu", 8)),
 ])
 def test_actor_plan(resources, actors, expect):
-    from pickrank.ray_engine import _Plan
+    from pickrank.ray.engine import _Plan
 
     plan = _Plan(resources, actors, None)
     assert (plan.actors, plan.num_gpus, plan.device, plan.batch_size) == expect

@@ -10,8 +10,16 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from pickrank.reader import (ImageSpec, ReadError, content_key, decode_and_preprocess, normalize, open_image,
-                             preprocess, read_bytes)
+from pickrank.inputs.reader import (
+    ImageSpec,
+    ReadError,
+    content_key,
+    decode_and_preprocess,
+    normalize,
+    open_image,
+    preprocess,
+    read_bytes,
+)
 
 
 def make(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
@@ -77,7 +85,7 @@ def test_bomb_refused_before_decoding():
 def test_signals_inside_the_deferred_block_take_effect_as_it_ends():
     import signal
 
-    from pickrank.reader import signals_deferred
+    from pickrank.inputs.reader import signals_deferred
 
     before = signal.getsignal(signal.SIGINT)
     reached = []
@@ -91,7 +99,7 @@ def test_signals_inside_the_deferred_block_take_effect_as_it_ends():
 def test_signals_deferred_is_a_no_op_outside_the_main_thread():
     import threading
 
-    from pickrank.reader import signals_deferred
+    from pickrank.inputs.reader import signals_deferred
 
     errors: list[BaseException] = []
 
@@ -115,14 +123,14 @@ def test_worker_start_failures_are_quiet_or_one_line(exc, stderr):
     import subprocess
     import sys
 
-    # The fork server imports pickrank._forkserver; its workers report an uncaught start-up error with this hook.
-    res = subprocess.run([sys.executable, "-c", f"import pickrank._forkserver; raise {exc}"], capture_output=True,
+    # The fork server imports pickrank.inputs._forkserver; its workers report an uncaught start-up error with this hook.
+    res = subprocess.run([sys.executable, "-c", f"import pickrank.inputs._forkserver; raise {exc}"], capture_output=True,
                          text=True)
     assert res.returncode == 1 and res.stderr.strip() == stderr
 
 
 def test_one_resize_and_crop_geometry_for_both_paths():
-    from pickrank.reader import Geometry, resize_crop_geometry
+    from pickrank.inputs.reader import Geometry, resize_crop_geometry
 
     spec = ImageSpec()  # shortest side 224, centre crop 224
     assert resize_crop_geometry(448, 300, spec) == Geometry((334, 224), None, (0, 55, 224, 224))

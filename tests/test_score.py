@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pickrank.score import pick_scores, ranks, softmax_probs
+from pickrank.core.scores import pick_scores, ranks, softmax_probs
 
 
 def test_pick_scores_is_scaled_cosine():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pickrank.api import PickScorer
-from pickrank.client import RemoteScorer
+from pickrank.serve.client import RemoteScorer
 
 from .test_server import LIMITS, POSTS, RTOL, TOL, Server, drawn, running_server, scores_of
 

@@ -430,8 +430,8 @@ def test_a_model_that_fails_to_load_stops_the_server(tmp_path: Path, model_dir: 
 def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
     """serve takes the model options, --workers, --max-pixels, --engine, --ray-address, -q and --debug from the
     one table, and declares only its own."""
-    from pickrank import cli
-    from pickrank.cli import SHARED, app
+    import pickrank.cli.app as cli
+    from pickrank.cli.app import SHARED, app
 
     from . import test_options
 

@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 
 from pickrank.errors import ModelLoadError, UsageError
-from pickrank.reader import ImageSpec
-from pickrank.loading import LoadingEmbedder, load_in_background
-from pickrank.source import (DEFAULT_MODEL, DEFAULT_PROCESSOR, ModelSource, inspect_model, local_fingerprint,
-                             resolve_source)
+from pickrank.inputs.reader import ImageSpec
+from pickrank.models.loading import LoadingEmbedder, load_in_background
+from pickrank.models.source import (
+    DEFAULT_MODEL,
+    DEFAULT_PROCESSOR,
+    ModelSource,
+    inspect_model,
+    local_fingerprint,
+    resolve_source,
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -98,14 +104,14 @@ def test_hub_model_fingerprint_names_the_resolved_commit(model_dir, tmp_path, mo
 
 def test_the_read_and_decode_stages_import_no_torch():
     # What the CLI runs while the model loads in a thread must not wait for torch's import.
-    code = ("import sys; import pickrank.cli, pickrank.source, pickrank.pipeline, pickrank.cache, pickrank.jobs, "
-            "pickrank.writers; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = ("import sys; import pickrank.cli.app, pickrank.models.source, pickrank.core.engine, pickrank.core.cache, pickrank.inputs.sets, "
+            "pickrank.output.writers; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_background_load_gives_the_same_embedder(model_dir):
-    from pickrank.model import Embedder
+    from pickrank.models.torch_embedder import Embedder
 
     src = resolve_source(str(model_dir))
     seen: list[object] = []

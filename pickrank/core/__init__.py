@@ -1,0 +1,1 @@
+"""The scoring core: the engine, the local backend and batcher, score math, the embedding cache, provenance."""

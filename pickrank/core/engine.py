@@ -1,0 +1,709 @@
+"""Wires the stages in order: discover -> read -> cache -> embed misses in batches -> score/rank -> records.
+
+This module is the one place that knows the order, for the CLI, `PickScorer.rank` and `pickrank eval` alike.
+Images stream through a bounded window of decode jobs in worker processes, so memory stays flat whatever the number
+of images; each distinct image (by content) reaches the model at most once per run, and each distinct prompt is
+encoded once.
+
+    CandidateSet --read_item--> Entry (path, key | error) --memo / cache / Backend--> Finished (keys, embeddings)
+        --_Run.take--> per-set vectors --Engine._rank (score.py)--> Ranking (Records)
+
+torch is imported only where scores are computed, and only for the torch backend: the CLI hands the engine a model
+still loading in a thread (`loading.LoadingEmbedder`), and reading, hashing, cache lookups and decoding start before
+torch is in. With an ONNX export (`embedder.backend == "onnx"`) embeddings and scores are numpy arrays and torch is
+never imported (`score.py` computes on either).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+
+from pickrank.core.cache import NullCache
+from pickrank.errors import InputFailed
+from pickrank.inputs.reader import (
+    Decoded,
+    ImageSpec,
+    ReadError,
+    close_pool,
+    content_key,
+    decode_job,
+    decode_many,
+    read_bytes,
+    signals_deferred,
+    worker_pool,
+)
+from pickrank.options import RunOptions  # noqa: F401 - declared with the other option bundles; imported from here too
+from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
+
+if TYPE_CHECKING:
+    import torch
+
+    from pickrank.models.protocol import ImageTextEmbedder
+
+log = logging.getLogger("pickrank")
+
+
+def default_workers() -> int:
+    """Decode workers: one per CPU the process may use, at most 8 (more only adds start-up time)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One finished candidate set: its records in output order (query by query, best first)."""
+
+    records: tuple[Record, ...]
+    failed: int = 0
+
+
+
+class _LRU(collections.OrderedDict):
+    """A dict that forgets its least recently used entries beyond `size` (None: a plain, unbounded dict)."""
+
+    def __init__(self, size: int | None = None) -> None:
+        super().__init__()
+        self.size = size
+
+    def fresh(self, key: str):
+        """The value (None when absent), now the most recently used."""
+        value = self.get(key)
+        if value is not None and self.size is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: object) -> None:
+        self[key] = value
+        if self.size is not None:
+            self.move_to_end(key)
+            while len(self) > self.size:
+                self.popitem(last=False)
+
+
+def read_item(item: Item, max_bytes: int | None) -> tuple[Entry, bytes | None]:
+    """The read stage: a path's bytes (`read_bytes`, within max_bytes) or in-memory bytes as they are, and their
+    content key; a path that cannot be read is an Entry with the reason (and no bytes)."""
+    if isinstance(item, ImageBytes):
+        return Entry(item.name, content_key(item.data)), item.data
+    try:
+        data = read_bytes(item, max_bytes)
+    except ReadError as e:
+        return Entry(item, None, str(e)), None
+    return Entry(item, content_key(data)), data
+
+
+def encode_prompts(embedder: ImageTextEmbedder, texts: list[str], warn: bool = True) -> tuple[torch.Tensor, list[bool]]:
+    """Normalised text embeddings (N, D) and truncation flags; each prompt cut at 77 tokens is named in a warning."""
+    emb, truncated = embedder.embed_texts(texts)
+    for text, cut in zip(texts, truncated):
+        if cut and warn:
+            log.warning("prompt longer than 77 tokens, truncated as the reference does: %r",
+                        text if len(text) <= 80 else text[:77] + "...")
+    return emb, truncated
+
+
+def encode_paired(embedder: ImageTextEmbedder, prompts: list[str],
+                  warn: bool = True) -> tuple["torch.Tensor | np.ndarray", list[bool]]:
+    """One normalised text embedding per item of `prompts` (N, D), each distinct prompt encoded once, and whether
+    each item's prompt was truncated (PickScorer.score and the reward server pair prompts with images this way).
+    A torch tensor from the torch embedder, a numpy array from an ONNX export's."""
+    from pickrank.core.scores import as_array
+
+    unique = list(dict.fromkeys(prompts))
+    pos = {p: i for i, p in enumerate(unique)}
+    index = [pos[p] for p in prompts]
+    text, truncated = encode_prompts(embedder, unique, warn)
+    return text[as_array(np.asarray(index, dtype=np.int64), embedder.backend)], [truncated[i] for i in index]
+
+
+class Batcher:
+    """Decoded images waiting for the model, embedded the oldest `n` at a time: the one place where pixels are
+    batched and embedded (the local backend and `PickScorer.embed_images` both use it)."""
+
+    def __init__(self, embedder: ImageTextEmbedder) -> None:
+        self.embedder = embedder
+        self.items: list[Decoded] = []
+        self.nbytes = 0  # of the pixels held
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, decoded: Decoded) -> None:
+        self.items.append(decoded)
+        self.nbytes += decoded.pixels.nbytes
+
+    def embed(self, n: int) -> Finished:
+        """Embed the oldest n images, in one call."""
+        batch, self.items = self.items[:n], self.items[n:]
+        self.nbytes -= sum(d.pixels.nbytes for d in batch)
+        return Finished([d.key for d in batch], self.embedder.embed_images(np.stack([d.pixels for d in batch])))
+
+
+class _Decoder:
+    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` jobs in flight, and
+    (when `max_bytes` is set) no more once their files add up to `max_bytes`.
+
+    Jobs go to the pool in chunks of a few images: one round trip per chunk keeps the main process's share of the
+    work (which competes with the workers for the cores) small.
+    """
+
+    def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4,
+                 max_bytes: int | None = None) -> None:
+        self.window, self.max_bytes = max(1, window), max_bytes
+        self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
+        self.pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            self.pool = worker_pool(workers)
+        self.queue: collections.deque[tuple[str, Future | list, int, int]] = collections.deque()
+        self.pending: list[tuple[str, bytes]] = []
+        self.bytes = 0  # of the files in flight
+
+    def submit(self, key: str, data: bytes) -> None:
+        if self.pool is None:
+            self.queue.append((key, [decode_job(key, data, self.spec, self.max_pixels)], 0, 0))
+            return
+        self.pending.append((key, data))
+        self.bytes += len(data)
+        if len(self.pending) >= self.chunk:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self.pending and self.pool is not None:
+            with signals_deferred():
+                fut = self.pool.submit(decode_many, self.pending, self.spec, self.max_pixels)
+            self.queue.extend((key, fut, i, len(data)) for i, (key, data) in enumerate(self.pending))
+            self.pending = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.pending)
+
+    @property
+    def full(self) -> bool:
+        jobs = len(self.queue) + len(self.pending)
+        return jobs >= self.window or (self.max_bytes is not None and jobs > 0 and self.bytes >= self.max_bytes)
+
+    def pop(self) -> tuple[str, Decoded | str]:
+        if not self.queue:
+            self._dispatch()
+        key, holder, i, nbytes = self.queue.popleft()
+        self.bytes -= nbytes
+        return key, (holder.result() if isinstance(holder, Future) else holder)[i]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            close_pool(self.pool)
+            self.pool = None
+
+
+class Backend(Protocol):
+    """Where the cache misses are decoded and embedded: the engine submits each miss once, polls for finished
+    work, and expects every submitted key back exactly once (embedded or failed)."""
+
+    full: bool  # too much in flight: the engine polls (blocking) before submitting more
+
+    def submit(self, key: str, data: bytes) -> None: ...
+
+    def poll(self, block: bool) -> list[Finished]: ...
+
+    def flush(self) -> None: ...  # poll(block=True) now returns all submitted so far; submits may follow
+
+    def finish(self) -> None: ...  # no more submits: poll(block=True) now returns what is left
+
+    def close(self) -> None: ...  # always called, also after an error or Ctrl-C
+
+
+class _LocalBackend:
+    """Decodes misses in the bounded process pool and embeds them in batches, in this process."""
+
+    # While the model still loads, decoded images are held back (up to this many bytes of pixels) instead of
+    # stopping the decode workers: start-up and decoding overlap, and memory stays bounded.
+    HOLD_BYTES = 128 << 20
+    # On a CPU, a vision tower this small (GFLOPs per image) spends more time handing work between intra-op threads
+    # than computing: one thread runs it faster and leaves the other cores to the decode workers. PickScore's
+    # ViT-H/14 is ~335.
+    SMALL_MODEL_GFLOPS = 1.0
+    # Decode jobs in flight while the model loads: this thread then gets the GIL only between the loader's turns,
+    # and a deeper queue keeps the decode workers busy meanwhile; at most LOADING_BYTES of files (128 4K PNGs
+    # would be gigabytes).
+    LOADING_WINDOW = 128
+    LOADING_BYTES = 64 << 20
+
+    def __init__(self, embedder: ImageTextEmbedder, options: RunOptions, tune_threads: bool = True) -> None:
+        self.embedder, self.tune_threads = embedder, tune_threads
+        self.workers = default_workers() if options.workers is None else options.workers
+        self._batch_size = options.batch_size  # None: the embedder's, known once it has loaded
+        self.loading = not embedder.ready
+        window = self._running_window(options.batch_size or 8)
+        deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
+        self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
+                                spec=embedder.spec, max_pixels=options.max_pixels,
+                                max_bytes=self.LOADING_BYTES if deeper else None)
+        self.batcher = Batcher(embedder)
+        self.finished = self.flushing = False
+        self.saved_threads: int | None = None
+
+    def _running_window(self, batch_size: int) -> int:
+        return max(2 * batch_size, 8 * self.workers)
+
+    @property
+    def batch(self) -> list[Decoded]:
+        """The decoded images waiting for the model."""
+        return self.batcher.items
+
+    @property
+    def held_bytes(self) -> int:
+        return self.batcher.nbytes
+
+    @property
+    def batch_size(self) -> int:
+        if self._batch_size is None:
+            self._batch_size = self.embedder.batch_size  # waits for the load
+        return self._batch_size
+
+    def _loaded(self) -> bool:
+        """Whether the model is ready; the first time it is, the decode window takes its running size."""
+        if self.loading and self.embedder.ready:
+            self.loading = False
+            self.decoder.window, self.decoder.max_bytes = self._running_window(self.batch_size), None
+        return not self.loading
+
+    def submit(self, key: str, data: bytes) -> None:
+        self.decoder.submit(key, data)
+
+    @property
+    def full(self) -> bool:
+        return self.decoder.full
+
+    def flush(self) -> None:
+        self.flushing = True
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def poll(self, block: bool) -> list[Finished]:
+        """Decode results while the window is full (after flush or finish: all of them), and a batch's embeddings
+        each time one is full and the model is ready (after flush or finish: all the rest). Non-blocking polls
+        return nothing here."""
+        out: list[Finished] = []
+        if not block:
+            return out
+        drain = self.finished or self.flushing
+        while self.decoder.busy and (self.decoder.full or drain):
+            key, result = self.decoder.pop()
+            if isinstance(result, str):
+                out.append(Finished(failures=[(key, result)]))
+                continue
+            self.batcher.add(result)
+            if (self._loaded() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:
+                out.append(self._embed())
+        while drain and self.batcher:
+            out.append(self._embed())
+        self.flushing = False  # everything submitted before the flush is in `out`
+        return out
+
+    def _embed(self) -> Finished:
+        """Embed the oldest batch_size decoded images."""
+        if self.saved_threads is None:
+            self._pick_threads()
+        return self.batcher.embed(self.batch_size)
+
+    def _pick_threads(self) -> None:
+        """One intra-op thread for a small vision tower on the CPU, beside decode workers (process-wide until
+        close(), as torch's setting is). ONNX Runtime keeps its own threads: left as they are."""
+        if self.embedder.backend != "torch":
+            self.saved_threads = 0  # nothing to restore
+            return
+        import torch  # loaded with the model by now
+
+        self.saved_threads = torch.get_num_threads()
+        try:
+            small = self.embedder.device.type == "cpu" and self.embedder.image_gflops < self.SMALL_MODEL_GFLOPS
+        except AttributeError:  # an embedder around a model without a CLIP vision config: leave threads alone
+            small = False
+        if small and self.workers > 0 and self.tune_threads:
+            torch.set_num_threads(1)
+
+    def close(self) -> None:
+        self.decoder.close()
+        if self.saved_threads:  # None: never set; 0: not torch's to restore
+            import torch
+
+            torch.set_num_threads(self.saved_threads)
+
+
+class _Prompts:
+    """A run's distinct prompts, all known up front, encoded together on first use: image decoding starts while
+    the model still loads.
+
+    Per distinct image the engine keeps its scores against every prompt (P floats) when that is smaller than the
+    embedding, else the embedding; either way memory per image is small and bounded by min(P, D).
+    """
+
+    def __init__(self, embedder: ImageTextEmbedder, summary: RunSummary, sets: list[CandidateSet],
+                 warn: bool = True) -> None:
+        self.embedder, self.summary, self.warn = embedder, summary, warn
+        prompts = dict.fromkeys(q.prompt for s in sets if s.error is None for q in s.queries)
+        self.index = {p: i for i, p in enumerate(prompts)}
+        self._text: torch.Tensor | None = None
+        self._truncated: dict[str, bool] = {}
+
+    @property
+    def text(self) -> torch.Tensor:
+        """The normalised prompt embeddings (P, D), in index order (waits for the model)."""
+        if self._text is None and not self.index:  # every set failed before it had a prompt: no image is scored
+            self._text = np.empty((0, 0), dtype=np.float32)
+        if self._text is None:
+            text, truncated = encode_prompts(self.embedder, list(self.index), self.warn)
+            self._truncated = dict(zip(self.index, truncated))
+            self.summary.truncated += sum(truncated)
+            self._text = text
+        return self._text
+
+    def truncated(self, prompt: str) -> bool:
+        """Whether the prompt was cut at 77 tokens (the flags come with the encoding)."""
+        self.text  # noqa: B018 - encodes the prompts if that has not happened yet
+        return self._truncated.get(prompt, False)
+
+    @property
+    def keep_scores(self) -> bool:
+        return len(self.index) <= self.text.shape[1]
+
+    def to_memo(self, emb: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """What the run keeps per image, from (N, D) embeddings. One matrix-vector product per image: the result
+        does not depend on which batch the image came in."""
+        from pickrank.core.scores import as_array, pick_scores, stack
+
+        emb = as_array(emb, self.embedder.backend)
+        if not self.keep_scores:
+            return emb
+        return stack([pick_scores(self.text, e[None], self.embedder.scale)[:, 0] for e in emb])
+
+    def scorer(self, prompt: str) -> Callable[[torch.Tensor], float]:
+        """The score of `prompt` from what to_memo kept."""
+        from pickrank.core.scores import pick_scores
+
+        pi = self.index[prompt]
+        if self.keep_scores:
+            return lambda v: float(v[pi])
+        text, scale = self.text[pi:pi + 1], self.embedder.scale
+        return lambda v: float(pick_scores(text, v[None], scale)[0, 0])
+
+
+class _PromptStream:
+    """The prompts of a stream of small sets (eval's pairs), chunk by chunk: each chunk's new prompts are encoded
+    together on first use and kept, with the images' embeddings, in bounded LRU memos."""
+
+    def __init__(self, embedder: ImageTextEmbedder, summary: RunSummary, size: int, warn: bool = True) -> None:
+        self.embedder, self.summary, self.warn = embedder, summary, warn
+        self.vectors, self.flags = _LRU(size), _LRU(size)
+        self.pending: dict[str, None] = {}
+
+    def add(self, sets: list[CandidateSet]) -> None:
+        """A chunk's prompts; those not in the memo wait to be encoded."""
+        for p in dict.fromkeys(q.prompt for s in sets if s.error is None for q in s.queries):
+            if self.vectors.fresh(p) is None:
+                self.pending[p] = None
+
+    def _encode(self) -> None:
+        if self.pending:
+            texts, self.pending = list(self.pending), {}
+            emb, truncated = encode_prompts(self.embedder, texts, self.warn)
+            self.summary.truncated += sum(truncated)
+            for i, p in enumerate(texts):
+                self.vectors.put(p, emb[i])
+                self.flags.put(p, truncated[i])
+
+    def truncated(self, prompt: str) -> bool:
+        self._encode()
+        return bool(self.flags.get(prompt))
+
+    def to_memo(self, emb: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The embeddings themselves: the prompts to come are not known yet."""
+        from pickrank.core.scores import as_array
+
+        return as_array(emb, self.embedder.backend)
+
+    def scorer(self, prompt: str) -> Callable[[torch.Tensor], float]:
+        from pickrank.core.scores import pick_score
+
+        self._encode()
+        text, scale = self.vectors[prompt], self.embedder.scale
+        return lambda v: pick_score(text, v, scale)
+
+
+@dataclass
+class _SetState:
+    """A candidate set in flight: its entries, what their keys resolved to (a memo value, or why they failed), and
+    how many keys it still waits on."""
+
+    cset: CandidateSet
+    entries: list[Entry] = field(default_factory=list)
+    found: dict[str, torch.Tensor] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    waiting: int = 0
+    exhausted: bool = False
+
+
+class _Run:
+    """One run's state: the memo of resolved images, the sets in flight (oldest first), which sets wait on which
+    key, and the backend (made on the first miss, so that a fully cached run starts no worker)."""
+
+    def __init__(self, engine: Engine, prompts: _Prompts | _PromptStream, memo: _LRU, failed: _LRU) -> None:
+        self.engine, self.prompts, self.memo, self.failed = engine, prompts, memo, failed
+        self.waiters: dict[str, list[_SetState]] = {}
+        self.states: collections.deque[_SetState] = collections.deque()
+        self.backend: Backend | None = None
+
+    def admit(self, cset: CandidateSet) -> Iterator[Ranking]:
+        """Look up the set's images one by one; yields the rankings that finish meanwhile."""
+        st = _SetState(cset)
+        self.states.append(st)
+        if cset.error is None:
+            seen: set[str] = set()
+            for item in cset.paths:
+                if self.look_up(st, item, seen):
+                    self.make_room()
+                    yield from self.emit()
+        st.exhausted = True
+        yield from self.emit()
+
+    def look_up(self, st: _SetState, item: Item, seen: set[str]) -> bool:
+        """Read and hash one image, then resolve it from the memo or the cache, or wait on it; True when it went to
+        the backend."""
+        self.engine.summary.images += 1
+        entry, data = read_item(item, self.engine.options.max_bytes)
+        st.entries.append(entry)
+        if entry.key is None:
+            self.fail(entry.path, entry.error or "failed")
+            self.engine.progress(1)
+            return False
+        key = entry.key
+        if key in seen:
+            return False  # a copy under another name: scored once, reported for each name
+        seen.add(key)
+        if self.known(st, entry):
+            return False
+        st.waiting += 1
+        if key in self.waiters:
+            self.waiters[key].append(st)
+            return False
+        self.waiters[key] = [st]
+        if self.from_cache(key):
+            return False
+        if self.backend is None:
+            self.backend = self.engine.make_backend()
+        self.backend.submit(key, data)  # type: ignore[arg-type]
+        return True
+
+    def known(self, st: _SetState, entry: Entry) -> bool:
+        """Whether the image was resolved before in this run (embedded, or failed: reported again for this path)."""
+        vec = self.memo.fresh(entry.key)  # type: ignore[arg-type]
+        if vec is not None:
+            st.found[entry.key] = vec  # type: ignore[index]
+            return True
+        reason = self.failed.get(entry.key)
+        if reason is None:
+            return False
+        st.reasons[entry.key] = reason  # type: ignore[index]
+        self.fail(entry.path, reason)
+        return True
+
+    def from_cache(self, key: str) -> bool:
+        hit = self.engine.cache.get_many([key], self.engine.embedder.fingerprint).get(key)
+        if hit is None:
+            return False
+        self.engine.summary.cache_hits += 1
+        self.resolve(key, self.prompts.to_memo(hit[None])[0])
+        self.engine.progress(1)
+        return True
+
+    def make_room(self) -> None:
+        """After a submit: take finished work, waiting for some while the backend is full."""
+        while self.backend.full:  # type: ignore[union-attr]
+            self.take(self.backend.poll(block=True))  # type: ignore[union-attr]
+        self.take(self.backend.poll(block=False))  # type: ignore[union-attr]
+
+    def fail(self, path: str, reason: str) -> None:
+        self.engine.summary.failures += 1
+        if self.engine.warn:
+            log.warning("%s: %s", path, reason)
+        if self.engine.options.on_error == "fail":
+            raise InputFailed(f"{path}: {reason}")
+
+    def resolve(self, key: str, vec: torch.Tensor | None, reason: str | None = None) -> None:
+        """A key's answer, for the memo and for every set waiting on it."""
+        if vec is not None:
+            self.memo.put(key, vec)
+        else:
+            self.failed.put(key, reason or "failed")
+        for st in self.waiters.pop(key, []):
+            st.waiting -= 1
+            if vec is not None:
+                st.found[key] = vec
+                continue
+            st.reasons[key] = reason or "failed"
+            for e in st.entries:
+                if e.key == key:
+                    self.fail(e.path, reason or "failed")
+
+    def take(self, finished: list[Finished]) -> None:
+        """Finished work from the backend: failures reported; embeddings cached (per batch) and memoised."""
+        engine = self.engine
+        for f in finished:
+            for key, reason in f.failures:
+                self.resolve(key, None, reason)
+                engine.progress(1)
+            if f.keys:
+                emb = f.embeddings
+                engine.summary.embedded += len(f.keys)
+                engine.cache.put_many({k: np.asarray(emb[i]) for i, k in enumerate(f.keys)},  # type: ignore[index]
+                                      engine.embedder.fingerprint)
+                vecs = self.prompts.to_memo(emb)  # type: ignore[arg-type]
+                for i, k in enumerate(f.keys):
+                    self.resolve(k, vecs[i])
+                engine.progress(len(f.keys))
+
+    def emit(self) -> Iterator[Ranking]:
+        """The finished sets at the head of the queue, ranked, in order."""
+        while self.states and self.states[0].exhausted and self.states[0].waiting == 0:
+            yield self.engine._rank(self.states.popleft(), self.prompts)
+
+    def drain(self, final: bool) -> Iterator[Ranking]:
+        """Wait for all that went to the backend (final: nothing more will), yielding rankings as they finish."""
+        if self.backend is not None and (final or self.waiters):
+            self.backend.finish() if final else self.backend.flush()
+            while self.waiters:
+                finished = self.backend.poll(block=True)
+                if not finished:  # a backend must answer every key it took
+                    raise RuntimeError(f"{type(self.backend).__name__} returned no result for {len(self.waiters)} "
+                                       "image(s)")
+                self.take(finished)
+                yield from self.emit()
+        yield from self.emit()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+
+class Engine:
+    """Scores candidate sets with one embedder and cache; `run` yields each Ranking as soon as it completes.
+
+    Reading, hashing, the cache, scoring and ranking happen here; the misses go to a backend: decode processes and
+    this process by default, or what `backend` makes (`ray_engine.RayEngine` passes one that runs them on a Ray
+    cluster). `warn=False` leaves failed images and truncated prompts to the caller to report (eval does, per pair).
+    """
+
+    # Distinct images and prompts that `run_chunks` remembers across chunks (and calls).
+    STREAM_MEMO = 65536
+
+    def __init__(self, embedder: ImageTextEmbedder, cache: NullCache | None = None,
+                 options: RunOptions | None = None, on_progress: Callable[[int], None] | None = None,
+                 backend: Callable[[], Backend] | None = None, warn: bool = True,
+                 memo_size: int = STREAM_MEMO) -> None:
+        self.embedder = embedder
+        self.cache = cache or NullCache()
+        self.options = options or RunOptions()
+        self.on_progress = on_progress
+        self.summary = RunSummary()
+        self.warn = warn
+        self.make_backend = backend or (lambda: _LocalBackend(self.embedder, self.options))
+        self.memo_size = memo_size
+        self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
+
+    def progress(self, n: int) -> None:
+        if self.on_progress:
+            self.on_progress(n)
+
+    def run(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
+        order."""
+        sets = list(sets)
+        run = _Run(self, _Prompts(self.embedder, self.summary, sets, self.warn), _LRU(), _LRU())
+        try:
+            for cset in sets:
+                yield from run.admit(cset)
+            yield from run.drain(final=True)
+        finally:
+            run.close()
+
+    def run_chunks(self, chunks: Iterable[list[CandidateSet]]) -> Iterator[Ranking]:
+        """`run` for a long stream of small sets (eval's pairs), taken chunk by chunk: each chunk's new prompts are
+        encoded together, its images embedded before the next chunk is read; what is remembered of images and
+        prompts is bounded (memo_size) and kept across calls."""
+        if self._stream is None:
+            self._stream = (_PromptStream(self.embedder, self.summary, self.memo_size, self.warn),
+                            _LRU(self.memo_size), _LRU(self.memo_size))
+        run = _Run(self, *self._stream)
+        try:
+            for chunk in chunks:
+                run.prompts.add(chunk)  # type: ignore[union-attr]
+                for cset in chunk:
+                    yield from run.admit(cset)
+                yield from run.drain(final=False)
+            yield from run.drain(final=True)
+        finally:
+            run.close()
+
+    def unit(self, raw: float) -> float:
+        """A raw score in the run's unit (`RunOptions.scale`)."""
+        return self.options.scale.convert(raw, self.embedder.scale)
+
+    def _rank(self, st: _SetState, prompts: _Prompts | _PromptStream) -> Ranking:
+        cset = st.cset
+        if cset.error is not None:
+            return Ranking(tuple(Record(prompt=q.prompt or None, path=cset.source, id=q.id, group=q.group,
+                                        error=cset.error, prompt_source=q.prompt_source)
+                                 for q in cset.queries), failed=1)
+        ok = [e for e in st.entries if e.error is None and e.key in st.found]
+        errors = [(e.path, e.error or st.reasons.get(e.key or "", "failed")) for e in st.entries
+                  if not (e.error is None and e.key in st.found)]
+        records: list[Record] = []
+        for q in cset.queries:
+            records += self._ranked(q, [(e.path, st.found[e.key]) for e in ok], prompts)  # type: ignore[index]
+            truncated = prompts.truncated(q.prompt)
+            records += [Record(prompt=q.prompt, path=path, id=q.id, group=q.group, error=reason,
+                               truncated=truncated, prompt_source=q.prompt_source) for path, reason in errors]
+        self.summary.rankings += len(cset.queries)
+        return Ranking(tuple(records), failed=len(errors))
+
+    def _ranked(self, q: Query, ok: list[tuple[str, torch.Tensor]],
+                prompts: _Prompts | _PromptStream) -> list[Record]:
+        """One query's records over the set's embedded images, best first (the first `top` of them)."""
+        from pickrank.core.scores import as_array, ranks, softmax_probs
+
+        score = prompts.scorer(q.prompt)
+        scores = [score(v) for _, v in ok]
+        as_f32 = np.asarray(scores, dtype=np.float32)  # what torch.tensor(scores, dtype=float32) holds
+        probs = softmax_probs(as_array(as_f32, self.embedder.backend)).tolist() if scores else []
+        rk = ranks(scores)
+        truncated, top = prompts.truncated(q.prompt), self.options.top
+        unit = self.unit  # probs and ranks above come from the raw scores: --scale changes only the score column
+        out = []
+        for i in sorted(range(len(ok)), key=lambda i: rk[i]):
+            if top is not None and rk[i] > top:
+                break
+            out.append(Record(prompt=q.prompt, path=ok[i][0], score=unit(scores[i]), prob=probs[i], rank=rk[i],
+                              id=q.id, group=q.group, truncated=truncated, prompt_source=q.prompt_source))
+        return out
+
+
+def single_set(prompt: str, paths: Iterable[str]) -> CandidateSet:
+    """One prompt over one candidate set (the `score` command)."""
+    return CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)
+
+
+def with_copied(record: Record, dest: str) -> Record:
+    """The record, noting where its image was copied."""
+    return replace(record, copied_to=dest)

@@ -1,0 +1,1 @@
+"""Inputs: discovery, candidate sets, guarded reading, decoding and preprocessing, workers, generator metadata."""

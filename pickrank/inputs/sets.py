@@ -1,0 +1,281 @@
+"""Turn each command's input (paths, a best-of-n folder, a prompts CSV) into candidate sets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import replace
+from typing import Iterator, TextIO
+
+from pickrank.errors import UsageError
+from pickrank.inputs.discover import expand, first_visit, is_image_name
+from pickrank.inputs.metadata import FoundPrompt, prompt_from_image
+from pickrank.inputs.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from pickrank.inputs.textfile import decode_utf8
+from pickrank.records import CandidateSet, Query
+
+log = logging.getLogger("pickrank")
+
+
+def _peek(paths: Iterator[str]) -> tuple[str | None, Iterator[str]]:
+    """The first path (or None) and an iterator that still yields it, so discovery stays lazy."""
+    for first in paths:
+        def chain() -> Iterator[str]:
+            yield first
+            yield from paths
+        return first, chain()
+    return None, iter(())
+
+
+def score_job(prompt: str | None, args: list[str], stdin: TextIO | None = None,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS, max_bytes: int | None = DEFAULT_MAX_BYTES
+              ) -> list[CandidateSet]:
+    """`pickrank score`: one prompt over every image the arguments name; without one, each image's own metadata
+    prompt (`metadata_sets`)."""
+    if prompt is None:
+        return metadata_sets(args, stdin, max_pixels, max_bytes)
+    check_prompt(prompt)
+    first, paths = _peek(expand(args, stdin))
+    if first is None:
+        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+    return [CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)]
+
+
+def metadata_sets(args: list[str], stdin: TextIO | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
+    """Every image the arguments name, scored against the prompt in its own metadata: images with the same prompt
+    form one ranking (in the order their prompts first appear), and an image without one is an error record naming
+    why. Each image's metadata is read once, all of it before scoring (headers only: no pixel is decoded)."""
+    paths = list(expand(args, stdin))
+    if not paths:
+        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+    by_prompt: dict[str, tuple[str | None, list[str]]] = {}  # prompt -> (source of its first image, images)
+    order: list[CandidateSet | str] = []  # an error set in its place, or the prompt whose ranking goes there
+    for path in paths:
+        found = prompt_from_image(path, max_pixels, max_bytes)
+        if found.prompt is None:
+            order.append(_no_prompt_set(path, found.reason or "no generation metadata"))
+        elif found.prompt in by_prompt:
+            by_prompt[found.prompt][1].append(path)
+        else:
+            by_prompt[found.prompt] = (found.source, [path])
+            order.append(found.prompt)
+    return [s if isinstance(s, CandidateSet) else
+            CandidateSet(queries=(Query(prompt=s, prompt_source=by_prompt[s][0]),), paths=by_prompt[s][1])
+            for s in order]
+
+
+def _no_prompt_set(path: str, reason: str) -> CandidateSet:
+    """The error record of an image without a metadata prompt (an unreadable one: its read error, as scoring says)."""
+    unreadable = reason.startswith("unreadable: ")
+    error = reason[len("unreadable: "):] if unreadable else f"no prompt: {reason} (give --prompt to score it)"
+    log.warning("%s: %s", path, error)
+    return CandidateSet(queries=(Query(prompt=""),), source=path, error=error)
+
+
+def check_prompt(prompt: str) -> None:
+    """An empty prompt is a usage error: it would rank images by nothing."""
+    if not prompt or not prompt.strip():
+        raise UsageError("the prompt is empty: give --prompt TEXT")
+
+
+# -- best-of-n -------------------------------------------------------------------------------------------
+
+def prompt_from_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                         max_bytes: int | None = DEFAULT_MAX_BYTES) -> str | None:
+    """The generation prompt stored in an image's metadata (`metadata.prompt_from_image`), or None.
+
+    The file is opened as for scoring (regular files only, within max_bytes and max_pixels) and no pixel is
+    decoded: a FIFO in the group cannot hang the run, nor a huge image fill memory.
+    """
+    return prompt_from_image(path, max_pixels, max_bytes).prompt
+
+
+NO_PROMPT = "no prompt: give --prompt, add prompt.txt, or embed it in the image metadata"
+
+
+def _prompt_txt(folder: str) -> str | None:
+    """The text of FOLDER/prompt.txt, stripped; None when there is none, it is empty or unreadable."""
+    txt = os.path.join(folder, "prompt.txt")
+    if not os.path.isfile(txt):
+        return None
+    try:
+        with open(txt, encoding="utf-8-sig") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def find_group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
+                      max_bytes: int | None) -> FoundPrompt:
+    """A best-of-n group's prompt and its source: --prompt (`option`), else prompt.txt, else the first image's
+    metadata prompt that is found (its format); with none, the reason the first image has none."""
+    if prompt:
+        return FoundPrompt(prompt, "option")
+    text = _prompt_txt(folder)
+    if text:
+        return FoundPrompt(text, "prompt.txt")
+    first: FoundPrompt | None = None
+    for path in images:
+        found = prompt_from_image(path, max_pixels, max_bytes)
+        if found.prompt:
+            return found
+        if first is None:
+            first = replace(found, reason=f"{os.path.basename(path)}: {found.reason}")
+    return first or FoundPrompt(None, None, "no images")
+
+
+def _group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
+                  max_bytes: int | None) -> str | None:
+    """The group's prompt text only (see find_group_prompt)."""
+    return find_group_prompt(folder, images, prompt, max_pixels, max_bytes).prompt
+
+
+def _group_name(folder: str, dirpath: str) -> str:
+    """A group's name: its path under FOLDER, or FOLDER's own name for the images directly in it."""
+    group = os.path.relpath(dirpath, folder)
+    return os.path.basename(os.path.abspath(folder)) if group == "." else group
+
+
+def _unreadable_set(folder: str, e: OSError) -> CandidateSet:
+    """An error record for a folder that cannot be listed, reported like an unreadable file."""
+    path = e.filename if isinstance(e.filename, str) else folder
+    reason = "cannot read folder: " + ("permission denied" if isinstance(e, PermissionError) else e.strerror or str(e))
+    log.warning("%s: %s", path, reason)
+    return CandidateSet(queries=(Query(prompt="", group=_group_name(folder, path)),), source=path, error=reason)
+
+
+def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
+    """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own.
+
+    max_pixels and max_bytes apply to the images whose metadata is read for a group's prompt, as when scoring.
+    A folder that cannot be listed is an error record, in its place.
+    """
+    if prompt is not None:
+        check_prompt(prompt)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: not a folder")
+    sets: list[CandidateSet] = []
+    seen: set[tuple[int, int]] = set()
+    unlisted: list[OSError] = []  # os.walk reports these as it meets them, between the folders it yields
+
+    def report_unlisted() -> None:
+        sets.extend(_unreadable_set(folder, e) for e in unlisted)
+        unlisted.clear()
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlisted.append, followlinks=True):
+        report_unlisted()
+        if not first_visit(seen, os.stat(dirpath)):
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        images = sorted(os.path.join(dirpath, f) for f in filenames if is_image_name(f))
+        if not images:
+            continue
+        group = _group_name(folder, dirpath)
+        found = find_group_prompt(dirpath, images, prompt, max_pixels, max_bytes)
+        if found.prompt is None:
+            error = f"{NO_PROMPT} ({found.reason})"
+            log.warning("%s: %s", dirpath, error)
+            query = Query(prompt="", group=group, prompt_source=found.source)  # a format without a prompt: named
+            sets.append(CandidateSet(queries=(query,), source=dirpath, error=error))
+        else:
+            query = Query(prompt=found.prompt, group=group, prompt_source=found.source)
+            sets.append(CandidateSet(queries=(query,), paths=images))
+    report_unlisted()
+    if not sets:
+        raise UsageError(f"no images found in {folder}")
+    return sets
+
+
+# -- batch ----------------------------------------------------------------------------------------------
+
+def read_prompts_csv(path: str) -> list[dict[str, str]]:
+    """Rows of a prompts CSV: UTF-8 (BOM allowed), delimiter sniffed among , ; tab |, blank lines skipped."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
+    text = decode_utf8(raw, path)
+    if not text.strip():
+        raise UsageError(f"{path}: empty CSV")
+    header = text.splitlines()[0]
+    try:
+        dialect = csv.Sniffer().sniff(header, delimiters=",;\t|")
+        delimiter = dialect.delimiter
+    except csv.Error:
+        delimiter = ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    if "prompt" not in fields:
+        raise UsageError(f"{path}: no 'prompt' column (found: {', '.join(fields) or 'none'})")
+    rows = []
+    try:
+        for row in reader:
+            row = {(k or "").strip(): (v or "") for k, v in row.items() if k is not None}
+            if not any(v.strip() for v in row.values()):
+                continue
+            rows.append(row)
+    except csv.Error as e:  # e.g. a field over the csv module's size limit, or a NUL byte
+        raise UsageError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
+    if not rows:
+        raise UsageError(f"{path}: no rows")
+    return rows
+
+
+def _row_images(spec: str, base: str) -> list[str]:
+    """A row's `images` cell: a folder, a glob, or paths separated by ';', relative to the CSV's folder."""
+    parts = [p.strip() for p in spec.split(";") if p.strip()]
+    return [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(base, p) for p in
+            (os.path.expanduser(x) for x in parts)]
+
+
+def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
+    """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images."""
+    rows = read_prompts_csv(csv_path)
+    base = os.path.dirname(os.path.abspath(csv_path))
+    shared_queries: list[Query] = []
+    own: dict[str, list[Query]] = {}
+    order: list[str | None] = []  # set order: None stands for the shared set, at its first row
+    ids: dict[str, int] = {}
+    for n, row in enumerate(rows, start=1):
+        prompt = row.get("prompt", "")
+        if not prompt.strip():
+            raise UsageError(f"{csv_path}: row {n} has an empty prompt")
+        q = Query(prompt=prompt, id=(row.get("id") or "").strip() or str(n), prompt_source="csv")
+        if q.id in ids:  # each row is still its own ranking, in row order
+            log.warning("%s: id %r of row %d repeats row %d's", csv_path, q.id, n, ids[q.id])
+        ids.setdefault(q.id, n)
+        spec = (row.get("images") or "").strip()
+        if spec:
+            if spec not in own:
+                own[spec] = []
+                order.append(spec)
+            own[spec].append(q)
+        else:
+            if not shared_queries:
+                order.append(None)
+            shared_queries.append(q)
+    if shared_queries and not args:
+        raise UsageError(f"{csv_path}: {len(shared_queries)} row(s) have no 'images' and no PATH was given")
+    sets: list[CandidateSet] = []
+    for spec in order:
+        if spec is None:
+            first, paths = _peek(expand(args, stdin))
+            if first is None:
+                raise UsageError(f"no images found in {' '.join(args)}")
+            sets.append(CandidateSet(queries=tuple(shared_queries), paths=paths))
+        else:
+            first, paths = _peek(expand(_row_images(spec, base)))
+            if first is None:
+                log.warning("%s: images %r match no file (row %s)", csv_path, spec,
+                            ", ".join(q.id or "?" for q in own[spec]))
+                sets.append(CandidateSet(queries=tuple(own[spec]), source=spec,
+                                         error=f"images {spec!r} match no file"))
+            else:
+                sets.append(CandidateSet(queries=tuple(own[spec]), paths=paths))
+    return sets

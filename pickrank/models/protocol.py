@@ -1,0 +1,59 @@
+"""What every stage may ask of an embedder, loaded or still loading (no torch import here: the CLI's start-up and the
+decode workers stay light).
+
+Implemented by `model.Embedder` (loaded), `onnx_backend.OnnxEmbedder` (an ONNX export on ONNX Runtime: numpy
+arrays where the torch embedder gives tensors) and `loading.LoadingEmbedder` (loading in a thread: what is known
+before the weights load is there at once, the rest waits for the load, or raises its error).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from pickrank.inputs.reader import ImageSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ImageTextEmbedder(Protocol):
+    """PickScore's two towers behind one interface: normalised fp32 embeddings on the CPU, and the score's scale."""
+
+    spec: ImageSpec  # the preprocessing the image tower expects (known before the weights load)
+    fingerprint: str  # the cache key's model part (idem)
+    backend: str  # "torch" (embeddings are torch tensors) or "onnx" (numpy arrays; no torch in the process) (idem)
+
+    @property
+    def backend(self) -> str:
+        """What runs the model: "torch" (an ONNX embedder says "onnx"); part of the provenance."""
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is there (a loaded Embedder always; a loading one once its load has ended)."""
+
+    @property
+    def scale(self) -> float:
+        """exp(logit_scale): score = scale * cosine(text, image)."""
+
+    @property
+    def batch_size(self) -> int:
+        """Images per model call."""
+
+    @property
+    def device(self) -> "torch.device":
+        """Where the model runs (anything with `.type` "cpu"/"cuda"/"mps" and a str())."""
+
+    @property
+    def image_gflops(self) -> float:
+        """Approximate GFLOPs of one image through the vision tower."""
+
+    def describe(self) -> dict:
+        """Model, revision, device and dtype, for logs and reports."""
+
+    def embed_texts(self, texts: list[str]) -> tuple["torch.Tensor | np.ndarray", list[bool]]:
+        """Normalised text embeddings (N, D) and, per text, whether it was truncated at 77 tokens."""
+
+    def embed_images(self, pixels: np.ndarray) -> "torch.Tensor | np.ndarray":
+        """Normalised image embeddings (N, D) of decoded uint8 images (N, 3, H, W)."""

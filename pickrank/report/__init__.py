@@ -1,0 +1,1 @@
+"""Self-contained HTML pages: the gallery of a ranking and the comparison page, with their shared helpers."""
