@@ -88,7 +88,7 @@ def exact_pixels(item: ImageInput, spec: ImageSpec, max_pixels: int | None = DEF
     return preprocess(to_pil(item, max_pixels), spec)
 
 
-def _as_list(images: Any) -> list:
+def as_image_list(images: Any) -> list:
     """The images as a list of single images (a 4-D tensor or array is a batch)."""
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
         return list(images)
@@ -215,7 +215,7 @@ class PickScorer:
 
     def pixels(self, images: Any) -> np.ndarray:
         """Images -> preprocessed uint8 pixels (N, 3, 224, 224), exactly as the reference processor."""
-        items = _as_list(images)
+        items = as_image_list(images)
         if not items:
             return np.empty((0, 3, 0, 0), dtype=np.uint8)
         return np.stack([exact_pixels(it, self.spec, self.max_pixels) for it in items])
@@ -228,7 +228,7 @@ class PickScorer:
         """
         batcher, out = Batcher(self.embedder), []
         step = max(1, self.embedder.batch_size)
-        for i, item in enumerate(_as_list(images)):
+        for i, item in enumerate(as_image_list(images)):
             batcher.add(Decoded(str(i), exact_pixels(item, self.spec, self.max_pixels)))
             if len(batcher) >= step:
                 out.append(batcher.embed(step).embeddings)
@@ -291,7 +291,7 @@ class PickScorer:
         if on_device and not is_batch and preprocess is not None:
             raise UsageError('preprocess="torch" needs the images as one tensor (N, 3, H, W), float in [0, 1] or uint8')
         if not is_batch:
-            images = _as_list(images)  # once: `images` may be a generator
+            images = as_image_list(images)  # once: `images` may be a generator
         n = images.shape[0] if is_batch else len(images)
         divisor = (self.score_scale if scale is None else as_enum(Scale, scale, "scale")).divisor(self.scale)
         text = self._paired_texts(prompts, n)

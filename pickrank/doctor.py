@@ -579,7 +579,8 @@ def check_decode_workers(s: Subject) -> tuple[Status, str]:
     """The decode worker pool starts, decodes one generated image and shuts down (timed)."""
     from concurrent.futures import TimeoutError as FutureTimeout
 
-    from pickrank.inputs.reader import DEFAULT_MAX_PIXELS, close_pool, decode_job, signals_deferred, worker_pool
+    from pickrank.inputs.reader import DEFAULT_MAX_PIXELS, close_pool, decode_job, worker_pool
+    from pickrank.signals import signals_deferred
 
     start = time.perf_counter()
     pool = worker_pool(1)

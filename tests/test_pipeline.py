@@ -7,7 +7,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from pickrank.core.engine import Engine, RunOptions, _LocalBackend, single_set
+from pickrank.core.engine import Engine, LocalBackend, RunOptions, single_set
 from pickrank.inputs.reader import content_key, read_bytes
 from pickrank.models.loading import LoadingEmbedder, load_in_background
 from pickrank.models.source import inspect_model
@@ -68,7 +68,7 @@ def _loading(embedder: Embedder) -> tuple[LoadingEmbedder, Future]:
     return LoadingEmbedder(inspect_model(embedder.source), fut), fut
 
 
-def _submit_all(backend: _LocalBackend, paths: list[str]) -> list[str]:
+def _submit_all(backend: LocalBackend, paths: list[str]) -> list[str]:
     keys = []
     for p in paths:
         data = read_bytes(p)
@@ -81,15 +81,15 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
                                                                         monkeypatch):
     loading, fut = _loading(embedder)
     paths = image_paths(images)
-    monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 5)  # 6 images: the window fills while loading
+    monkeypatch.setattr(LocalBackend, "LOADING_WINDOW", 5)  # 6 images: the window fills while loading
     for workers, window in ((1, 8), (0, 4)):  # 8 per worker; inline: 2 x batch
-        small = _LocalBackend(loading, RunOptions(workers=workers, batch_size=2))
+        small = LocalBackend(loading, RunOptions(workers=workers, batch_size=2))
         assert small.decoder.window == window
         small.close()
-    monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 12)
-    loader = _LocalBackend(loading, RunOptions(workers=1, batch_size=2))
+    monkeypatch.setattr(LocalBackend, "LOADING_WINDOW", 12)
+    loader = LocalBackend(loading, RunOptions(workers=1, batch_size=2))
     assert loader.decoder.window == 12
-    backend = _LocalBackend(loading, RunOptions(workers=0, batch_size=2))
+    backend = LocalBackend(loading, RunOptions(workers=0, batch_size=2))
     late = threading.Timer(10, fut.set_result, args=(embedder,))  # a backend that waits fails, it does not hang
     late.start()
     keys = _submit_all(backend, paths)
@@ -106,7 +106,7 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     backend.close()
     got = {k: e for f in done for k, e in zip(f.keys, f.embeddings)}
     assert sorted(got) == sorted(keys) and count_embeds == [2, 2, 2]
-    ready = _LocalBackend(embedder, RunOptions(workers=0, batch_size=2))  # the same batches, model loaded
+    ready = LocalBackend(embedder, RunOptions(workers=0, batch_size=2))  # the same batches, model loaded
     _submit_all(ready, paths)
     ready.finish()
     ref = {k: e for f in ready.poll(block=True) for k, e in zip(f.keys, f.embeddings)}
@@ -116,9 +116,9 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
 
 def test_held_images_are_bounded_the_backend_waits_for_the_model_past_the_limit(embedder, images, monkeypatch):
     loading, fut = _loading(embedder)
-    monkeypatch.setattr(_LocalBackend, "HOLD_BYTES", 1)  # one decoded image is already past the limit
-    monkeypatch.setattr(_LocalBackend, "LOADING_WINDOW", 0)
-    backend = _LocalBackend(loading, RunOptions(workers=0, batch_size=2))
+    monkeypatch.setattr(LocalBackend, "HOLD_BYTES", 1)  # one decoded image is already past the limit
+    monkeypatch.setattr(LocalBackend, "LOADING_WINDOW", 0)
+    backend = LocalBackend(loading, RunOptions(workers=0, batch_size=2))
     threading.Timer(0.2, fut.set_result, args=(embedder,)).start()
     _submit_all(backend, image_paths(images))
     done = backend.poll(block=True)  # waits for the model instead of holding more
@@ -149,8 +149,8 @@ def test_a_tiny_model_runs_on_one_thread_beside_decode_workers(embedder, images,
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert embedder.image_gflops < _LocalBackend.SMALL_MODEL_GFLOPS
-        backend = _LocalBackend(embedder, RunOptions(workers=workers, batch_size=4))
+        assert embedder.image_gflops < LocalBackend.SMALL_MODEL_GFLOPS
+        backend = LocalBackend(embedder, RunOptions(workers=workers, batch_size=4))
         _submit_all(backend, image_paths(images))
         backend.finish()
         backend.poll(block=True)
@@ -176,10 +176,10 @@ def test_files_in_flight_are_bounded_by_bytes_while_the_model_loads(embedder, im
     loading, fut = _loading(embedder)
     paths = image_paths(images)
     sizes = [len(read_bytes(p)) for p in paths]
-    monkeypatch.setattr(_LocalBackend, "LOADING_BYTES", sizes[0] + sizes[1])  # two files' worth
-    backend = _LocalBackend(loading, RunOptions(workers=1, batch_size=2))
+    monkeypatch.setattr(LocalBackend, "LOADING_BYTES", sizes[0] + sizes[1])  # two files' worth
+    backend = LocalBackend(loading, RunOptions(workers=1, batch_size=2))
     try:
-        assert backend.decoder.window == _LocalBackend.LOADING_WINDOW and not backend.full
+        assert backend.decoder.window == LocalBackend.LOADING_WINDOW and not backend.full
         _submit_all(backend, paths[:2])
         assert backend.full and backend.decoder.bytes == sizes[0] + sizes[1]  # the byte limit, not the window
         backend.poll(block=True)

@@ -85,7 +85,7 @@ def test_bomb_refused_before_decoding():
 def test_signals_inside_the_deferred_block_take_effect_as_it_ends():
     import signal
 
-    from pickrank.inputs.reader import signals_deferred
+    from pickrank.signals import signals_deferred
 
     before = signal.getsignal(signal.SIGINT)
     reached = []
@@ -99,7 +99,7 @@ def test_signals_inside_the_deferred_block_take_effect_as_it_ends():
 def test_signals_deferred_is_a_no_op_outside_the_main_thread():
     import threading
 
-    from pickrank.inputs.reader import signals_deferred
+    from pickrank.signals import signals_deferred
 
     errors: list[BaseException] = []
 

@@ -245,7 +245,8 @@ def test_table_into_a_closed_pipe_exits_0(model_dir, noise_groups):
 
 def test_decode_workers_ignore_stop_signals():
     """The workers' own view: deaf to the stop signals (the parent shuts them down instead)."""
-    from pickrank.inputs.reader import STOP_SIGNALS, worker_pool
+    from pickrank.inputs.reader import worker_pool
+    from pickrank.signals import STOP_SIGNALS
 
     pool = worker_pool(1)
     try:

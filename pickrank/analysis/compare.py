@@ -28,7 +28,7 @@ import numpy as np
 from pickrank.errors import UsageError
 from pickrank.inputs.discover import is_image_name
 from pickrank.inputs.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from pickrank.inputs.sets import _group_prompt, prompt_from_metadata, read_prompts_csv
+from pickrank.inputs.sets import group_prompt, prompt_from_metadata, read_prompts_csv
 from pickrank.inputs.textfile import read_utf8
 from pickrank.records import CandidateSet, Query, Record
 
@@ -236,7 +236,7 @@ def _system_slots(root: str, max_pixels: int | None, max_bytes: int | None
     for dirpath, images in _walk_folders(root):
         rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
         if os.path.isfile(os.path.join(dirpath, "prompt.txt")):
-            groups = [(rel, images, _group_prompt(dirpath, images, None, max_pixels, max_bytes))]
+            groups = [(rel, images, group_prompt(dirpath, images, None, max_pixels, max_bytes))]
         else:
             found = [prompt_from_metadata(p, max_pixels, max_bytes) for p in images]
             if rel != "." and found[0] and len(set(found)) == 1:

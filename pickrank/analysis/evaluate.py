@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from pickrank.core.cache import NullCache
-from pickrank.core.engine import Engine, Ranking, RunOptions, _LocalBackend
+from pickrank.core.engine import Engine, LocalBackend, Ranking, RunOptions
 from pickrank.errors import PickrankError, UsageError
 from pickrank.inputs.reader import DEFAULT_MAX_PIXELS
 from pickrank.inputs.textfile import read_utf8
@@ -306,7 +306,7 @@ def pair_engine(embedder: "ImageTextEmbedder", max_pixels: int | None = DEFAULT_
     torch's threads as they are (eval's scores stay those of its earlier releases, to the last digit)."""
     options = RunOptions(max_pixels=max_pixels)
     return Engine(embedder, NullCache(), options, warn=False,
-                  backend=lambda: _LocalBackend(embedder, options, tune_threads=False))
+                  backend=lambda: LocalBackend(embedder, options, tune_threads=False))
 
 
 def _pair_set(pair: Pair) -> CandidateSet:

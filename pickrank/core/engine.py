@@ -36,11 +36,11 @@ from pickrank.inputs.reader import (
     decode_job,
     decode_many,
     read_bytes,
-    signals_deferred,
     worker_pool,
 )
 from pickrank.options import RunOptions  # noqa: F401 - declared with the other option bundles; imported from here too
 from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
+from pickrank.signals import signals_deferred
 
 if TYPE_CHECKING:
     import torch
@@ -223,7 +223,7 @@ class Backend(Protocol):
     def close(self) -> None: ...  # always called, also after an error or Ctrl-C
 
 
-class _LocalBackend:
+class LocalBackend:
     """Decodes misses in the bounded process pool and embeds them in batches, in this process."""
 
     # While the model still loads, decoded images are held back (up to this many bytes of pixels) instead of
@@ -618,7 +618,7 @@ class Engine:
         self.on_progress = on_progress
         self.summary = RunSummary()
         self.warn = warn
-        self.make_backend = backend or (lambda: _LocalBackend(self.embedder, self.options))
+        self.make_backend = backend or (lambda: LocalBackend(self.embedder, self.options))
         self.memo_size = memo_size
         self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
 

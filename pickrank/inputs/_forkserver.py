@@ -12,12 +12,13 @@ from __future__ import annotations
 import sys
 
 from pickrank.inputs import reader  # preloaded: the forked workers share it
+from pickrank.signals import ignore_stop_signals
 
 __all__ = ["reader"]
 
 # A group signal (Ctrl-C, `timeout`, `kill -TERM -PGID`, a closed terminal) must not kill the fork server while the
 # pool still needs it; workers forked from here start deaf to them too. The server ends when its last client does.
-reader.ignore_stop_signals()
+ignore_stop_signals()
 
 
 def _start_failure(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:

@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import os
 import select
-import signal
 import stat
 import struct
 import threading
@@ -23,6 +22,8 @@ from typing import IO, Iterator
 import numpy as np
 from PIL import Image, ImageFile
 
+from pickrank.signals import ignore_stop_signals
+
 # Pillow's own default limit on decoded pixels (about 89.5 megapixels); --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 89_478_485
 # Files larger than this are refused before they are read (--max-bytes): far above any generated image, far below
@@ -34,8 +35,6 @@ _HEAD_BYTES = 4096
 # A PNG's text chunks are found by walking its chunk list: a crafted file of millions of tiny chunks stops here.
 _MAX_PNG_CHUNKS = 100_000
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
-# The signals that stop a run: Ctrl-C, and SIGTERM / SIGHUP (timeout, Slurm, systemd, docker stop, a closed terminal).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -473,47 +472,6 @@ def close_pool(pool: ProcessPoolExecutor) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
     except OSError:
         pass
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM arriving inside the block take effect as it ends.
-
-    Around a pool's submit: it may start a worker, and a worker whose start is interrupted halfway waits forever
-    for its start-up data, and the pool's shutdown with it. (Signal handlers belong to the main thread: elsewhere
-    this does nothing.)
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    saved: list[tuple[int, object]] = []
-    try:
-        for sig in STOP_SIGNALS:
-            if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left alone
-                saved.append((sig, signal.signal(sig, lambda n, _frame: caught.append(n))))
-        yield
-    finally:
-        _restore_handlers(saved)
-        for sig in caught:
-            signal.raise_signal(sig)
-
-
-def _restore_handlers(saved: list[tuple[int, object]]) -> None:
-    """Put each handler back, even if a signal arriving meanwhile raises (each restore in its own `finally`)."""
-    if saved:
-        sig, handler = saved[0]
-        try:
-            signal.signal(sig, handler)
-        finally:
-            _restore_handlers(saved[1:])
-
-
-def ignore_stop_signals() -> None:
-    """Ignore STOP_SIGNALS in a helper process: they go to the whole process group, and a worker killed halfway through
-    a transfer would hang its pool; the parent shuts its workers down instead."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def worker_init(parent: int | None = None) -> None:

@@ -127,7 +127,7 @@ def find_group_prompt(folder: str, images: list[str], prompt: str | None, max_pi
     return first or FoundPrompt(None, None, "no images")
 
 
-def _group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
+def group_prompt(folder: str, images: list[str], prompt: str | None, max_pixels: int | None,
                   max_bytes: int | None) -> str | None:
     """The group's prompt text only (see find_group_prompt)."""
     return find_group_prompt(folder, images, prompt, max_pixels, max_bytes).prompt

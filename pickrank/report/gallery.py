@@ -25,9 +25,10 @@ from typing import IO, Iterable, Iterator
 
 from pickrank import __version__
 from pickrank.errors import OutputError, UsageError
-from pickrank.inputs.reader import close_pool, signals_deferred, worker_pool
+from pickrank.inputs.reader import close_pool, worker_pool
 from pickrank.output.writers import Output, check_output
 from pickrank.records import Record
+from pickrank.signals import signals_deferred
 
 THUMB_SIZE = 256
 # Fewer images than this are thumbnailed in the main process at close (a pool's start-up costs more).

@@ -111,10 +111,10 @@ class RemoteScorer:
 
     # -- what is sent and what comes back ------------------------------------------------------------------------
     def _body(self, prompts: str | Sequence[str], images: Any, scale: Scale | str | None = None) -> tuple[bytes, int]:
-        from pickrank.api import _as_list
+        from pickrank.api import as_image_list
 
         unit = as_enum(Scale, scale, "scale").value if scale is not None else self.scale
-        arrays = [pixel_array(it, self.max_pixels) for it in _as_list(images)]
+        arrays = [pixel_array(it, self.max_pixels) for it in as_image_list(images)]
         if not isinstance(prompts, (str, list, tuple)):
             prompts = list(prompts)
         return (encode_body(prompts, arrays, unit) if arrays else b""), len(arrays)
