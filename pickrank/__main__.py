@@ -1,5 +1,5 @@
 """`python -m pickrank`."""
 
-from pickrank.cli.app import run
+from pickrank.cli.app import main
 
-run()
+main()

@@ -323,21 +323,21 @@ class PickScorer:
         truncated, error), best first, then the files that failed (with `error`). Folders and globs expand as on the
         command line; the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the
         same batch size (batches of another size change the last float digits, in the CLI as well)."""
-        from pickrank.core.cache import NullCache
-        from pickrank.core.engine import Engine, RunOptions, single_set
-        from pickrank.inputs.discover import expand
-        from pickrank.inputs.sets import check_prompt
+        from pickrank.core.scoring import make_engine, rankings
+        from pickrank.errors import NoImages
+        from pickrank.inputs.sets import sets_for_score
+        from pickrank.options import RunOptions
         from pickrank.output.writers import record_fields
 
         if not isinstance(prompt, str):
             raise UsageError(f"the prompt must be a string, got {type(prompt).__name__}")
-        check_prompt(prompt)
         args = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        files = list(expand([os.fspath(p) for p in args]))
-        if not files:
+        run = RunOptions(top=top, workers=workers, max_pixels=self.max_pixels, scale=self.score_scale)
+        try:
+            sets = sets_for_score(prompt, [os.fspath(p) for p in args], max_pixels=run.max_pixels,
+                                  max_bytes=run.max_bytes)
+        except NoImages:
             return []
-        engine = Engine(self.embedder, NullCache(), RunOptions(top=top, workers=workers,
-                                                                max_pixels=self.max_pixels,
-                                                                scale=self.score_scale))
         fields = record_fields("score")
-        return [r.to_dict(fields) for ranking in engine.run([single_set(prompt, files)]) for r in ranking.records]
+        return [r.to_dict(fields) for ranking in rankings(make_engine(self.embedder, run), sets)
+                for r in ranking.records]

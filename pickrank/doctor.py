@@ -634,7 +634,7 @@ def engine_scores(s: Subject, prompt: str, images: tuple[bytes, ...], device: st
     embedder = load_in_background(s.source, device=device, dtype=dtype, alpha=s.options.alpha.value)
     names = [f"doctor-{i}.png" for i in range(len(images))]
     cset = CandidateSet(queries=(Query(prompt),), paths=tuple(ImageBytes(n, d) for n, d in zip(names, images)))
-    records = {r.path: r for ranking in Engine(embedder, NullCache(), RunOptions(workers=0), warn=False).run([cset])
+    records = {r.path: r for ranking in Engine(embedder, NullCache(), RunOptions(workers=0), warn=False).rank([cset])
                for r in ranking.records}
     embedder.result()
     for r in records.values():

@@ -24,6 +24,10 @@ class UsageError(PickrankError):
     exit_code = EXIT_USAGE
 
 
+class NoImages(UsageError):
+    """The arguments name no image at all (exit 2)."""
+
+
 class ModelLoadError(PickrankError):
     """The model or processor cannot be loaded (missing, not CLIP, unsafe format, offline)."""
 

@@ -28,7 +28,7 @@ class DType(str, Enum):
 
 
 class Format(str, Enum):
-    """Output formats of the scoring commands: the one list."""
+    """Every output format: the one list (the scoring commands write all of them; other commands some: `subset`)."""
 
     table = "table"
     json = "json"
@@ -37,11 +37,17 @@ class Format(str, Enum):
     paths = "paths"
 
 
-class SummaryFormat(str, Enum):
-    """How `pickrank eval` prints its summary: a text table, or one JSON object."""
+def subset(name: str, *members: str) -> Any:
+    """An enum of some of Format's members, in this order: the -f choices of a command that writes only those."""
+    return Enum(name, [(m, Format(m).value) for m in members], type=str)
 
-    table = "table"
-    json = "json"
+
+# eval's summary and the doctor's report: a text table, or one JSON object.
+SummaryFormat = subset("SummaryFormat", "table", "json")
+# compare's summary: a text table, one JSON object, or CSV rows.
+CompareFormat = subset("CompareFormat", "table", "json", "csv")
+# `pickrank prompts`: one row per image.
+PromptsFormat = subset("PromptsFormat", "table", "jsonl", "json", "csv")
 
 
 class Alpha(str, Enum):
@@ -181,7 +187,6 @@ class ModelOptions(_Bundle):
 class RunOptions(_Bundle):
     """How a run behaves, independent of what it scores (the engine's options)."""
 
-    batch_size: int | None = None  # images per model call; None: the embedder's
     workers: int | None = None  # decode processes; None: one per CPU, at most 8
     top: int | None = None
     on_error: OnError = OnError.continue_

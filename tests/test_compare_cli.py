@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import pickrank.cli.app as cli
-from pickrank.cli.app import SHARED, app
+from pickrank.cli.app import app
+from pickrank.cli.compare import compare
+from pickrank.cli.shared import SHARED
 
 from . import test_options
 from .conftest import draw_image
@@ -52,7 +53,7 @@ def two_samples(root: Path, system: str, seed: int, n: int = 4) -> Path:
 def test_help_names_the_layouts_and_lists_each_shared_option_once(runner, monkeypatch):
     # compare has its own -f and --html; its JSON carries the provenance without --with-meta
     takes = [n for n in SHARED if n not in ("format", "html", "null", "with_meta")]
-    monkeypatch.setitem(test_options.COMMANDS, ("compare",), (cli.compare, takes))
+    monkeypatch.setitem(test_options.COMMANDS, ("compare",), (compare, takes))
     test_options.test_shared_options_are_listed_once_and_commands_declare_only_their_own(
         runner, monkeypatch, ("compare",))
     text = runner.invoke(app, ["compare", "--help"]).stdout

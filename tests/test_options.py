@@ -12,9 +12,16 @@ import sys
 
 import pytest
 
-import pickrank.cli.app as cli
 from pickrank.api import PickScorer
-from pickrank.cli.app import SHARED, app
+from pickrank.cli.app import app
+from pickrank.cli.cache import cache_clear, cache_info, cache_prune
+from pickrank.cli.compare import compare
+from pickrank.cli.evaluate import eval_
+from pickrank.cli.export import export_onnx
+from pickrank.cli.prompts import prompts
+from pickrank.cli.report import report
+from pickrank.cli.score import batch, best_of_n, score
+from pickrank.cli.shared import SHARED
 from pickrank.errors import UsageError
 from pickrank.models import loading
 from pickrank.options import DType, Format, ModelOptions, OnError, RunOptions
@@ -23,18 +30,18 @@ from .test_eval import pairs_data, write_csv  # noqa: F401 - pairs_data is a fix
 
 # Each command, its function, and the shared options it takes (as on the command line).
 COMMANDS = {
-    ("score",): (cli.score, list(SHARED)),
-    ("best-of-n",): (cli.best_of_n, list(SHARED)),
-    ("batch",): (cli.batch, list(SHARED)),
-    ("eval",): (cli.eval_, ["model", "processor", "revision", "offline", "device", "dtype", "alpha", "backend",
+    ("score",): (score, list(SHARED)),
+    ("best-of-n",): (best_of_n, list(SHARED)),
+    ("batch",): (batch, list(SHARED)),
+    ("eval",): (eval_, ["model", "processor", "revision", "offline", "device", "dtype", "alpha", "backend",
                             "decode", "batch_size", "quiet", "max_pixels", "debug", "scale", "with_meta", "meta"]),
-    ("export", "onnx"): (cli.export_onnx, ["model", "processor", "revision", "offline", "quiet", "debug"]),
-    ("compare",): (cli.compare, [n for n in SHARED if n not in ("format", "html", "null", "with_meta")]),
-    ("prompts",): (cli.prompts, ["format", "output", "quiet", "max_pixels", "max_bytes", "debug"]),
-    ("report",): (cli.report, ["quiet", "debug"]),
-    ("cache", "info"): (cli.cache_info, ["cache", "debug"]),
-    ("cache", "clear"): (cli.cache_clear, ["cache", "debug"]),
-    ("cache", "prune"): (cli.cache_prune, ["cache", "debug"]),
+    ("export", "onnx"): (export_onnx, ["model", "processor", "revision", "offline", "quiet", "debug"]),
+    ("compare",): (compare, [n for n in SHARED if n not in ("format", "html", "null", "with_meta")]),
+    ("prompts",): (prompts, ["format", "output", "quiet", "max_pixels", "max_bytes", "debug"]),
+    ("report",): (report, ["quiet", "debug"]),
+    ("cache", "info"): (cache_info, ["cache", "debug"]),
+    ("cache", "clear"): (cache_clear, ["cache", "debug"]),
+    ("cache", "prune"): (cache_prune, ["cache", "debug"]),
 }
 
 

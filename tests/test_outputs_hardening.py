@@ -136,9 +136,9 @@ def test_fifo_reader_gets_everything_and_the_fifo_stays(how, runner, model_dir, 
 
 @pytest.mark.parametrize("how", HOWS)
 def test_fifo_without_a_reader_is_a_clear_error_not_a_hang(how, runner, model_dir, images, tmp_path, monkeypatch):
-    import pickrank.output.writers
+    import pickrank.output.targets
 
-    monkeypatch.setattr(pickrank.output.writers, "FIFO_WAIT_S", 0.3)
+    monkeypatch.setattr(pickrank.output.targets, "FIFO_WAIT_S", 0.3)
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     if how == "-o":  # -o is opened before the model loads: a missing model is not reached

@@ -143,16 +143,17 @@ def test_without_ray_installed_engine_ray_is_a_usage_error(runner, model_dir, im
 def test_a_model_the_workers_cannot_load_is_a_clear_error(ray_cluster, model_dir, images):
     from dataclasses import replace
 
-    from pickrank.core.engine import RunOptions, single_set
     from pickrank.errors import ModelLoadError
+    from pickrank.inputs.sets import sets_for_score
     from pickrank.models.torch_embedder import Embedder, resolve_source
+    from pickrank.options import RunOptions
     from pickrank.ray.engine import RayEngine
 
     embedder = Embedder.load(resolve_source(str(model_dir)), device="cpu")
     embedder.source = replace(embedder.source, model=str(model_dir / "missing"))  # as a worker without the folder
     engine = RayEngine(embedder, options=RunOptions(), actors=1)
     with pytest.raises(ModelLoadError, match="on a Ray worker: cannot load .*missing"):
-        list(engine.run([single_set("x", image_paths(images))]))
+        list(engine.rank(sets_for_score("x", image_paths(images))))
 
 
 @pytest.mark.parametrize("resources, actors, expect", [

@@ -430,15 +430,16 @@ def test_a_model_that_fails_to_load_stops_the_server(tmp_path: Path, model_dir: 
 def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
     """serve takes the model options, --workers, --max-pixels, --engine, --ray-address, -q and --debug from the
     one table, and declares only its own."""
-    import pickrank.cli.app as cli
-    from pickrank.cli.app import SHARED, app
+    from pickrank.cli.app import app
+    from pickrank.cli.serve import serve
+    from pickrank.cli.shared import SHARED
 
     from . import test_options
 
     takes = [n for n in SHARED if n in ("model", "processor", "revision", "offline", "device", "dtype", "alpha",
                                         "backend", "decode", "batch_size", "workers", "quiet", "max_pixels", "debug",
                                         "engine", "scale", "ray_address")]
-    monkeypatch.setitem(test_options.COMMANDS, ("serve",), (cli.serve, takes))
+    monkeypatch.setitem(test_options.COMMANDS, ("serve",), (serve, takes))
     test_options.test_shared_options_are_listed_once_and_commands_declare_only_their_own(
         runner, monkeypatch, ("serve",))
     text = runner.invoke(app, ["serve", "--help"]).stdout

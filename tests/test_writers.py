@@ -9,7 +9,8 @@ import json
 import pytest
 
 from pickrank.errors import OutputError
-from pickrank.output.writers import Output, csv_safe, make_writer, record_fields
+from pickrank.output.targets import Output
+from pickrank.output.writers import csv_safe, make_writer, record_fields
 from pickrank.records import Record
 
 RECS = (Record("p", "a.png", 21.5, 0.7, 1), Record("p", "=b.png", 20.0, 0.3, 2),

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from pickrank.core.cache import NullCache
-from pickrank.core.engine import Engine, LocalBackend, Ranking, RunOptions
+from pickrank.core.engine import Engine, LocalBackend, Ranking
 from pickrank.errors import PickrankError, UsageError
 from pickrank.inputs.reader import DEFAULT_MAX_PIXELS
 from pickrank.inputs.textfile import read_utf8
-from pickrank.options import Scale, as_enum
+from pickrank.options import RunOptions, Scale, as_enum
 from pickrank.records import CandidateSet, ImageBytes, Query
 
 if TYPE_CHECKING:
@@ -353,7 +353,7 @@ def score_pairs(dataset: Dataset, embedder: "ImageTextEmbedder", max_pixels: int
             _progress(on_progress)
             yield pair, pair.error  # type: ignore[misc]
 
-    for ranking in engine.run_chunks(chunks()):
+    for ranking in engine.rank_stream(chunks()):
         yield from bad_rows()
         pair, cset = queue.popleft()
         _progress(on_progress)
@@ -411,7 +411,7 @@ def evaluate(dataset: Dataset, embedder: "ImageTextEmbedder", threshold: float |
              validation: Dataset | None = None, resamples: int = 1000, seed: int = 0, out=None,
              max_pixels: int | None = DEFAULT_MAX_PIXELS,
              on_progress: Callable[[int], None] | None = None, scale: Scale | str = Scale.raw) -> EvalResult:
-    """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a writers.Output), their
+    """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a `pickrank.output.targets.Output`), their
     scores in `scale`'s unit (probabilities and predictions always come from the raw scores)."""
     if threshold is not None and validation is not None:
         raise UsageError("give either a tie threshold or a validation file to choose it, not both")

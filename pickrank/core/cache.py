@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -10,6 +11,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -389,3 +391,16 @@ class EmbeddingCache(NullCache):
 def open_cache(path: str | os.PathLike | None = None, enabled: bool = True) -> NullCache:
     """The cache for a run: the SQLite store, or a NullCache with --no-cache."""
     return EmbeddingCache(path) if enabled else NullCache()
+
+
+@contextlib.contextmanager
+def managed_cache(path: str | os.PathLike | None) -> Iterator[EmbeddingCache]:
+    """The cache a `pickrank cache` command manages, closed after the block; a file that is not a pickrank cache (or
+    one that cannot be opened) is a CacheError here, not a warning."""
+    c = EmbeddingCache(path, warn=False)
+    try:
+        if c.problem is not None:
+            raise CacheError(c.problem)
+        yield c
+    finally:
+        c.close()

@@ -6,7 +6,7 @@ of images; each distinct image (by content) reaches the model at most once per r
 encoded once.
 
     CandidateSet --read_item--> Entry (path, key | error) --memo / cache / Backend--> Finished (keys, embeddings)
-        --_Run.take--> per-set vectors --Engine._rank (score.py)--> Ranking (Records)
+        --_Pass.take--> per-set vectors --Engine._rank (score.py)--> Ranking (Records)
 
 torch is imported only where scores are computed, and only for the torch backend: the CLI hands the engine a model
 still loading in a thread (`loading.LoadingEmbedder`), and reading, hashing, cache lookups and decoding start before
@@ -20,7 +20,7 @@ import collections
 import logging
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -38,7 +38,7 @@ from pickrank.inputs.reader import (
     read_bytes,
     worker_pool,
 )
-from pickrank.options import RunOptions  # noqa: F401 - declared with the other option bundles; imported from here too
+from pickrank.options import RunOptions
 from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
 from pickrank.signals import signals_deferred
 
@@ -239,12 +239,13 @@ class LocalBackend:
     LOADING_WINDOW = 128
     LOADING_BYTES = 64 << 20
 
-    def __init__(self, embedder: ImageTextEmbedder, options: RunOptions, tune_threads: bool = True) -> None:
+    def __init__(self, embedder: ImageTextEmbedder, options: RunOptions, tune_threads: bool = True,
+                 batch_size: int | None = None) -> None:
         self.embedder, self.tune_threads = embedder, tune_threads
         self.workers = default_workers() if options.workers is None else options.workers
-        self._batch_size = options.batch_size  # None: the embedder's, known once it has loaded
+        self._batch_size = batch_size  # --batch-size; None: the embedder's, known once it has loaded
         self.loading = not embedder.ready
-        window = self._running_window(options.batch_size or 8)
+        window = self._running_window(batch_size or 8)
         deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
         self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
                                 spec=embedder.spec, max_pixels=options.max_pixels,
@@ -255,15 +256,6 @@ class LocalBackend:
 
     def _running_window(self, batch_size: int) -> int:
         return max(2 * batch_size, 8 * self.workers)
-
-    @property
-    def batch(self) -> list[Decoded]:
-        """The decoded images waiting for the model."""
-        return self.batcher.items
-
-    @property
-    def held_bytes(self) -> int:
-        return self.batcher.nbytes
 
     @property
     def batch_size(self) -> int:
@@ -455,7 +447,7 @@ class _SetState:
     exhausted: bool = False
 
 
-class _Run:
+class _Pass:
     """One run's state: the memo of resolved images, the sets in flight (oldest first), which sets wait on which
     key, and the backend (made on the first miss, so that a fully cached run starts no worker)."""
 
@@ -598,27 +590,28 @@ class _Run:
 
 
 class Engine:
-    """Scores candidate sets with one embedder and cache; `run` yields each Ranking as soon as it completes.
+    """Scores candidate sets with one embedder and cache; `rank` yields each Ranking as soon as it completes.
 
     Reading, hashing, the cache, scoring and ranking happen here; the misses go to a backend: decode processes and
-    this process by default, or what `backend` makes (`ray_engine.RayEngine` passes one that runs them on a Ray
-    cluster). `warn=False` leaves failed images and truncated prompts to the caller to report (eval does, per pair).
+    this process by default, or what `backend` makes (`pickrank.ray.engine.RayEngine` passes one that runs them on a
+    Ray cluster). `warn=False` leaves failed images and truncated prompts to the caller to report (eval does, per
+    pair). `batch_size`: images per model call (--batch-size; None: the embedder's).
     """
 
-    # Distinct images and prompts that `run_chunks` remembers across chunks (and calls).
+    # Distinct images and prompts that `rank_stream` remembers across chunks (and calls).
     STREAM_MEMO = 65536
 
     def __init__(self, embedder: ImageTextEmbedder, cache: NullCache | None = None,
                  options: RunOptions | None = None, on_progress: Callable[[int], None] | None = None,
                  backend: Callable[[], Backend] | None = None, warn: bool = True,
-                 memo_size: int = STREAM_MEMO) -> None:
+                 memo_size: int = STREAM_MEMO, batch_size: int | None = None) -> None:
         self.embedder = embedder
         self.cache = cache or NullCache()
         self.options = options or RunOptions()
         self.on_progress = on_progress
         self.summary = RunSummary()
         self.warn = warn
-        self.make_backend = backend or (lambda: LocalBackend(self.embedder, self.options))
+        self.make_backend = backend or (lambda: LocalBackend(self.embedder, self.options, batch_size=batch_size))
         self.memo_size = memo_size
         self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
 
@@ -626,11 +619,11 @@ class Engine:
         if self.on_progress:
             self.on_progress(n)
 
-    def run(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+    def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
         order."""
         sets = list(sets)
-        run = _Run(self, _Prompts(self.embedder, self.summary, sets, self.warn), _LRU(), _LRU())
+        run = _Pass(self, _Prompts(self.embedder, self.summary, sets, self.warn), _LRU(), _LRU())
         try:
             for cset in sets:
                 yield from run.admit(cset)
@@ -638,14 +631,14 @@ class Engine:
         finally:
             run.close()
 
-    def run_chunks(self, chunks: Iterable[list[CandidateSet]]) -> Iterator[Ranking]:
-        """`run` for a long stream of small sets (eval's pairs), taken chunk by chunk: each chunk's new prompts are
+    def rank_stream(self, chunks: Iterable[list[CandidateSet]]) -> Iterator[Ranking]:
+        """`rank` for a long stream of small sets (eval's pairs), taken chunk by chunk: each chunk's new prompts are
         encoded together, its images embedded before the next chunk is read; what is remembered of images and
         prompts is bounded (memo_size) and kept across calls."""
         if self._stream is None:
             self._stream = (_PromptStream(self.embedder, self.summary, self.memo_size, self.warn),
                             _LRU(self.memo_size), _LRU(self.memo_size))
-        run = _Run(self, *self._stream)
+        run = _Pass(self, *self._stream)
         try:
             for chunk in chunks:
                 run.prompts.add(chunk)  # type: ignore[union-attr]
@@ -698,12 +691,3 @@ class Engine:
                               id=q.id, group=q.group, truncated=truncated, prompt_source=q.prompt_source))
         return out
 
-
-def single_set(prompt: str, paths: Iterable[str]) -> CandidateSet:
-    """One prompt over one candidate set (the `score` command)."""
-    return CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)
-
-
-def with_copied(record: Record, dest: str) -> Record:
-    """The record, noting where its image was copied."""
-    return replace(record, copied_to=dest)

@@ -56,7 +56,8 @@ class Provenance:
         return d
 
 
-def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw, store: HashStore | None = None) -> Provenance:
+def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw,
+            store: HashStore | None = None) -> Provenance:
     """The provenance of a loaded embedder's run (waits for the load); weight hashes come from `store`; the decode
     mode from the embedder's preprocessing spec (--decode is part of it)."""
     store = store or HashStore()
@@ -74,6 +75,12 @@ def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw, store
         gpu=gpu_name(str(described.get("device"))), backend=embedder.backend,
         preprocessing=preprocessing(embedder.spec, Decode(getattr(embedder.spec, "decode", "exact"))),
         scale=Scale(scale).value, exp_logit_scale=float(embedder.scale), versions=versions())
+
+
+def for_run(embedder: "ImageTextEmbedder", scale: Scale | str, cache: str | None) -> dict:
+    """A command run's provenance as a dict (waits for the model), weight hashes remembered beside the embedding
+    cache (`cache`: --cache; None: the default one)."""
+    return compute(embedder, scale, store=HashStore.beside(cache)).as_dict()
 
 
 def model_weight_files(backend: str, source: ModelSource) -> list[str]:

@@ -70,6 +70,16 @@ def walk_images(folder: str) -> Iterator[str]:
     yield from visit(folder)
 
 
+def peek(paths: Iterator[str]) -> tuple[str | None, Iterator[str]]:
+    """The first path (or None) and an iterator that still yields it, so discovery stays lazy."""
+    for first in paths:
+        def chain() -> Iterator[str]:
+            yield first
+            yield from paths
+        return first, chain()
+    return None, iter(())
+
+
 def _stdin_paths(stdin: TextIO) -> Iterator[str]:
     for line in stdin:
         line = line.rstrip("\r\n")

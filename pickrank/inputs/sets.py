@@ -7,39 +7,29 @@ import io
 import logging
 import os
 from dataclasses import replace
-from typing import Iterator, TextIO
+from typing import TextIO
 
-from pickrank.errors import UsageError
-from pickrank.inputs.discover import expand, first_visit, is_image_name
+from pickrank.errors import NoImages, UsageError
+from pickrank.inputs.discover import expand, first_visit, is_image_name, peek
 from pickrank.inputs.metadata import FoundPrompt, prompt_from_image
 from pickrank.inputs.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from pickrank.inputs.textfile import decode_utf8
+from pickrank.inputs.textfile import read_utf8
 from pickrank.records import CandidateSet, Query
 
 log = logging.getLogger("pickrank")
 
 
-def _peek(paths: Iterator[str]) -> tuple[str | None, Iterator[str]]:
-    """The first path (or None) and an iterator that still yields it, so discovery stays lazy."""
-    for first in paths:
-        def chain() -> Iterator[str]:
-            yield first
-            yield from paths
-        return first, chain()
-    return None, iter(())
-
-
-def score_job(prompt: str | None, args: list[str], stdin: TextIO | None = None,
-              max_pixels: int | None = DEFAULT_MAX_PIXELS, max_bytes: int | None = DEFAULT_MAX_BYTES
-              ) -> list[CandidateSet]:
-    """`pickrank score`: one prompt over every image the arguments name; without one, each image's own metadata
-    prompt (`metadata_sets`)."""
+def sets_for_score(prompt: str | None, args: list[str], stdin: TextIO | None = None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, max_bytes: int | None = DEFAULT_MAX_BYTES
+                   ) -> list[CandidateSet]:
+    """`pickrank score` and `PickScorer.rank`: one prompt over every image the arguments name; without one, each
+    image's own metadata prompt (`metadata_sets`)."""
     if prompt is None:
         return metadata_sets(args, stdin, max_pixels, max_bytes)
     check_prompt(prompt)
-    first, paths = _peek(expand(args, stdin))
+    first, paths = peek(expand(args, stdin))
     if first is None:
-        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+        raise NoImages(f"no images found in {' '.join(args) or 'stdin'}")
     return [CandidateSet(queries=(Query(prompt=prompt, prompt_source="option"),), paths=paths)]
 
 
@@ -50,7 +40,7 @@ def metadata_sets(args: list[str], stdin: TextIO | None = None, max_pixels: int 
     why. Each image's metadata is read once, all of it before scoring (headers only: no pixel is decoded)."""
     paths = list(expand(args, stdin))
     if not paths:
-        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+        raise NoImages(f"no images found in {' '.join(args) or 'stdin'}")
     by_prompt: dict[str, tuple[str | None, list[str]]] = {}  # prompt -> (source of its first image, images)
     order: list[CandidateSet | str] = []  # an error set in its place, or the prompt whose ranking goes there
     for path in paths:
@@ -147,7 +137,7 @@ def _unreadable_set(folder: str, e: OSError) -> CandidateSet:
     return CandidateSet(queries=(Query(prompt="", group=_group_name(folder, path)),), source=path, error=reason)
 
 
-def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def sets_for_best_of_n(folder: str, prompt: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                   max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
     """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own.
 
@@ -187,7 +177,7 @@ def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None
             sets.append(CandidateSet(queries=(query,), paths=images))
     report_unlisted()
     if not sets:
-        raise UsageError(f"no images found in {folder}")
+        raise NoImages(f"no images found in {folder}")
     return sets
 
 
@@ -195,12 +185,7 @@ def best_of_n_job(folder: str, prompt: str | None = None, max_pixels: int | None
 
 def read_prompts_csv(path: str) -> list[dict[str, str]]:
     """Rows of a prompts CSV: UTF-8 (BOM allowed), delimiter sniffed among , ; tab |, blank lines skipped."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
-    text = decode_utf8(raw, path)
+    text = read_utf8(path)
     if not text.strip():
         raise UsageError(f"{path}: empty CSV")
     header = text.splitlines()[0]
@@ -234,7 +219,7 @@ def _row_images(spec: str, base: str) -> list[str]:
             (os.path.expanduser(x) for x in parts)]
 
 
-def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
+def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
     """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images."""
     rows = read_prompts_csv(csv_path)
     base = os.path.dirname(os.path.abspath(csv_path))
@@ -265,12 +250,12 @@ def batch_job(csv_path: str, args: list[str], stdin: TextIO | None = None) -> li
     sets: list[CandidateSet] = []
     for spec in order:
         if spec is None:
-            first, paths = _peek(expand(args, stdin))
+            first, paths = peek(expand(args, stdin))
             if first is None:
-                raise UsageError(f"no images found in {' '.join(args)}")
+                raise NoImages(f"no images found in {' '.join(args)}")
             sets.append(CandidateSet(queries=tuple(shared_queries), paths=paths))
         else:
-            first, paths = _peek(expand(_row_images(spec, base)))
+            first, paths = peek(expand(_row_images(spec, base)))
             if first is None:
                 log.warning("%s: images %r match no file (row %s)", csv_path, spec,
                             ", ".join(q.id or "?" for q in own[spec]))

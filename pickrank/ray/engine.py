@@ -40,8 +40,9 @@ from pickrank.records import Finished
 
 if TYPE_CHECKING:
     from pickrank.core.cache import NullCache
-    from pickrank.core.engine import Ranking, RunOptions
+    from pickrank.core.engine import Ranking
     from pickrank.models.torch_embedder import Embedder, ModelSource
+    from pickrank.options import RunOptions
     from pickrank.records import CandidateSet
 
 log = logging.getLogger("pickrank")
@@ -445,17 +446,18 @@ class _RayStream:
 
 
 class RayEngine:
-    """Engine's interface and results (`run` yields Rankings in order; `summary`): a `pipeline.Engine` whose
+    """Engine's interface and results (`rank` yields Rankings in order; `summary`): a `pipeline.Engine` whose
     backend decodes and embeds the misses on a Ray cluster.
 
     address: a Ray address (`ray://host:10001`, `host:6379`, `auto`); None: $RAY_ADDRESS, else a local Ray
     started for the run (and stopped after it). A Ray already initialised in this process is used as it is.
     actors: embedding actors on a cluster without GPUs (default 2); with GPUs, one per GPU (at most `actors`).
+    batch_size: images per model call on the actors (--batch-size; None: 32 with GPUs, else 8).
     """
 
     def __init__(self, embedder: Embedder, cache: NullCache | None = None, options: RunOptions | None = None,
                  on_progress: Callable[[int], None] | None = None, address: str | None = None,
-                 actors: int | None = None) -> None:
+                 actors: int | None = None, batch_size: int | None = None) -> None:
         self.ray = require_ray()
         from pickrank.core.engine import Engine
 
@@ -463,6 +465,7 @@ class RayEngine:
         self.embedder, self.cache, self.options = self.engine.embedder, self.engine.cache, self.engine.options
         self.address = address
         self.actors = actors
+        self.batch_size = batch_size  # --batch-size; None: the plan's default for the cluster's devices
         self._started = False
 
     @property
@@ -489,15 +492,15 @@ class RayEngine:
         return True
 
     def _backend(self) -> _RayStream:
-        """Engine.run asks for it on the first cache miss: Ray starts only when some image needs the model."""
+        """Engine.rank asks for it on the first cache miss: Ray starts only when some image needs the model."""
         self._started = self._connect() or self._started
         return _RayStream(self.ray, self.embedder, self._plan(), self.options.max_pixels)
 
-    def run(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
-        """Engine.run with the misses decoded and embedded on Ray; Ray's errors become one-line PickrankErrors."""
+    def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """Engine.rank with the misses decoded and embedded on Ray; Ray's errors become one-line PickrankErrors."""
         self._started = False
         try:
-            yield from self.engine.run(sets)
+            yield from self.engine.rank(sets)
         except PickrankError:
             raise
         except Exception as e:
@@ -510,14 +513,14 @@ class RayEngine:
             raise RayClusterError(f"the Ray cluster failed the run ({type(e).__name__}: {_first_line(e)}){kept}") \
                 from e
         finally:
-            if self._started:  # after Engine.run's own finally has closed the stream
+            if self._started:  # after Engine.rank's own finally has closed the stream
                 try:
                     self.ray.shutdown()
                 except Exception:
                     pass
 
     def _plan(self) -> _Plan:
-        return _Plan(self.ray.cluster_resources(), self.actors, self.options.batch_size)
+        return _Plan(self.ray.cluster_resources(), self.actors, self.batch_size)
 
 
 def _restore_sigterm(handler) -> None:

@@ -15,7 +15,7 @@ from typing import IO, Sequence
 from pickrank import __version__
 from pickrank.analysis.compare import CompareResult, ScoreTable, prompt_scores, win_matrix, winner
 from pickrank.errors import OutputError
-from pickrank.output.writers import Output, check_output
+from pickrank.output.targets import Output, check_output
 from pickrank.report.gallery import (
     PROVENANCE_CSS,
     _href,

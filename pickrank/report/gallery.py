@@ -26,7 +26,7 @@ from typing import IO, Iterable, Iterator
 from pickrank import __version__
 from pickrank.errors import OutputError, UsageError
 from pickrank.inputs.reader import close_pool, worker_pool
-from pickrank.output.writers import Output, check_output
+from pickrank.output.targets import Output, check_output
 from pickrank.records import Record
 from pickrank.signals import signals_deferred
 
@@ -298,7 +298,10 @@ def _split_rankings(records: Iterable[Record]) -> Iterator[list[Record]]:
 
 
 class HtmlReport:
-    """The gallery page for one run: `write(records)` per ranking, `set_meta(...)` once, `close()` at the end."""
+    """The gallery page for one run (a `Sink`): `write(records)` per ranking, `set_meta(...)` once, `close()` at
+    the end. A failed run's page is rendered too (`discard`), with what it received."""
+
+    wants_meta = True
 
     def __init__(self, path: str, kind: str = "score", *, workers: int | None = None,
                  inline_below: int = INLINE_BELOW, title: str | None = None, option: str = "--html") -> None:
@@ -322,6 +325,13 @@ class HtmlReport:
             for r in section:
                 if r.error is None and r.path:
                     self.thumbs.add(r.path)
+
+    def describe(self) -> str:
+        return f"{self.option} {self.path}"
+
+    def discard(self) -> None:
+        """The run failed: the page still shows what was scored."""
+        self.close()
 
     def abandon(self) -> None:
         """Write no page at all (the run found that it would overwrite one of its inputs)."""

@@ -1,31 +1,19 @@
-"""`pickrank prompts`: the prompt pickrank reads from each image's metadata, and its source (no model, no torch)."""
+"""`pickrank prompts`' rows (path, prompt, source, reason) written as a table, JSON Lines, JSON or CSV."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from pickrank.errors import UsageError
-from pickrank.inputs.discover import expand
-from pickrank.inputs.metadata import prompt_from_image
-from pickrank.output.writers import Output, csv_safe
+from pickrank.options import PromptsFormat
+from pickrank.output.targets import Output
+from pickrank.output.writers import csv_safe
 
 FIELDS = ("path", "prompt", "source", "reason")
-FORMATS = ("table", "jsonl", "json", "csv")
-
-
-def prompt_rows(args: list[str], stdin=None, max_pixels: int | None = None,
-                max_bytes: int | None = None) -> Iterator[dict]:
-    """One row per image the arguments name (expanded as `score` does): path, prompt, source, reason."""
-    found_any = False
-    for path in expand(args, stdin):
-        found_any = True
-        found = prompt_from_image(path, max_pixels, max_bytes)
-        yield {"path": path, "prompt": found.prompt, "source": found.source, "reason": found.reason}
-    if not found_any:
-        raise UsageError(f"no images found in {' '.join(args) or 'stdin'}")
+FORMATS = tuple(f.value for f in PromptsFormat)
 
 
 def check_format(fmt: str | None) -> str | None:

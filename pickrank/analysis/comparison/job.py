@@ -1,0 +1,193 @@
+"""`pickrank compare` from plan to written results: the outputs checked before the model loads, the images scored
+through the one scoring core into memory, the statistics computed and written (each output kept only once it is
+complete): `ComparisonRun`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from pickrank.analysis.compare import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_SEED,
+    CompareResult,
+    Comparison,
+    collect_scores,
+    compare,
+    print_table,
+    to_json,
+    write_csv,
+    write_per_prompt,
+)
+from pickrank.errors import UsageError
+from pickrank.options import CompareFormat, Scale
+from pickrank.output.guards import check_outputs, guard_inputs
+from pickrank.output.sinks import Sink, SinkBase
+from pickrank.output.targets import Output
+from pickrank.output.writers import MetaWriter, format_for_path
+from pickrank.records import Record
+
+if TYPE_CHECKING:
+    from pickrank.core.scoring import Scored, ScoringOptions
+    from pickrank.models.protocol import ImageTextEmbedder
+
+log = logging.getLogger("pickrank")
+
+
+@dataclass(frozen=True)
+class CompareOutputs:
+    """Where a comparison goes: -o (None: stdout) in a format, and the optional per-prompt lines, page and meta."""
+
+    output: str | None = None
+    format: CompareFormat | None = None  # None: from -o's extension, else table
+    per_prompt: str | None = None
+    html: str | None = None
+    meta: str | None = None
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """How the statistics are computed and told."""
+
+    all_pairs: bool = False
+    best_of_n: bool = False
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    seed: int = DEFAULT_SEED
+    verbose: bool = False  # name the prompts left out, per system
+
+
+class Gathered(SinkBase):
+    """The sink compare's records go to: kept in memory for the statistics, with the run's provenance."""
+
+    wants_meta = True
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.meta: dict = {}
+
+    def write(self, records: tuple[Record, ...]) -> None:
+        self.records.extend(records)
+
+    def set_meta(self, meta: dict) -> None:
+        self.meta = dict(meta)
+
+    def describe(self) -> str:
+        return "the comparison"
+
+    def close(self) -> None:
+        """Nothing to keep: the statistics are written to the other outputs."""
+
+    def discard(self) -> None:
+        """Nothing to give up."""
+
+    def raw_per_unit(self) -> float:
+        """What one unit of the gathered scores is in raw PickScore (`Scale.divisor`; 1 when no model ran)."""
+        if not self.meta:
+            return 1.0
+        return Scale(self.meta["scale"]).divisor(self.meta["exp_logit_scale"])
+
+
+class WrittenAtEnd(SinkBase):
+    """An output that holds the comparison once it is complete: kept only then, so that a failed or interrupted
+    run leaves an earlier file as it was (statistics over part of the images would mislead)."""
+
+    def __init__(self, out: Output) -> None:
+        self.out = out
+        self.done = False
+
+    def close(self) -> None:
+        (self.out.close if self.done else self.out.discard)()
+
+    def discard(self) -> None:
+        self.out.discard()
+
+
+def compare_format(fmt: CompareFormat | None, output: str | None) -> str:
+    """-f; else what -o's extension names (.json, .csv); else table. A JSON Lines name is a usage error."""
+    if fmt is not None:
+        return fmt.value
+    named = format_for_path(output)
+    if named == "jsonl":
+        raise UsageError(f"-o {output}: compare writes one summary (-f table, json or csv); per-prompt JSON Lines "
+                         "go to --per-prompt FILE")
+    return named if named in ("json", "csv") else "table"
+
+
+class ComparisonRun:
+    """One `pickrank compare`: `open` checks and opens the outputs (before the model loads), `score` scores the
+    plan's images into memory, `write` computes the statistics and writes them (each output kept once complete)."""
+
+    def __init__(self, plan: Comparison, outputs: CompareOutputs) -> None:
+        self.plan, self.outputs = plan, outputs
+        self.gathered = Gathered()
+        self.taking: list[Sink] = [self.gathered]  # what score_into hands the records and provenance to
+        self.fmt = "table"
+        self.files: dict[tuple[int, int], str] = {}
+        self.main_out: WrittenAtEnd | None = None
+        self.rows_out: WrittenAtEnd | None = None
+
+    def open(self, inputs: Sequence[str], sinks: list) -> None:
+        """Check the outputs against each other and the inputs, then open them into `sinks` (for the caller to
+        close or discard whatever happens)."""
+        from pickrank.report.comparison import check_html
+
+        o = self.outputs
+        self.fmt = compare_format(o.format, o.output)
+        self.files = check_outputs([("-o", o.output), ("--per-prompt", o.per_prompt), ("--html", o.html),
+                                    ("--meta", o.meta)], inputs)
+        if o.html:
+            check_html(o.html)
+        self.main_out = WrittenAtEnd(Output(o.output))
+        sinks.append(self.main_out)
+        if o.per_prompt:
+            self.rows_out = WrittenAtEnd(Output(o.per_prompt, label="--per-prompt"))
+            sinks.append(self.rows_out)
+        if o.meta:
+            meta_out = MetaWriter(Output(o.meta, label="--meta"))
+            sinks.append(meta_out)
+            self.taking.append(meta_out)
+
+    def score(self, options: ScoringOptions, *, on_progress: Callable[[int], None] | None = None,
+              on_loaded: Callable[[ImageTextEmbedder], None] | None = None) -> Scored:
+        """Score every image of the plan through the one scoring core; what the scoring did."""
+        from pickrank.core.scoring import score_into
+
+        return score_into(self.taking, guard_inputs(self.plan.candidate_sets(), self.files), options,
+                          on_progress=on_progress, on_loaded=on_loaded)
+
+    def write(self, settings: CompareSettings, workers: int | None = None) -> CompareResult:
+        """The statistics over the scores, written to the outputs (each then marked complete)."""
+        assert self.main_out is not None, "open() first"
+        gathered, plan = self.gathered, self.plan
+        table = collect_scores(plan, gathered.records)
+        result = compare(table, baseline=plan.baseline, all_pairs=settings.all_pairs, best_of_n=settings.best_of_n,
+                         bootstrap=settings.bootstrap, seed=settings.seed, raw_per_unit=gathered.raw_per_unit())
+        say_left_out(result, settings.verbose)
+        out = self.main_out.out
+        if self.fmt == "json":
+            out.stream.write(json.dumps(to_json(result, model=gathered.meta), ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            write_csv(result, out.stream)
+        else:
+            print_table(result, out.stream, is_terminal=out.is_terminal)
+        self.main_out.done = True
+        if self.rows_out is not None:
+            write_per_prompt(table, self.rows_out.out.stream)
+            self.rows_out.done = True
+        if self.outputs.html:
+            from pickrank.report.comparison import write_html
+
+            write_html(self.outputs.html, table, result, meta=gathered.meta, workers=workers)
+        return result
+
+
+def say_left_out(result: CompareResult, verbose: bool) -> None:
+    """Count (on the "pickrank" logger), per system, the prompts without a scored image (left out of its pairs);
+    verbose names them."""
+    for s in result.systems:
+        if s.missing:
+            names = f": {', '.join(s.missing)}" if verbose else " (-v names them)"
+            log.info("%s: %d prompt(s) without a scored image, left out of its pairs%s", s.name, len(s.missing),
+                     names)

@@ -1,0 +1,92 @@
+"""`pickrank compare`: text-to-image systems compared on the same prompts
+(`pickrank.analysis.comparison.job.compare_job`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Optional
+
+from pickrank.cli.lifecycle import Command, progress, say_loaded
+from pickrank.cli.shared import Arg, Opt, Opts, with_options
+from pickrank.errors import EXIT_OK, EXIT_PARTIAL
+from pickrank.options import (
+    CacheOptions,
+    CommandOptions,
+    CompareFormat,
+    EngineOptions,
+    ModelOptions,
+    OutputOptions,
+    RunOptions,
+)
+
+log = logging.getLogger("pickrank")
+
+
+@with_options(ModelOptions, RunOptions, CacheOptions, (OutputOptions, "output", "meta"), EngineOptions,
+              CommandOptions)
+def compare(
+    systems: Annotated[Optional[list[str]], Arg(metavar="SYSTEM_FOLDER", help="One folder of images per "
+                       "system (or one manifest file).")] = None,
+    prompts: Annotated[Optional[str], Opt("--prompts", metavar="CSV", help="Prompts CSV (id,prompt; id "
+                       "defaults to the row number): a system's images for id are id.<ext> or the files in id/.")]
+    = None,
+    manifest: Annotated[Optional[str], Opt("--manifest", metavar="FILE", help="CSV or JSONL with "
+                        "system,prompt,image[,id] (image paths relative to the file), instead of folders.")] = None,
+    names: Annotated[Optional[str], Opt("--names", metavar="A,B,...", help="System names, comma-separated "
+                     "[default: the folder names, or the manifest's system column].")] = None,
+    baseline: Annotated[Optional[str], Opt("--baseline", metavar="NAME", help="The reference for win rates "
+                        "[default: the first system].")] = None,
+    all_pairs: Annotated[bool, Opt("--all-pairs", help="Every pair of systems (a win-rate matrix), not only "
+                                   "each against the baseline.")] = False,
+    best_of_n: Annotated[bool, Opt("--best-of-n", help="For systems with n >= 2 samples per prompt: the win rate "
+                                   "of their best of k (k = 1..n) against one sample of the other.")] = False,
+    bootstrap: Annotated[int, Opt("--bootstrap", min=0, metavar="N", help="Bootstrap resamples (of prompts) "
+                                  "for the 95% intervals (0: none).")] = 10_000,
+    seed: Annotated[int, Opt("--seed", help="Seed of the bootstrap.")] = 0,
+    per_prompt: Annotated[Optional[str], Opt("--per-prompt", metavar="FILE", help="Also write one JSON line per "
+                          "prompt: id, prompt, each system's score and samples, winner.")] = None,
+    html: Annotated[Optional[str], Opt("--html", metavar="FILE", help="Also write a self-contained HTML page: "
+                    "the summary, charts, and each prompt's images side by side.")] = None,
+    format: Annotated[Optional[CompareFormat], Opt("--format", "-f", help="table, json (one object: settings, "
+                      "systems, pairs, model) or csv [default: from -o's extension (.json, .csv), else table].")]
+    = None,
+    verbose: Annotated[bool, Opt("--verbose", "-v", help="Name the prompts left out, per system.")] = False,
+    *, opts: Opts,
+) -> None:
+    """Compare text-to-image systems on the same prompts: mean PickScore, win rate, 95% intervals, sign test.
+
+    Per system: the mean over prompts (a prompt's score: the mean of its samples), with a bootstrap interval.
+
+    Per pair: the win rate (a tie counts 0.5), the mean difference, the preference probability, a sign test.
+
+    Layouts, detected from the arguments (stderr names the one used):
+
+    prompts-csv: SYSTEM_FOLDER... --prompts CSV; a system's images for id are id.<ext> (00042.png is id 42) or id/*.
+
+    paired-folders: SYSTEM_FOLDER... alone; images paired by relative path, prompts from prompt.txt or metadata.
+
+    manifest: --manifest FILE, or one file argument: CSV or JSONL rows with system,prompt,image[,id].
+
+    Each distinct image is embedded once, through the cache. Exit 3 when an image failed (counted per system).
+
+    Example: pickrank compare base/ dpo/ --prompts prompts.csv --html compare.html
+    """
+    with Command(opts.command) as cmd:
+        from pickrank.analysis.compare import LAYOUTS, plan_comparison
+        from pickrank.analysis.comparison.job import CompareOutputs, CompareSettings, ComparisonRun
+
+        # The layout and the outputs are checked before the (slow) model load.
+        run = opts.run
+        plan = plan_comparison(systems or (), prompts_csv=prompts, manifest=manifest,
+                               names=names.split(",") if names is not None else None, baseline=baseline,
+                               max_pixels=run.max_pixels, max_bytes=run.max_bytes)
+        log.info("layout: %s (%s); %d systems, %d prompts, %d distinct image paths; baseline %s", plan.layout,
+                 LAYOUTS[plan.layout], len(plan.systems), len(plan.slots), len(plan.image_paths()), plan.baseline)
+        comparison = ComparisonRun(plan, CompareOutputs(output=opts.output.output, format=format,
+                                                        per_prompt=per_prompt, html=html, meta=opts.output.meta))
+        comparison.open([*(systems or ()), *(p for p in (prompts, manifest) if p)], cmd.sinks)
+        with progress("img", opts.command.quiet) as bar:
+            scored = comparison.score(opts.scoring(), on_progress=bar, on_loaded=say_loaded)
+        comparison.write(CompareSettings(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed,
+                                         verbose=verbose), workers=opts.run.workers)
+        cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK

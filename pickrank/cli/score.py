@@ -1,0 +1,96 @@
+"""The scoring commands: score, best-of-n and batch. Each builds its candidate sets (`pickrank.inputs.sets`) and
+hands them to `pickrank.core.scoring.score_job`."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from typing import Annotated, Callable, Optional, Sequence
+
+from pickrank.cli.lifecycle import Command, progress, say_loaded
+from pickrank.cli.shared import SCORING, Arg, Opt, Opts, with_options
+from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from pickrank.options import PromptFrom
+from pickrank.records import CandidateSet
+
+
+def _score_command(kind: str, opts: Opts, make_sets: Callable[[], list[CandidateSet]], copy_to: str | None = None,
+                   inputs: Sequence[str] = ()) -> None:
+    """A scoring command inside the lifecycle: its sets built (inputs checked before the model loads), then scored
+    into its outputs.
+
+    inputs: the paths named on the command line (files, folders, a prompts CSV), which no output may overwrite.
+    """
+    from pickrank.core.scoring import ScoringJob, score_job
+
+    with Command(opts.command) as cmd:
+        job = ScoringJob(kind, make_sets(), tuple(inputs), copy_to)
+        with progress("img", opts.command.quiet) as bar:
+            scored = score_job(job, opts.scoring(), cmd.sinks, on_progress=bar, on_loaded=say_loaded)
+        cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK
+
+
+@with_options(*SCORING)
+def score(
+    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="The prompt the images were generated for "
+                                         "[default: each image's own metadata prompt].")] = None,
+    prompt_from: Annotated[Optional[PromptFrom], Opt(
+        "--prompt-from", help="metadata: score each image against the prompt in its own metadata (what leaving "
+                              "out --prompt does); images with the same prompt form one ranking.")] = None,
+    top: Annotated[Optional[int], Opt(min=1, help="Show only the best K.")] = None,
+    *, opts: Opts,
+) -> None:
+    """Score images against one prompt, or each against its own metadata prompt, and rank them.
+
+    Example: pickrank score --prompt "a red cat on a sofa" sample_images/
+    """
+    from pickrank.inputs.sets import sets_for_score
+
+    run = replace(opts.run, top=top)
+
+    def sets() -> list[CandidateSet]:
+        if prompt is not None and prompt_from is PromptFrom.metadata:
+            raise UsageError("give --prompt or --prompt-from metadata, not both")
+        return sets_for_score(prompt, paths, sys.stdin, run.max_pixels, run.max_bytes)
+
+    _score_command("score", replace(opts, run=run), sets, inputs=paths)
+
+
+@with_options(*SCORING)
+def best_of_n(
+    folder: Annotated[str, Arg(help="Folder of candidates; each subfolder with images is a group.")],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="Prompt for every group [default: prompt.txt in "
+                                         "the group, else the first image's metadata prompt].")] = None,
+    top: Annotated[int, Opt(min=1, help="Keep the best K of each group.")] = 1,
+    copy_to: Annotated[Optional[str], Opt(help="Copy the winners into this folder (never overwrites).")] = None,
+    *, opts: Opts,
+) -> None:
+    """Keep the best of N candidates in each group of a folder.
+
+    Example: pickrank best-of-n out/ --top 1 --copy-to keep/
+    """
+    from pickrank.inputs.sets import sets_for_best_of_n
+
+    run = replace(opts.run, top=top)
+    _score_command("best-of-n", replace(opts, run=run),
+                   lambda: sets_for_best_of_n(folder, prompt, run.max_pixels, run.max_bytes), copy_to=copy_to,
+                   inputs=[folder])
+
+
+@with_options(*SCORING)
+def batch(
+    prompts_csv: Annotated[str, Arg(metavar="PROMPTS.csv", help="CSV with a 'prompt' column; optional 'id' and "
+                                    "'images' (folder, glob or paths separated by ';').")],
+    paths: Annotated[Optional[list[str]], Arg(help="Images for rows without an 'images' cell.")] = None,
+    top: Annotated[Optional[int], Opt(min=1, help="Show only the best K of each row.")] = None,
+    *, opts: Opts,
+) -> None:
+    """Rank images for every prompt of a CSV; each image is embedded once, each prompt encoded once.
+
+    Example: pickrank batch prompts.csv generations/ -f csv -o scores.csv
+    """
+    from pickrank.inputs.sets import sets_for_batch
+
+    _score_command("batch", replace(opts, run=replace(opts.run, top=top)),
+                   lambda: sets_for_batch(prompts_csv, paths or [], sys.stdin), inputs=[prompts_csv, *(paths or [])])
