@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""pickrank's end-to-end benchmark (issue 3) and embedding-cache figure (issue 4).
+"""pickrank's end-to-end benchmark and embedding-cache figure.
 
     .venv/bin/python benchmarks/bench.py [--quick] [--cases 1,2,3,4]
 
@@ -618,7 +618,7 @@ def case4(cfg: dict, quick: bool) -> tuple[list[str], dict]:
             ["run 2: same cache, prompt B", fmt_runs(r_warm), f"{wm:.1f}", f"{med(r_warm, 'maxrss_mb'):.0f}"],
             ["`--no-cache`, prompt B (for the score check)", f"{r_none.wall:.1f}", f"{r_none.wall:.1f}",
              f"{r_none.maxrss_mb:.0f}"]]
-    lines = [f"Embedding cache (issue 4): PickScore architecture, fp32, CPU, {len(images)} JPEGs of 1024x1024. "
+    lines = [f"Embedding cache: PickScore architecture, fp32, CPU, {len(images)} JPEGs of 1024x1024. "
              f"Run 1 fills an empty cache with prompt A; run 2 scores a new prompt B from the same cache "
              f"({cfg['c4_warm_runs']} times); a `--no-cache` run with prompt B gives the reference scores. "
              "One cold run (a cold cache cannot be repeated without re-filling it).", ""]
@@ -673,7 +673,7 @@ def case_title(case: int, cfg: dict) -> str:
         2: f"Case 2: `pickrank batch`, {cfg['c2_prompts']} prompts x {cfg['c2_images']} images vs the snippet once "
            "per prompt",
         3: f"Case 3: throughput and memory on {cfg['c3_sets'][0]:,} and {cfg['c3_sets'][1]:,} JPEGs (tiny model)",
-        4: f"Case 4: embedding cache, second prompt over the same {cfg['c4_images']} images (issue 4)",
+        4: f"Case 4: embedding cache, second prompt over the same {cfg['c4_images']} images",
     }[case]
 HEADER = """# pickrank benchmarks
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/compare_stats.py [--prompts 5000] [--systems 4] [--samples 1] [--bootstrap 10000]
 
-Issue 14's target: 10,000 resamples over 5,000 prompts x 4 systems in under 2 s on the 2-core dev machine.
+The target: 10,000 resamples over 5,000 prompts x 4 systems in under 2 s on the 2-core dev machine.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ONNX export, the ONNX Runtime backend and --decode fast (issue 18), measured as benchmarks/bench.py measures.
+"""ONNX export, the ONNX Runtime backend and --decode fast, measured as benchmarks/bench.py measures.
 
     .venv/bin/python benchmarks/onnx_bench.py [--parts export,runtime,startup,decode] [--quick] [--write]
 
@@ -168,7 +168,7 @@ def main() -> int:
         print("\n".join(lines), flush=True)
     if args.write:
         elapsed = dt.datetime.now().timestamp() - t0
-        bench.write_section(5, "ONNX Runtime backend and --decode fast (issue 18)", body, args.quick,
+        bench.write_section(5, "ONNX Runtime backend and --decode fast", body, args.quick,
                             bench.machine(), started, elapsed, load)
     return 0
 

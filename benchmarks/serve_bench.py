@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The reward server's benchmark (issue 15): concurrent clients against `pickrank serve` on loopback.
+"""The reward server's benchmark: concurrent clients against `pickrank serve` on loopback.
 
     .venv/bin/python benchmarks/serve_bench.py --model .bench/tiny-clip --clients 32 --images 4 --rounds 3
     .venv/bin/python benchmarks/serve_bench.py --model .bench/pickscore-arch --clients 8 --images 2 --rounds 2

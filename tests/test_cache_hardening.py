@@ -1,4 +1,4 @@
-"""Issue 12 (hardening, round 2): the cache never takes over a file that is not its own, reads a read-only cache,
+"""The cache never takes over a file that is not its own, reads a read-only cache,
 refuses an empty `clear --model`; `eval` checks its text input before the model loads; no network fails fast in
 one line; the score differences between cached, uncached, batched and parallel runs stay within float32 rounding.
 

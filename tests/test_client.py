@@ -1,4 +1,4 @@
-"""Issue 15: `pickrank.serve.client.RemoteScorer` against a real `pickrank serve` (tiny real CLIP, nothing mocked): the
+"""`pickrank.serve.client.RemoteScorer` against a real `pickrank serve` (tiny real CLIP, nothing mocked): the
 same inputs and the same scores as the in-process PickScorer, retries, errors, and the README's trainer recipes run
 unchanged with either scorer."""
 

@@ -1,4 +1,4 @@
-"""--decode fast (issue 18): JPEGs decoded at reduced DCT scale before the exact preprocessing; opt-in, its own cache
+"""--decode fast: JPEGs decoded at reduced DCT scale before the exact preprocessing; opt-in, its own cache
 entries, and it reaches the decode workers."""
 
 from __future__ import annotations

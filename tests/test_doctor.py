@@ -1,4 +1,4 @@
-"""Issue 17: `pickrank doctor` through the real CLI (a subprocess, -f json parsed) on the tiny real CLIP model, and
+"""`pickrank doctor` through the real CLI (a subprocess, -f json parsed) on the tiny real CLIP model, and
 on broken copies of it made in tmp_path: a truncated weight file, a processor with another crop size, a pickle-only
 folder, a corrupt hub download, a model that is not cached offline, a cache that is not ours or is corrupt."""
 

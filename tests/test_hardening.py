@@ -1,4 +1,4 @@
-"""Issue 5: every bad input gets a clear answer, nothing is lost, nothing unsafe is loaded.
+"""Every bad input gets a clear answer, nothing is lost, nothing unsafe is loaded.
 
 The corpus of bad inputs is generated here (Pillow, os, tmp_path) and run through the real CLI: in process with
 typer's CliRunner, or as a subprocess where signals, pipes, stdin or privileges matter. The model is the tiny real

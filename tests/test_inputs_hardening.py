@@ -1,4 +1,4 @@
-"""Issue 12 (inputs): the best-of-n prompt lookup opens files as scoring does, files are capped and checked before
+"""The best-of-n prompt lookup opens files as scoring does, files are capped and checked before
 they are read whole, unreadable folders are reported, and names cannot drive the terminal.
 
 Every case runs the real CLI in a subprocess (real FIFOs, sparse files, folders without permission, control

@@ -1,4 +1,4 @@
-"""ONNX export and the ONNX Runtime backend (issue 18): parity with torch, the manifest, refusals, the cache's
+"""ONNX export and the ONNX Runtime backend: parity with torch, the manifest, refusals, the cache's
 separate fingerprint, and a whole `pickrank score` in a process where torch and transformers cannot be imported."""
 
 from __future__ import annotations

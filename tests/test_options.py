@@ -1,4 +1,4 @@
-"""Options declared once (issue 13): the CLI and the library build the same option objects, every shared option
+"""Options declared once: the CLI and the library build the same option objects, every shared option
 is listed once per command, commands declare only their own parameters; help renders as written; eval -f;
 devtools' argument parsing."""
 

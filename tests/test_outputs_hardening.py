@@ -1,4 +1,4 @@
-"""Issue 12 (outputs): -o, --html and report -o land where they point and never replace what is not a plain file of
+"""-o, --html and report -o land where they point and never replace what is not a plain file of
 ours; -0 for xargs -0; the format from -o's extension; --copy-to checked up front, one failed copy is one record's
 error.
 

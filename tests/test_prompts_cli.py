@@ -1,4 +1,4 @@
-"""Issue 16 through the real CLI: prompts read from generators' metadata (best-of-n, `score` without --prompt,
+"""Through the real CLI: prompts read from generators' metadata (best-of-n, `score` without --prompt,
 `pickrank prompts`), `prompt_source` in every output, and `--alpha white|drop`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 17: every number traceable (the provenance in each output that carries it) and convertible (--scale).
+"""Every number traceable (the provenance in each output that carries it) and convertible (--scale).
 
 Through the real CLI (typer's CliRunner) and the tiny real CLIP of conftest.py; hashes are checked against hashlib
 and the `sha256sum` tool, versions against the imported libraries. Nothing is mocked.

@@ -1,4 +1,4 @@
-"""Issue 15: `pickrank serve --engine ray` on a local Ray with one CPU replica (tiny real CLIP, nothing mocked)
+"""`pickrank serve --engine ray` on a local Ray with one CPU replica (tiny real CLIP, nothing mocked)
 returns the local server's scores, through the same HTTP API, and stops on SIGTERM with exit 0."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 15: `pickrank serve`, a real server on a free loopback port (a subprocess of `python -m pickrank serve`
+"""`pickrank serve`, a real server on a free loopback port (a subprocess of `python -m pickrank serve`
 with the tiny real CLIP of conftest.py; nothing mocked), against the in-process PickScorer's scores."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12, items 1, 4 and 12: signals to the whole process group, the main process killed outright, a closed pipe.
+"""Signals to the whole process group, the main process killed outright, a closed pipe.
 
 Everything runs the real CLI in a subprocess in its own session (so that a signal can go to its whole process group,
 as `timeout`, Slurm, systemd and `docker stop` send it), with decode workers, on the tiny real model. Processes left

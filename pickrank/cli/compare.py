@@ -22,37 +22,39 @@ from pickrank.options import (
 log = logging.getLogger("pickrank")
 
 
+# compare's own options (their help is what --help shows).
+Systems = Annotated[Optional[list[str]], Arg(metavar="SYSTEM_FOLDER", help="One folder of images per system (or one "
+                                         "manifest file).")]
+PromptsCsv = Annotated[Optional[str], Opt("--prompts", metavar="CSV", help="Prompts CSV (id,prompt; id defaults to "
+                       "the row number): a system's images for id are id.<ext> or the files in id/.")]
+Manifest = Annotated[Optional[str], Opt("--manifest", metavar="FILE", help="CSV or JSONL with "
+                     "system,prompt,image[,id] (image paths relative to the file), instead of folders.")]
+Names = Annotated[Optional[str], Opt("--names", metavar="A,B,...", help="System names, comma-separated [default: the "
+                  "folder names, or the manifest's system column].")]
+Baseline = Annotated[Optional[str], Opt("--baseline", metavar="NAME", help="The reference for win rates [default: "
+                     "the first system].")]
+AllPairs = Annotated[bool, Opt("--all-pairs", help="Every pair of systems (a win-rate matrix), not only each "
+                               "against the baseline.")]
+BestOfN = Annotated[bool, Opt("--best-of-n", help="For systems with n >= 2 samples per prompt: the win rate of their "
+                              "best of k (k = 1..n) against one sample of the other.")]
+Bootstrap = Annotated[int, Opt("--bootstrap", min=0, metavar="N", help="Bootstrap resamples (of prompts) for the 95% "
+                               "intervals (0: none).")]
+Seed = Annotated[int, Opt("--seed", help="Seed of the bootstrap.")]
+PerPrompt = Annotated[Optional[str], Opt("--per-prompt", metavar="FILE", help="Also write one JSON line per prompt: "
+                      "id, prompt, each system's score and samples, winner.")]
+Html = Annotated[Optional[str], Opt("--html", metavar="FILE", help="Also write a self-contained HTML page: the "
+                 "summary, charts, and each prompt's images side by side.")]
+Fmt = Annotated[Optional[CompareFormat], Opt("--format", "-f", help="table, json (one object: settings, systems, "
+                "pairs, model) or csv [default: from -o's extension (.json, .csv), else table].")]
+Verbose = Annotated[bool, Opt("--verbose", "-v", help="Name the prompts left out, per system.")]
+
+
 @with_options(ModelOptions, RunOptions, CacheOptions, (OutputOptions, "output", "meta"), EngineOptions,
               CommandOptions)
-def compare(
-    systems: Annotated[Optional[list[str]], Arg(metavar="SYSTEM_FOLDER", help="One folder of images per "
-                       "system (or one manifest file).")] = None,
-    prompts: Annotated[Optional[str], Opt("--prompts", metavar="CSV", help="Prompts CSV (id,prompt; id "
-                       "defaults to the row number): a system's images for id are id.<ext> or the files in id/.")]
-    = None,
-    manifest: Annotated[Optional[str], Opt("--manifest", metavar="FILE", help="CSV or JSONL with "
-                        "system,prompt,image[,id] (image paths relative to the file), instead of folders.")] = None,
-    names: Annotated[Optional[str], Opt("--names", metavar="A,B,...", help="System names, comma-separated "
-                     "[default: the folder names, or the manifest's system column].")] = None,
-    baseline: Annotated[Optional[str], Opt("--baseline", metavar="NAME", help="The reference for win rates "
-                        "[default: the first system].")] = None,
-    all_pairs: Annotated[bool, Opt("--all-pairs", help="Every pair of systems (a win-rate matrix), not only "
-                                   "each against the baseline.")] = False,
-    best_of_n: Annotated[bool, Opt("--best-of-n", help="For systems with n >= 2 samples per prompt: the win rate "
-                                   "of their best of k (k = 1..n) against one sample of the other.")] = False,
-    bootstrap: Annotated[int, Opt("--bootstrap", min=0, metavar="N", help="Bootstrap resamples (of prompts) "
-                                  "for the 95% intervals (0: none).")] = 10_000,
-    seed: Annotated[int, Opt("--seed", help="Seed of the bootstrap.")] = 0,
-    per_prompt: Annotated[Optional[str], Opt("--per-prompt", metavar="FILE", help="Also write one JSON line per "
-                          "prompt: id, prompt, each system's score and samples, winner.")] = None,
-    html: Annotated[Optional[str], Opt("--html", metavar="FILE", help="Also write a self-contained HTML page: "
-                    "the summary, charts, and each prompt's images side by side.")] = None,
-    format: Annotated[Optional[CompareFormat], Opt("--format", "-f", help="table, json (one object: settings, "
-                      "systems, pairs, model) or csv [default: from -o's extension (.json, .csv), else table].")]
-    = None,
-    verbose: Annotated[bool, Opt("--verbose", "-v", help="Name the prompts left out, per system.")] = False,
-    *, opts: Opts,
-) -> None:
+def compare(systems: Systems = None, *, prompts: PromptsCsv = None, manifest: Manifest = None, names: Names = None,
+            baseline: Baseline = None, all_pairs: AllPairs = False, best_of_n: BestOfN = False,
+            bootstrap: Bootstrap = 10_000, seed: Seed = 0, per_prompt: PerPrompt = None, html: Html = None,
+            format: Fmt = None, verbose: Verbose = False, opts: Opts) -> None:
     """Compare text-to-image systems on the same prompts: mean PickScore, win rate, 95% intervals, sign test.
 
     Per system: the mean over prompts (a prompt's score: the mean of its samples), with a bootstrap interval.
