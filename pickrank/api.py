@@ -6,9 +6,9 @@
     scorer.score("a red cat on a sofa", ["a.png", "b.png"])  # 1-D tensor of raw PickScores
     scorer.rank("a red cat on a sofa", ["out/"])             # the CLI's records, best first
 
-Two image paths:
+Three image paths:
 
-* **exact** (the default): every image becomes a PIL image and goes through `pickrank.inputs.reader.preprocess`, the
+* **exact** (the default): every image becomes a PIL image and goes through the exact preprocessing, the
   reference's Pillow resize and centre crop, so scores equal the CLI's and the model card's. Float tensors are
   quantised first: ``(x * 255).round().clamp(0, 255).to(torch.uint8)``, channels last, then PIL.
 * **differentiable** (``differentiable=True``, float tensors only): resize, crop and normalise in torch
@@ -16,25 +16,14 @@ Two image paths:
   uint8 rounding, so gradients flow from the score to the input pixels. The text side runs without gradients
   and the model's weights are frozen (``requires_grad_(False)``).
 
-  How far it is from the exact path (measured; the difference comes from the uint8 rounding, of the input and of
-  the resized image, that only the exact path does; it is 0 for 224x224 images already on the uint8 grid):
-
-  - tests' tiny random CLIP, 16 drawn images per size (96x160 to 1000x700, sharp and blurred; uint8-exact inputs):
-    max |diff| 0.019, mean 0.001-0.006, against a score spread of 12-15 across the images (at most 0.13% of it);
-  - same model, smooth random float images (not on the uint8 grid): max 0.044, mean 0.015, spread 1.05;
-  - a random CLIP of PickScore's size (ViT-H/14), 8 images per size: max 0.0007 on a spread of 1.7-3.2; smooth
-    random float images: max 0.0025 on a spread of 0.10.
+  Its distance from the exact path (0 for 224x224 images already on the uint8 grid) is measured in BENCHMARKS.md,
+  "The tensor paths against the exact path".
 
 * **on the device** (``preprocess="torch"``, image tensors only, uint8 or float): the differentiable path's torch
   preprocessing under ``inference_mode``, in one batched pass on the tensor's own device (a CUDA batch from a
   sampler never goes through Pillow or the CPU); the scores come back on that device. For RL rewards without
-  gradients. Its distance from the exact path, measured with ``benchmarks/tensor_path.py`` on drawn uint8 images
-  (the differentiable path's figures apply too; 0 for 224x224 images, which need no resize):
-
-  - tests' tiny random CLIP, 16 images per size (96x160, 512x512, 1000x700): max |diff| 0.0046, mean 0.0016-0.0022,
-    on a score spread of 14.4-14.6;
-  - a random CLIP of PickScore's size (ViT-H/14), 4 images per size (512x512, 1024x768): max 0.00035, mean 0.00015
-    to 0.00017, on a spread of 1.7-2.0.
+  gradients. Its distance from the exact path: BENCHMARKS.md, "The tensor paths against the exact path"
+  (`benchmarks/tensor_path.py`).
 
   Use the exact path for evaluation and reporting, the differentiable one for gradients, the on-device one for
   rewards in a training loop where the last digits do not matter.
