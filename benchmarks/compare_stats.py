@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from pickrank.analysis.compare import ScoreTable, compare
+from pickrank.analysis.comparison import ScoreTable, compare_systems
 
 
 def synthetic(prompts: int, systems: int, samples: int, seed: int = 0) -> ScoreTable:
@@ -38,7 +38,7 @@ def main() -> None:
     times = []
     for _ in range(a.runs):
         start = time.perf_counter()
-        result = compare(table, bootstrap=a.bootstrap, seed=0, all_pairs=a.all_pairs, best_of_n=a.best_of_n)
+        result = compare_systems(table, bootstrap=a.bootstrap, seed=0, all_pairs=a.all_pairs, best_of_n=a.best_of_n)
         times.append(time.perf_counter() - start)
     print(f"compare stats: {a.bootstrap} resamples x {a.prompts} prompts x {a.systems} systems "
           f"({a.samples} sample(s), {len(result.pairs)} pairs): median {statistics.median(times):.2f} s "

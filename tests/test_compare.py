@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pickrank.analysis.compare import (
+from pickrank.analysis.comparison import (
     Comparison,
     ScoreTable,
     Slot,
     collect_scores,
-    compare,
+    compare_systems,
     csv_rows,
     detect_layout,
     per_prompt_rows,
@@ -47,7 +47,7 @@ def sigmoid(x: float) -> float:
 def test_identical_systems_win_half_diff_zero_p_one():
     rng = np.random.default_rng(3)
     scores = [list(rng.normal(21, 1, size=3)) for _ in range(40)]
-    result = compare(ScoreTable.from_scores({"a": scores, "b": [list(s) for s in scores]}), bootstrap=500)
+    result = compare_systems(ScoreTable.from_scores({"a": scores, "b": [list(s) for s in scores]}), bootstrap=500)
     p = result.pairs[0]
     assert (p.system, p.reference) == ("b", "a")
     assert p.win_rate == 0.5 and p.win_low == 0.5 and p.win_high == 0.5  # exactly, not approximately
@@ -61,13 +61,13 @@ def test_best_sample_of_the_other_system_wins_every_prompt():
     rng = np.random.default_rng(4)
     a = [list(rng.normal(21, 1, size=4)) for _ in range(30)]
     best = [[max(s)] for s in a]  # the best sample beats the mean of distinct samples
-    p = compare(ScoreTable.from_scores({"a": a, "best": best}), bootstrap=200).pairs[0]
+    p = compare_systems(ScoreTable.from_scores({"a": a, "best": best}), bootstrap=200).pairs[0]
     assert p.win_rate == 1.0 and p.win_low == 1.0 and p.losses == 0 and p.wins == 30
     assert p.p_value == 2 / 2 ** 30 and p.mean_diff > 0
     # A prompt whose samples are all equal: its best is its mean, a tie (counted 0.5), not a win.
     a[0] = [20.0] * 4
     best[0] = [20.0]
-    p = compare(ScoreTable.from_scores({"a": a, "best": best}), bootstrap=0).pairs[0]
+    p = compare_systems(ScoreTable.from_scores({"a": a, "best": best}), bootstrap=0).pairs[0]
     assert (p.wins, p.ties) == (29, 1) and p.win_rate == pytest.approx(29.5 / 30) and p.win_low is None
 
 
@@ -82,7 +82,7 @@ def test_hand_checked_four_prompts_one_tie_one_missing(fourth, failed):
     # p = 2 * C(2,0) / 2^2 = 0.5; sample-level win rate (1 + 0.5 + 0.5) / 3 = 2/3.
     # means: a (1 + 3 + 3 + 1) / 4 = 2.0 over 4 prompts, 5 images; b (2 + 3 + 3.5) / 3 = 17/6 over 3 prompts.
     table = ScoreTable.from_scores({"a": [[1.0], [3.0], [2.0, 4.0], [1.0]], "b": [[2.0], [3.0], [3.5], fourth]})
-    r = compare(table, bootstrap=2000, seed=1)
+    r = compare_systems(table, bootstrap=2000, seed=1)
     a, b = r.systems
     assert (a.mean, a.prompts, a.images, a.failed, a.missing) == (2.0, 4, 5, 0, ())
     assert (b.mean, b.prompts, b.images, b.failed, b.missing) == (pytest.approx(17 / 6), 3, 3, failed, ("4",))
@@ -102,7 +102,7 @@ def test_bootstrap_interval_covers_true_win_rate():
         rng = np.random.default_rng(1000 + seed)
         a = rng.normal(21, 1, size=120)
         b = a + np.where(rng.random(120) < 0.7, 0.3, -0.3)
-        p = compare(ScoreTable.from_scores({"a": a[:, None].tolist(), "b": b[:, None].tolist()}),
+        p = compare_systems(ScoreTable.from_scores({"a": a[:, None].tolist(), "b": b[:, None].tolist()}),
                     bootstrap=1000, seed=seed).pairs[0]
         covered += p.win_low <= 0.7 <= p.win_high
     assert covered >= 90, covered
@@ -112,12 +112,12 @@ def test_deterministic_seed_and_paired_resamples():
     rng = np.random.default_rng(5)
     scores = {s: rng.normal(21, 1, size=(50, 2)).tolist() for s in "abc"}
     t = ScoreTable.from_scores(scores)
-    one, two = compare(t, bootstrap=300, seed=7), compare(t, bootstrap=300, seed=7)
+    one, two = compare_systems(t, bootstrap=300, seed=7), compare_systems(t, bootstrap=300, seed=7)
     assert one == two
-    assert compare(t, bootstrap=300, seed=8).pairs[0].win_low != one.pairs[0].win_low or \
-        compare(t, bootstrap=300, seed=8).systems[0].low != one.systems[0].low
+    assert compare_systems(t, bootstrap=300, seed=8).pairs[0].win_low != one.pairs[0].win_low or \
+        compare_systems(t, bootstrap=300, seed=8).systems[0].low != one.systems[0].low
     # Every pair sees the same resamples: b vs a computed alone or with all pairs gives the same interval.
-    assert compare(t, bootstrap=300, seed=7, all_pairs=True).pair("b", "a") == one.pair("b", "a")
+    assert compare_systems(t, bootstrap=300, seed=7, all_pairs=True).pair("b", "a") == one.pair("b", "a")
 
 
 def test_sign_test_matches_the_binomial_sum():
@@ -132,7 +132,7 @@ def test_best_of_k_is_exact_over_all_subsets():
     rng = np.random.default_rng(6)
     a = np.round(rng.normal(0, 1, size=(25, 4)), 1)  # rounded: ties among samples and against b happen
     b = np.round(rng.normal(0.2, 1, size=(25, 3)), 1)
-    r = compare(ScoreTable.from_scores({"base": b.tolist(), "new": a.tolist()}), bootstrap=100, best_of_n=True)
+    r = compare_systems(ScoreTable.from_scores({"base": b.tolist(), "new": a.tolist()}), bootstrap=100, best_of_n=True)
     curve = next(c for c in r.best_of_k if c.system == "new")
     assert curve.ks == (1, 2, 3, 4) and curve.reference == "base" and curve.prompts == 25
 
@@ -154,19 +154,19 @@ def test_all_pairs_matrix_is_consistent():
     rng = np.random.default_rng(8)
     t = ScoreTable.from_scores({s: (rng.normal(21, 1, size=(30, 1)) + i * 0.2).tolist() for i, s in enumerate("abc")},
                                baseline="b")
-    r = compare(t, all_pairs=True, bootstrap=200)
+    r = compare_systems(t, all_pairs=True, bootstrap=200)
     assert [(p.system, p.reference) for p in r.pairs] == [("a", "b"), ("c", "b"), ("c", "a")]
     ab, ba = r.pair("a", "b"), r.pair("b", "a")
     assert ba.win_rate == pytest.approx(1 - ab.win_rate) and ba.win_low == pytest.approx(1 - ab.win_high)
     assert ba.mean_diff == pytest.approx(-ab.mean_diff) and (ba.wins, ba.losses) == (ab.losses, ab.wins)
-    assert len(compare(t, bootstrap=0).pairs) == 2
+    assert len(compare_systems(t, bootstrap=0).pairs) == 2
 
 
 def test_bad_settings_are_usage_errors():
     t = ScoreTable.from_scores({"a": [[1.0]], "b": [[2.0]]})
     for kwargs in ({"baseline": "zz"}, {"bootstrap": -1}, {"confidence": 1.5}):
         with pytest.raises(UsageError):
-            compare(t, **kwargs)
+            compare_systems(t, **kwargs)
 
 
 # -- layouts ---------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_layouts_give_the_same_numbers_with_the_real_model(systems, tmp_path, mo
             scores = scorer.score(s.queries[0].prompt, paths).tolist()
             records += [Record(prompt=s.queries[0].prompt, path=p, score=v) for p, v in zip(paths, scores)]
         table = collect_scores(plan, records)
-        results.append(compare(table, bootstrap=500, seed=3))
+        results.append(compare_systems(table, bootstrap=500, seed=3))
     one, two = results
     assert one.systems == two.systems and one.pairs == two.pairs
     assert one.systems[1].missing == ("2",) and one.pairs[0].prompts == 2
@@ -353,7 +353,7 @@ def test_collect_scores_counts_failed_and_unscored_images(tmp_path):
     samples = table.prompts[0].samples
     assert samples[0][0].score == 1.0 and samples[0][1].error == "not an image"
     assert samples[1][0].error == "not scored"
-    r = compare(table, bootstrap=0)
+    r = compare_systems(table, bootstrap=0)
     assert (r.systems[0].images, r.systems[0].failed) == (1, 1)
     assert (r.systems[1].images, r.systems[1].failed, r.systems[1].missing) == (0, 1, ("1",))
     assert r.pairs[0].prompts == 0 and r.pairs[0].win_rate is None and r.pairs[0].p_value == 1.0
@@ -365,7 +365,7 @@ def small_result():
     table = ScoreTable.from_scores({"base": [[1.0], [3.0], [2.0, 4.0], [1.0]],
                                     "=evil\x1b[31m": [[2.0], [3.0], [3.5], []]},
                                    prompts=["p1", "p2", "p3", "p4"])
-    return table, compare(table, bootstrap=200, all_pairs=True, best_of_n=True)
+    return table, compare_systems(table, bootstrap=200, all_pairs=True, best_of_n=True)
 
 
 def test_table_escapes_control_characters():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pickrank.analysis.compare import collect_scores, compare, per_prompt_rows, plan_comparison
+from pickrank.analysis.comparison import collect_scores, compare_systems, per_prompt_rows, plan_comparison
 from pickrank.errors import OutputError
 from pickrank.records import Record
 from pickrank.report.comparison import BAR, HEAT_HIGH, HEAT_LOW, write_html
@@ -55,7 +55,7 @@ def page(tmp_path_factory):
                 records.append(Record(prompt=slot.prompt, path=p, error="not an image" if bad else None,
                                       score=None if bad else 20.0 + s * 0.4 + ((int(slot.id) * 7 + j) % 5) * 0.3))
     table = collect_scores(plan, records)
-    result = compare(table, bootstrap=500, all_pairs=True, best_of_n=True)
+    result = compare_systems(table, bootstrap=500, all_pairs=True, best_of_n=True)
     out = root / "compare.html"
     write_html(str(out), table, result, meta={"model": "tiny", "device": "cpu", "dtype": "float32"}, workers=0)
     return root, out, table, result

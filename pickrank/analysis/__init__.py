@@ -1,1 +1,1 @@
-"""Statistics over scores: comparing systems (compare) and pairwise accuracy on labelled pairs (eval)."""
+"""Statistics over scores: comparing systems (comparison/) and pairwise accuracy on labelled pairs (evaluate)."""

@@ -10,7 +10,8 @@ Inputs:
 
 * Pick-a-Pic parquet (a file, a folder of *.parquet shards, or a quoted glob of shards): columns `caption`,
   `jpg_0`, `jpg_1` (image bytes), `label_0`, `label_1`; read in row batches with pyarrow
-  (`pip install 'pickrank[eval]'`), so memory stays flat. Labels: (1, 0) -> image 0 preferred, (0, 1) -> image 1, (0.5, 0.5) -> tie.
+  (`pip install 'pickrank[eval]'`), so memory stays flat. Labels: (1, 0) -> image 0 preferred, (0, 1) -> image 1,
+  (0.5, 0.5) -> tie.
 * CSV or JSON Lines with `prompt`, `image_0`, `image_1`, `label` (0, 1 or 0.5); image paths are relative to the
   file's folder.
 
@@ -411,8 +412,9 @@ def evaluate(dataset: Dataset, embedder: "ImageTextEmbedder", threshold: float |
              validation: Dataset | None = None, resamples: int = 1000, seed: int = 0, out=None,
              max_pixels: int | None = DEFAULT_MAX_PIXELS,
              on_progress: Callable[[int], None] | None = None, scale: Scale | str = Scale.raw) -> EvalResult:
-    """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a `pickrank.output.targets.Output`), their
-    scores in `scale`'s unit (probabilities and predictions always come from the raw scores)."""
+    """Score the dataset and compute the paper's accuracy; per-pair records go to `out` (a
+    `pickrank.output.targets.Output`), their scores in `scale`'s unit (probabilities and predictions always come from
+    the raw scores)."""
     if threshold is not None and validation is not None:
         raise UsageError("give either a tie threshold or a validation file to choose it, not both")
     engine = pair_engine(embedder, max_pixels)

@@ -74,7 +74,7 @@ def compare(systems: Systems = None, *, prompts: PromptsCsv = None, manifest: Ma
     Example: pickrank compare base/ dpo/ --prompts prompts.csv --html compare.html
     """
     with Command(opts.command) as cmd:
-        from pickrank.analysis.compare import LAYOUTS, plan_comparison
+        from pickrank.analysis.comparison import LAYOUTS, plan_comparison
         from pickrank.analysis.comparison.job import CompareOutputs, CompareSettings, ComparisonRun
 
         # The layout and the outputs are checked before the (slow) model load.

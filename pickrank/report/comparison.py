@@ -1,4 +1,4 @@
-"""The `pickrank compare --html` page: one self-contained file, the gallery's conventions (pickrank.report.gallery).
+"""The `pickrank compare --html` page: one self-contained file, built as the gallery is (pickrank.report.page).
 
 The summary table; a bar chart of the means with interval whiskers and a win-rate heat map, both inline SVG
 drawn here; then one row per prompt with each system's images side by side, the winner marked, sortable by the
@@ -8,22 +8,30 @@ only the page's own script run, thumbnails embedded once each as base64 JPEG.
 
 from __future__ import annotations
 
-import base64
 import os
 from typing import IO, Sequence
 
 from pickrank import __version__
-from pickrank.analysis.compare import CompareResult, ScoreTable, prompt_scores, win_matrix, winner
-from pickrank.errors import OutputError
-from pickrank.output.targets import Output, check_output
-from pickrank.report.gallery import (
-    PROVENANCE_CSS,
-    _href,
-    _Thumbnails,
-    content_security_policy,
+from pickrank.analysis.comparison import (
+    CompareResult,
+    PromptScores,
+    Sample,
+    ScoreTable,
+    prompt_scores,
+    win_matrix,
+    winner,
+)
+from pickrank.report.page import (
+    HEADER_CSS,
+    PageWriter,
+    Thumbnails,
     esc,
     header_meta,
-    provenance_block,
+    interval,
+    number,
+    page_head,
+    page_script,
+    write_page,
 )
 
 BAR = "#2f6fde"  # the bars' colour (the screenshot test looks for it)
@@ -32,15 +40,7 @@ HEAT_HIGH, HEAT_LOW = (33, 102, 172), (178, 24, 43)  # win rate 1 and 0 (not the
 
 _CSS = """
 :root{--bg:#f4f5f7;--card:#fff;--ink:#1d2330;--mute:#6a7282;--line:#dde1e7;--acc:#2f6fde;--win:#e0a800}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;background:var(--bg);
-color:var(--ink)}
-header{background:#1d2330;color:#fff;padding:14px 20px}
-header h1{margin:0 0 6px;font-size:20px}
-header h1 small{font-weight:normal;color:#aab3c5;font-size:13px;margin-left:8px}
-dl.meta{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0;font-size:13px;color:#cfd6e4}
-dl.meta div{display:flex;gap:5px}dl.meta dt{color:#8e99ad}dl.meta dd{margin:0;overflow-wrap:anywhere}
-main{padding:6px 20px 40px}
+""" + HEADER_CSS + """main{padding:6px 20px 40px}
 h2{font-size:16px;margin:20px 0 8px}
 table.sum{border-collapse:collapse;background:var(--card);font-variant-numeric:tabular-nums}
 table.sum th,table.sum td{border:1px solid var(--line);padding:5px 10px;text-align:right}
@@ -74,13 +74,7 @@ footer{color:var(--mute);font-size:12px;padding:0 20px 20px}
 """
 
 # The page's only script (its hash is in the CSP): shared thumbnails, and sorting the prompt rows.
-_JS = """
-(function(){
-"use strict";
-var d=document;
-d.querySelectorAll("img[data-t]").forEach(function(im){
-  var src=d.getElementById(im.getAttribute("data-t"));if(src)im.src=src.src;});
-var sel=d.getElementById("sort"),box=d.getElementById("rows");
+_JS = page_script("""var sel=d.getElementById("sort"),box=d.getElementById("rows");
 function sort(){
   var how=sel.value,rows=Array.prototype.slice.call(box.children);
   function key(r){var v=r.getAttribute(how.slice(1));return v===null||v===""?NaN:+v;}
@@ -95,50 +89,22 @@ if(sel&&box){
   var m=/^#sort=([+-]data-[a-z0-9]+)$/.exec(decodeURIComponent(location.hash));  // a link can pick the order
   if(m&&sel.querySelector('option[value="'+m[1]+'"]')){sel.value=m[1];sort();}
 }
-d.documentElement.setAttribute("data-ready","1");
-})();
-"""
-
-_CSP = content_security_policy(_JS)
-
-
-def check_html(path: str, option: str = "--html") -> None:
-    """Fail early (before the model loads) when the page could not be written."""
-    check_output(path, label=option)
+""")
 
 
 def write_html(path: str, table: ScoreTable, result: CompareResult, *, meta: dict | None = None,
                title: str | None = None, workers: int | None = None, option: str = "--html") -> None:
     """Render the comparison page atomically (temp file, then rename); OutputError when it cannot be written."""
-    thumbs = _Thumbnails(workers)
+    thumbs = Thumbnails(workers)
     for row in table.prompts:
         for samples in row.samples:
             for x in samples:
                 if x.path and x.score is not None:
                     thumbs.add(os.path.realpath(x.path))  # one file under two names is embedded once
     made = thumbs.collect()
-    out = Output(path, label=option)
-    try:
-        _Page(table, result, meta or dict(result.model), made, os.path.dirname(os.path.abspath(path)),
-              out.stream).render(title or "pickrank compare")
-    except BrokenPipeError:
-        out.discard()
-        raise
-    except OSError as e:
-        out.discard()
-        raise OutputError(f"{option} {path}: {e.strerror or e}") from None
-    except BaseException:
-        out.discard()
-        raise
-    out.close()
-
-
-def _f(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _ci(lo: float | None, hi: float | None) -> str:
-    return "-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
+    folder = os.path.dirname(os.path.abspath(path))
+    write_page(path, option, lambda out: _Page(table, result, meta or dict(result.model), out, made, folder)
+               .render(title or "pickrank compare"))
 
 
 def _diff(a: float | None, b: float | None) -> str:
@@ -172,7 +138,7 @@ def bar_chart(result: CompareResult, width: int = 520, height: int = 260) -> str
         colour = BASE_BAR if s.name == result.baseline else BAR
         parts.append(f'<rect class="bar" x="{x0:.1f}" y="{y(s.mean):.1f}" width="{bw:.1f}" '
                      f'height="{top + plot_h - y(s.mean):.1f}" fill="{colour}"><title>{esc(s.name)}: '
-                     f'{_f(s.mean)} {esc(_ci(s.low, s.high))}</title></rect>')
+                     f'{number(s.mean)} {esc(interval(s.low, s.high))}</title></rect>')
         if s.low is not None and s.high is not None:
             cx = x0 + bw / 2
             parts.append(f'<path class="whisker" d="M{cx:.1f} {y(s.low):.1f}V{y(s.high):.1f}M{cx - 8:.1f} '
@@ -218,29 +184,18 @@ def heat_map(result: CompareResult, cell: int = 64) -> str:
     return "".join(parts)
 
 
-class _Page:
-    def __init__(self, table: ScoreTable, result: CompareResult, meta: dict, thumbs: dict[str, bytes | str],
-                 folder: str, out: IO[str]) -> None:
-        self.t, self.r, self.meta, self.thumbs, self.folder, self.out = table, result, meta, thumbs, folder, out
-        self.ids: dict[str, str] = {}  # path -> id of the img that embeds its thumbnail
-
-    def w(self, *parts: str) -> None:
-        self.out.write("".join(parts))
+class _Page(PageWriter):
+    def __init__(self, table: ScoreTable, result: CompareResult, meta: dict, out: IO[str],
+                 thumbs: dict[str, bytes | str], folder: str) -> None:
+        super().__init__(out, thumbs, folder)
+        self.t, self.r, self.meta = table, result, meta
 
     def render(self, title: str) -> None:
         r = self.r
         meta = header_meta(self.meta) + [
             ("prompts", r.prompts), ("systems", len(r.systems)), ("baseline", r.baseline),
             ("bootstrap", r.bootstrap), ("seed", r.seed), ("layout", r.layout)]
-        self.w('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
-               f'<meta http-equiv="Content-Security-Policy" content="{esc(_CSP)}">\n',
-               '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
-               f'<meta name="generator" content="pickrank {esc(__version__)}">\n',
-               f"<title>{esc(title)}</title>\n<style>{_CSS}{PROVENANCE_CSS}</style>\n</head>\n<body>\n",
-               f'<header>\n<h1>{esc(title)}<small>PickScore comparison</small></h1>\n<dl class="meta">')
-        for k, v in meta:
-            self.w(f'<div><dt>{esc(k)}</dt><dd data-k="{esc(k)}">{esc("unknown" if v is None else v)}</dd></div>')
-        self.w("</dl>\n</header>\n", provenance_block(self.meta), "<main>\n")
+        self.w(page_head(title, "PickScore comparison", _CSS, _JS, meta, self.meta), "<main>\n")
         self.summary()
         self.w('<div class="charts"><figure id="means">', bar_chart(r),
                f'<figcaption>Mean PickScore per system with its {round(r.confidence * 100):g}% bootstrap interval '
@@ -263,10 +218,10 @@ class _Page:
         for s in r.systems:
             p = r.pair(s.name, r.baseline)
             cells = ["baseline", "", "", ""] if s.name == r.baseline else ["-"] * 4 if p is None else [
-                _f(p.win_rate), _ci(p.win_low, p.win_high), _f(p.mean_diff), f"{p.p_value:.3g}"]
+                number(p.win_rate), interval(p.win_low, p.win_high), number(p.mean_diff), f"{p.p_value:.3g}"]
             cls = ' class="base"' if s.name == r.baseline else ""
-            self.w(f'<tr{cls} data-system="{esc(s.name)}"><td>{esc(s.name)}</td><td>{_f(s.mean)}</td>'
-                   f'<td>{_ci(s.low, s.high)}</td>', "".join(f"<td>{esc(c)}</td>" for c in cells),
+            self.w(f'<tr{cls} data-system="{esc(s.name)}"><td>{esc(s.name)}</td><td>{number(s.mean)}</td>'
+                   f'<td>{interval(s.low, s.high)}</td>', "".join(f"<td>{esc(c)}</td>" for c in cells),
                    f"<td>{s.prompts}</td><td>{s.images}</td><td>{s.failed}</td></tr>\n")
         self.w("</table>\n")
 
@@ -278,7 +233,7 @@ class _Page:
         self.w("".join(f"<th>k={k}</th>" for k in range(1, width + 1)), "</tr>\n")
         for c in self.r.best_of_k:
             self.w(f"<tr><td>{esc(c.system)} vs {esc(c.reference)}</td>",
-                   "".join(f"<td>{_f(v)}</td>" for v in c.win), "<td></td>" * (width - len(c.ks)), "</tr>\n")
+                   "".join(f"<td>{number(v)}</td>" for v in c.win), "<td></td>" * (width - len(c.ks)), "</tr>\n")
         self.w("</table>\n")
 
     def left_out(self) -> None:
@@ -305,7 +260,7 @@ class _Page:
             self.row(n, row, base, others)
         self.w("</div>\n")
 
-    def row(self, n: int, row, base: int, others: Sequence[int]) -> None:
+    def row(self, n: int, row: PromptScores, base: int, others: Sequence[int]) -> None:
         scores = prompt_scores(row)
         top = winner(self.t.systems, scores)
         known = sorted((v for v in scores if v is not None), reverse=True)
@@ -318,7 +273,7 @@ class _Page:
                f'{", margin " + margin[:5] if margin else ""}</p><div class="systems">')
         for name, samples, score in zip(self.t.systems, row.samples, scores):
             self.w(f'<div class="sys{" win" if name == top else ""}" data-system="{esc(name)}">'
-                   f'<div class="name"><span>{esc(name)}</span><span>{_f(score)}</span></div><div class="thumbs">')
+                   f'<div class="name"><span>{esc(name)}</span><span>{number(score)}</span></div><div class="thumbs">')
             if not samples:
                 self.w('<span class="ph">no image</span>')
             for x in samples:
@@ -326,24 +281,20 @@ class _Page:
             self.w("</div></div>")
         self.w("</div></div>\n")
 
-    def sample(self, x) -> None:
+    def sample(self, x: Sample) -> None:
         path = x.path or ""
         if x.score is None:
             self.w(f'<span class="ph" title="{esc(path)}">failed: {esc(x.error or "no score")}</span>')
             return
         real = os.path.realpath(path)
-        thumb = self.thumbs.get(real)
-        self.w(f'<a href="{esc(_href(path, self.folder))}" title="{esc(path)}  {_f(x.score)}">')
-        if isinstance(thumb, bytes):
-            if real in self.ids:
-                self.w(f'<img data-t="{self.ids[real]}" alt="{esc(os.path.basename(path))}" loading="lazy">')
-            else:
-                tid = self.ids[real] = f"t{len(self.ids)}"
-                self.w(f'<img id="{tid}" alt="{esc(os.path.basename(path))}" loading="lazy" '
-                       f'src="data:image/jpeg;base64,{base64.b64encode(thumb).decode("ascii")}">')
+        self.w(f'<a href="{esc(self.href(path))}" title="{esc(path)}  {number(x.score)}">')
+        img = self.thumb_img(real, f'alt="{esc(os.path.basename(path))}" loading="lazy"')
+        if img is not None:
+            self.w(img)
         else:
+            thumb = self.thumbs.get(real)
             self.w(f'<span class="ph">{esc(thumb if isinstance(thumb, str) else "no preview")}</span>')
-        self.w(f"<small>{_f(x.score, 2)}</small></a>")
+        self.w(f"<small>{number(x.score, 2)}</small></a>")
 
 
-__all__ = ["write_html", "check_html", "bar_chart", "heat_map", "BAR", "HEAT_HIGH", "HEAT_LOW"]
+__all__ = ["write_html", "bar_chart", "heat_map", "BAR", "HEAT_HIGH", "HEAT_LOW"]

@@ -12,40 +12,33 @@ Nothing is fetched from the network: the large view references the original imag
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import html
 import json
 import os
 import sys
-import urllib.parse
-from concurrent.futures import Future, ProcessPoolExecutor
-from datetime import datetime
 from typing import IO, Iterable, Iterator
 
 from pickrank import __version__
-from pickrank.errors import OutputError, UsageError
-from pickrank.inputs.reader import close_pool, worker_pool
-from pickrank.output.targets import Output, check_output
+from pickrank.errors import UsageError
 from pickrank.records import Record
-from pickrank.signals import signals_deferred
+from pickrank.report.page import (
+    HEADER_CSS,
+    INLINE_BELOW,
+    PageWriter,
+    Thumbnails,
+    check_html,
+    esc,
+    header_meta,
+    number,
+    page_head,
+    page_script,
+    write_page,
+)
 
-THUMB_SIZE = 256
-# Fewer images than this are thumbnailed in the main process at close (a pool's start-up costs more).
-INLINE_BELOW = 16
 _KINDS = ("score", "best-of-n", "batch")
 
 _CSS = """
 :root{--bg:#f4f5f7;--card:#fff;--ink:#1d2330;--mute:#6a7282;--line:#dde1e7;--acc:#2f6fde;--win:#e0a800;--bad:#c0392b}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;background:var(--bg);
-color:var(--ink)}
-header{background:#1d2330;color:#fff;padding:14px 20px}
-header h1{margin:0 0 6px;font-size:20px}
-header h1 small{font-weight:normal;color:#aab3c5;font-size:13px;margin-left:8px}
-dl.meta{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0;font-size:13px;color:#cfd6e4}
-dl.meta div{display:flex;gap:5px}dl.meta dt{color:#8e99ad}dl.meta dd{margin:0;overflow-wrap:anywhere}
-.tools{position:sticky;top:0;z-index:5;display:flex;gap:10px;align-items:center;padding:8px 20px;
+""" + HEADER_CSS + """.tools{position:sticky;top:0;z-index:5;display:flex;gap:10px;align-items:center;padding:8px 20px;
 background:rgba(244,245,247,.95);border-bottom:1px solid var(--line)}
 .tools input{flex:1;max-width:420px;padding:6px 9px;border:1px solid #c5ccd6;border-radius:6px;font:inherit}
 .tools select{padding:5px;border:1px solid #c5ccd6;border-radius:6px;font:inherit}
@@ -90,13 +83,7 @@ footer{color:var(--mute);font-size:12px;padding:0 20px 20px}
 """
 
 # The page's only script. Its hash goes into the Content-Security-Policy, so no other script can run.
-_JS = """
-(function(){
-"use strict";
-var d=document;
-d.querySelectorAll("img[data-t]").forEach(function(im){
-  var src=d.getElementById(im.getAttribute("data-t"));if(src)im.src=src.src;});
-var q=d.getElementById("q"),sortSel=d.getElementById("sort"),count=d.getElementById("n");
+_JS = page_script("""var q=d.getElementById("q"),sortSel=d.getElementById("sort"),count=d.getElementById("n");
 var sets=Array.prototype.slice.call(d.querySelectorAll("section.set"));
 function filter(){
   var t=q.value.trim().toLowerCase(),shown=0;
@@ -135,148 +122,7 @@ d.addEventListener("click",function(e){
 function shut(){lb.hidden=true;lbImg.removeAttribute("src");}
 lb.addEventListener("click",shut);
 d.addEventListener("keydown",function(e){if(e.key==="Escape"&&!lb.hidden)shut();});
-d.documentElement.setAttribute("data-ready","1");
-})();
-"""
-
-def content_security_policy(script: str) -> str:
-    """The pages' policy: nothing fetched, inline styles, and only `script` (by its hash) may run."""
-    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    return ("default-src 'none'; img-src * data: file: blob:; style-src 'unsafe-inline'; "
-            f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
-
-
-_CSP = content_security_policy(_JS)
-
-
-def _clean(text: object) -> str:
-    """Text safe to write as UTF-8: file names that are not valid UTF-8 get replacement characters."""
-    s = str(text)
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def esc(text: object) -> str:
-    """HTML-escape anything (quotes too, so the result is safe in attributes)."""
-    return html.escape(_clean(text), quote=True)
-
-
-# The provenance block both pages show (html.py's gallery and compare_html.py's comparison).
-PROVENANCE_CSS = """
-details.prov{margin:10px 20px 0;background:#fff;border:1px solid var(--line,#dde1e7);border-radius:8px;padding:6px 12px;
-font-size:12px}details.prov summary{cursor:pointer;font-weight:600}
-details.prov table{border-collapse:collapse;margin:6px 0}details.prov th{text-align:left;padding:2px 12px 2px 0;
-vertical-align:top;color:#6a7282;font-weight:normal}details.prov td{overflow-wrap:anywhere;font-family:monospace}
-"""
-
-
-def header_meta(meta: dict) -> list[tuple[str, object]]:
-    """The header's model items, from the provenance (or the fields saved results carry), and the date."""
-    date = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-    version = meta.get("pickrank") or (meta.get("versions") or {}).get("pickrank") or __version__
-    return [("model", meta.get("model")), ("revision", meta.get("revision")), ("dtype", meta.get("dtype")),
-            ("device", meta.get("device")), ("scale", meta.get("scale")), ("pickrank", version), ("date", date)]
-
-
-def _flat(value: object) -> str:
-    """A provenance value as one line of text."""
-    if isinstance(value, dict):
-        return "; ".join(f"{k}: {_flat(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_flat(v) for v in value)
-    return "-" if value is None else str(value)
-
-
-def provenance_block(meta: dict) -> str:
-    """The run's provenance, when the page has one: a visible table, and the same as JSON in the block's data-json
-    attribute for machines (escaped as every attribute: no extra script, so the page still runs only its own)."""
-    if "weights" not in meta:  # saved results without --with-meta: only the fields their records carry
-        return ""
-    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_flat(v))}</td></tr>" for k, v in meta.items())
-    return (f'<details class="prov" id="provenance" data-json="{esc(json.dumps(meta, ensure_ascii=False))}">'
-            f"<summary>Provenance</summary><table>{rows}</table></details>\n")
-
-
-def _check_html_path(path: str, option: str) -> None:
-    """Fail early (before the model loads) when the page could not be written; a FIFO is not opened yet."""
-    check_output(path, label=option)
-
-
-# -- thumbnails ------------------------------------------------------------------------------------------
-
-def make_thumb(path: str) -> bytes | str:
-    """A JPEG thumbnail of the file (long side THUMB_SIZE), or the reason there is none (worker entry)."""
-    from pickrank.inputs.reader import ReadError, make_thumbnail, open_image, read_bytes
-
-    try:
-        return make_thumbnail(open_image(read_bytes(path)), THUMB_SIZE)
-    except ReadError as e:
-        return str(e)
-    except Exception as e:  # a decoder bug costs one thumbnail, not the page
-        return f"{type(e).__name__}: {e}"
-
-
-def _thumb_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
-class _Thumbnails:
-    """Thumbnails by path: submitted as records arrive, made in a small process pool once there are enough."""
-
-    def __init__(self, workers: int | None = None, inline_below: int = INLINE_BELOW) -> None:
-        self.workers = _thumb_workers() if workers is None else workers
-        self.inline_below = inline_below
-        self.items: dict[str, Future | bytes | str | None] = {}  # None: not submitted yet
-        self.pending: list[str] = []
-        self.pool: ProcessPoolExecutor | None = None
-
-    def add(self, path: str) -> None:
-        if path in self.items:
-            return
-        self.items[path] = None
-        self.pending.append(path)
-        if self.pool is None and self.workers > 0 and len(self.items) >= self.inline_below:
-            self.pool = worker_pool(self.workers)
-        if self.pool is not None:
-            for p in self.pending:
-                self.items[p] = self._submit(p)
-            self.pending.clear()
-
-    def _submit(self, path: str) -> Future | bytes | str:
-        try:
-            with signals_deferred():
-                return self.pool.submit(make_thumb, path)  # type: ignore[union-attr]
-        except Exception:  # pool broken or shut down: make it here
-            return make_thumb(path)
-
-    def collect(self) -> dict[str, bytes | str]:
-        """Every thumbnail (bytes) or reason (str). A Ctrl-C while waiting skips the rest: placeholders."""
-        out: dict[str, bytes | str] = {}
-        try:
-            for path, item in self.items.items():
-                if isinstance(item, Future):
-                    try:
-                        item = item.result()
-                    except Exception:  # the pool broke (a worker was killed): do it here
-                        item = make_thumb(path)
-                elif item is None:
-                    item = make_thumb(path)
-                out[path] = item
-        except KeyboardInterrupt:
-            print("pickrank: thumbnails skipped; writing the HTML page without the rest", file=sys.stderr)
-            for path in self.items:
-                out.setdefault(path, "thumbnail skipped")
-        finally:
-            self.shutdown()
-        return out
-
-    def shutdown(self) -> None:
-        if self.pool is not None:
-            close_pool(self.pool)
-            self.pool = None
+""")
 
 
 # -- the report ------------------------------------------------------------------------------------------
@@ -305,14 +151,14 @@ class HtmlReport:
 
     def __init__(self, path: str, kind: str = "score", *, workers: int | None = None,
                  inline_below: int = INLINE_BELOW, title: str | None = None, option: str = "--html") -> None:
-        _check_html_path(path, option)
+        check_html(path, option)
         self.path = path
         self.option = option  # how error messages name the page: --html, or report's -o
         self.kind = kind if kind in _KINDS else "score"
         self.title = title
         self.meta: dict[str, object] = {}
         self.sections: list[list[Record]] = []
-        self.thumbs = _Thumbnails(workers, inline_below)
+        self.thumbs = Thumbnails(workers, inline_below)
         self.closed = False
 
     def set_meta(self, meta: dict) -> None:
@@ -320,6 +166,7 @@ class HtmlReport:
         self.meta.update(meta)  # None values too: a local folder's revision is None in the provenance
 
     def write(self, records: Iterable[Record]) -> None:
+        """Add the rankings among `records` (their thumbnails start now)."""
         for section in _split_rankings(records):
             self.sections.append(section)
             for r in section:
@@ -345,45 +192,13 @@ class HtmlReport:
         self.closed = True
         thumbs = self.thumbs.collect()
         folder = os.path.dirname(os.path.abspath(self.path))
-        out = Output(self.path, label=self.option)
-        try:
-            _Renderer(self, thumbs, folder, out.stream).page()
-        except BrokenPipeError:  # the reader went away (| head): a quiet end, as for results on stdout
-            out.discard()
-            raise
-        except OSError as e:  # a device that takes no more (/dev/full)
-            out.discard()
-            raise OutputError(f"{self.option} {self.path}: {e.strerror or e}") from None
-        except BaseException:
-            out.discard()
-            raise
-        out.close()
+        write_page(self.path, self.option, lambda out: _Renderer(self, out, thumbs, folder).page())
 
 
-def _href(path: str, folder: str) -> str:
-    """The image's URL relative to the page's folder (percent-encoded bytes, so any file name works)."""
-    try:
-        rel = os.path.relpath(os.path.abspath(path), folder)
-    except ValueError:  # another drive (Windows): an absolute file URL
-        return "file:///" + urllib.parse.quote(os.path.abspath(path).replace(os.sep, "/").lstrip("/"))
-    rel = rel.replace(os.sep, "/")
-    return urllib.parse.quote(os.fsencode(rel), safe="/")
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-class _Renderer:
-    def __init__(self, report: HtmlReport, thumbs: dict[str, bytes | str], folder: str, out: IO[str]) -> None:
+class _Renderer(PageWriter):
+    def __init__(self, report: HtmlReport, out: IO[str], thumbs: dict[str, bytes | str], folder: str) -> None:
+        super().__init__(out, thumbs, folder)
         self.r = report
-        self.thumbs = thumbs
-        self.folder = folder
-        self.out = out
-        self.ids: dict[str, str] = {}  # path -> id of the img that embeds its thumbnail (each embedded once)
-
-    def w(self, *parts: str) -> None:
-        self.out.write("".join(parts))
 
     def page(self) -> None:
         sections = self.r.sections
@@ -393,15 +208,8 @@ class _Renderer:
         meta = header_meta(self.r.meta) + [
             ("rankings", len(sections)), ("images ranked", len(scored)),
             ("distinct images", len({r.path for r in scored})), ("failed", len(failed))]
-        self.w('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
-               f'<meta http-equiv="Content-Security-Policy" content="{esc(_CSP)}">\n',
-               '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
-               '<meta name="generator" content="pickrank ', esc(__version__), '">\n',
-               f"<title>{esc(title)}</title>\n<style>{_CSS}{PROVENANCE_CSS}</style>\n</head>\n<body>\n",
-               f'<header>\n<h1>{esc(title)}<small>PickScore ranking</small></h1>\n<dl class="meta">')
-        for k, v in meta:
-            self.w(f"<div><dt>{esc(k)}</dt><dd data-k=\"{esc(k)}\">{esc('unknown' if v is None else v)}</dd></div>")
-        self.w('</dl>\n</header>\n', provenance_block(self.r.meta), '<div class="tools"><input id="q" type="search" placeholder="Filter by prompt '
+        self.w(page_head(title, "PickScore ranking", _CSS, _JS, meta, self.r.meta),
+               '<div class="tools"><input id="q" type="search" placeholder="Filter by prompt '
                'or file name" aria-label="Filter"><label>Sort <select id="sort"><option value="rank">score, best '
                'first</option><option value="worst">score, worst first</option><option value="name">file name'
                f'</option></select></label><span class="n" id="n">{len(scored)} shown</span></div>\n<main>\n')
@@ -451,27 +259,22 @@ class _Renderer:
         name = os.path.basename(path) or path
         win = r.rank == 1
         prob = max(0.0, min(1.0, r.prob or 0.0))
-        caption = f"#{r.rank}  {name}  score {_fmt(r.score)}  prob {_fmt(r.prob)}"
+        caption = f"#{r.rank}  {name}  score {number(r.score)}  prob {number(r.prob)}"
         self.w(f'<div class="card{" win" if win else ""}" data-rank="{esc(r.rank if r.rank is not None else "")}" '
                f'data-score="{esc(r.score if r.score is not None else "")}" data-name="{esc(name.lower())}" '
                f'data-path="{esc(path)}" data-caption="{esc(caption)}">'
                f'<span class="badge">#{esc(r.rank)}{" best" if win else ""}</span>'
-               f'<a class="th" href="{esc(_href(path, self.folder))}" title="{esc(path)}">')
-        thumb = self.thumbs.get(path)
-        alt = esc(name)
-        if isinstance(thumb, bytes):
-            if path in self.ids:
-                self.w(f'<img data-t="{self.ids[path]}" alt="{alt}" loading="lazy" decoding="async">')
-            else:
-                tid = self.ids[path] = f"t{len(self.ids)}"
-                self.w(f'<img id="{tid}" alt="{alt}" loading="lazy" decoding="async" '
-                       f'src="data:image/jpeg;base64,{base64.b64encode(thumb).decode("ascii")}">')
+               f'<a class="th" href="{esc(self.href(path))}" title="{esc(path)}">')
+        img = self.thumb_img(path, f'alt="{esc(name)}" loading="lazy" decoding="async"')
+        if img is not None:
+            self.w(img)
         else:
+            thumb = self.thumbs.get(path)
             why = thumb if isinstance(thumb, str) else "no preview"
             self.w(f'<span class="ph" title="{esc(why)}">no preview<br>{esc(why)}</span>')
         self.w('</a><div class="info">'
-               f'<div class="row"><b>{esc(_fmt(r.score))}</b><span>prob {esc(_fmt(r.prob))}</span></div>'
-               f'<div class="bar" title="prob {esc(_fmt(r.prob))}"><i style="width:{prob * 100:.1f}%"></i></div>'
+               f'<div class="row"><b>{esc(number(r.score))}</b><span>prob {esc(number(r.prob))}</span></div>'
+               f'<div class="bar" title="prob {esc(number(r.prob))}"><i style="width:{prob * 100:.1f}%"></i></div>'
                f'<div class="name" title="{esc(path)}">{esc(name)}</div>')
         if r.copied_to:
             self.w(f'<div class="copied" title="{esc(r.copied_to)}">copied to {esc(r.copied_to)}</div>')
@@ -583,4 +386,4 @@ def render_results(results: str, output: str, workers: int | None = None) -> tup
     return len(report.sections), missing
 
 
-__all__ = ["HtmlReport", "load_results", "render_results", "esc", "make_thumb", "THUMB_SIZE"]
+__all__ = ["HtmlReport", "load_results", "render_results"]

@@ -9,17 +9,14 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from pickrank.analysis.compare import (
+from pickrank.analysis.comparison.plan import Comparison
+from pickrank.analysis.comparison.render import print_table, to_json, write_csv, write_per_prompt
+from pickrank.analysis.comparison.stats import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_SEED,
     CompareResult,
-    Comparison,
     collect_scores,
-    compare,
-    print_table,
-    to_json,
-    write_csv,
-    write_per_prompt,
+    compare_systems,
 )
 from pickrank.errors import UsageError
 from pickrank.options import CompareFormat, Scale
@@ -131,7 +128,7 @@ class ComparisonRun:
     def open(self, inputs: Sequence[str], sinks: list) -> None:
         """Check the outputs against each other and the inputs, then open them into `sinks` (for the caller to
         close or discard whatever happens)."""
-        from pickrank.report.comparison import check_html
+        from pickrank.report.page import check_html
 
         o = self.outputs
         self.fmt = compare_format(o.format, o.output)
@@ -162,8 +159,9 @@ class ComparisonRun:
         assert self.main_out is not None, "open() first"
         gathered, plan = self.gathered, self.plan
         table = collect_scores(plan, gathered.records)
-        result = compare(table, baseline=plan.baseline, all_pairs=settings.all_pairs, best_of_n=settings.best_of_n,
-                         bootstrap=settings.bootstrap, seed=settings.seed, raw_per_unit=gathered.raw_per_unit())
+        result = compare_systems(table, baseline=plan.baseline, all_pairs=settings.all_pairs,
+                                 best_of_n=settings.best_of_n, bootstrap=settings.bootstrap, seed=settings.seed,
+                                 raw_per_unit=gathered.raw_per_unit())
         say_left_out(result, settings.verbose)
         out = self.main_out.out
         if self.fmt == "json":
