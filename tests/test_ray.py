@@ -163,9 +163,9 @@ def test_a_model_the_workers_cannot_load_is_a_clear_error(ray_cluster, model_dir
     ({"CPU": 16}, 3, (3, 0, "cpu", 8)),
 ])
 def test_actor_plan(resources, actors, expect):
-    from pickrank.ray.engine import _Plan
+    from pickrank.ray.engine import ActorPlan
 
-    plan = _Plan(resources, actors, None)
+    plan = ActorPlan(resources, actors, None)
     assert (plan.actors, plan.num_gpus, plan.device, plan.batch_size) == expect
     cpus_left = resources["CPU"] - plan.actors * plan.actor_cpus
     assert cpus_left >= 1  # room for at least one decode task, or the pipeline would stall

@@ -43,7 +43,7 @@ def serve(
         token = token or None  # PICKRANK_TOKEN= set empty is no token
         _check_exposure(host, token, insecure_no_auth)
         try:
-            from pickrank.serve.app import ServeLimits
+            from pickrank.serve.requests import ServeLimits
         except ImportError as e:  # the serve extra is not installed
             raise UsageError(f"pickrank serve needs the serve extra: pip install 'pickrank[serve]' ({e})") from None
 
@@ -52,7 +52,7 @@ def serve(
                              workers=_serve_workers(opts.run.workers))
         model = replace(opts.model, batch_size=opts.model.batch_size or max_batch)
         if opts.engine.engine is EngineName.ray:
-            from pickrank.ray.engine import require_ray
+            from pickrank.ray.cluster import require_ray
 
             require_ray()  # without the extra: a one-line usage error
             from pickrank.ray.serve import serve_ray
@@ -100,7 +100,8 @@ def _serve_local(model, limits, host: str, port: int, token: str | None, scale) 
     import sys
 
     from pickrank.cli.lifecycle import load_embedder
-    from pickrank.serve.app import bind, create_app, graceful_server, stop_if_load_fails, url_of
+    from pickrank.serve.app import create_app
+    from pickrank.serve.server import bind, graceful_server, stop_if_load_fails, url_of
 
     sock = bind(host, port)
     embedder = load_embedder(model)

@@ -89,7 +89,7 @@ def score_into(sinks: Sequence[Sink], sets: Iterable[CandidateSet], options: Sco
     """Load the model, score the sets through the cache, hand each ranking to every sink (the provenance first, to
     those that want it); what was done (also said on the "pickrank" logger)."""
     if options.engine.engine is EngineName.ray:
-        from pickrank.ray.engine import require_ray
+        from pickrank.ray.cluster import require_ray
 
         require_ray()  # without the extra: a one-line usage error before the (slow) model load
     embedder = loading.load_embedder(options.model, on_loaded=on_loaded)

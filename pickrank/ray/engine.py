@@ -25,7 +25,6 @@ import logging
 import os
 import queue
 import re
-import signal
 import threading
 import warnings
 from dataclasses import replace
@@ -33,9 +32,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
-from pickrank.errors import ModelLoadError, PickrankError, RayClusterError, RayNotInstalled, UsageError
+from pickrank.errors import ModelLoadError, PickrankError, RayClusterError, UsageError
 from pickrank.inputs.reader import ImageSpec, decode_job
 from pickrank.options import DType
+from pickrank.ray.cluster import first_line, join_or_start, plain, require_ray
 from pickrank.records import Finished
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pickrank")
 
-RAY_MISSING = "--engine ray needs Ray: pip install 'pickrank[ray]'"
 DEFAULT_CPU_ACTORS = 2
 # A chunk (one dataset row) holds at least this many images (fewer at the end) and at most this many bytes.
 CHUNK_MIN_IMAGES = 32
@@ -56,16 +55,6 @@ CHUNK_MAX_BYTES = 64 << 20
 WINDOW_MIN_IMAGES = 256
 WINDOW_MAX_BYTES = 1 << 30
 _DTYPE_NAMES = {f"torch.{d.torch_name}": d.value for d in DType}  # str(torch dtype) -> our name
-
-
-def require_ray():
-    """The ray module, or RayNotInstalled with the one-line install hint."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  (the [data] extra)
-    except ImportError:
-        raise RayNotInstalled(RAY_MISSING) from None
-    return ray
 
 
 # -- remote side: the feed, the source task, decode tasks and the embedding actors ----------------------------------
@@ -190,13 +179,7 @@ def _check_same_model(got: str, want: str, source: ModelSource) -> None:
 
 # -- driver side ---------------------------------------------------------------------------------------------------
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _WORKER_ERROR = re.compile(r"pickrank\.errors\.(\w+): ([^\n]*)")
-
-
-def _first_line(e: BaseException) -> str:
-    text = _ANSI.sub("", str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _pickrank_cause(e: BaseException) -> PickrankError | None:
@@ -213,7 +196,7 @@ def _pickrank_cause(e: BaseException) -> PickrankError | None:
         seen.add(id(x))
         if isinstance(x, PickrankError):
             return x
-        found = _WORKER_ERROR.findall(_ANSI.sub("", str(getattr(x, "error_msg", None) or x)))
+        found = _WORKER_ERROR.findall(plain(str(getattr(x, "error_msg", None) or x)))
         if found:
             cls = getattr(errors, found[-1][0], None)
             if isinstance(cls, type) and issubclass(cls, PickrankError):
@@ -222,7 +205,7 @@ def _pickrank_cause(e: BaseException) -> PickrankError | None:
     return None
 
 
-class _Plan:
+class ActorPlan:
     """How many embedding actors, on what, with what resources; decode tasks' share; chunk and window sizes."""
 
     def __init__(self, resources: dict, actors: int | None, batch_size: int | None) -> None:
@@ -265,7 +248,7 @@ def _worker_source(embedder: Embedder) -> ModelSource:
     return source
 
 
-def _build_dataset(ray, feed, embedder: Embedder, plan: _Plan, max_pixels: int | None):
+def _build_dataset(ray, feed, embedder: Embedder, plan: ActorPlan, max_pixels: int | None):
     """The run's one Dataset: the source task fed by `feed`, decode tasks, then the pool of embedding actors."""
     actor_kwargs = {"source": _worker_source(embedder), "device": plan.device,
                     "dtype": _DTYPE_NAMES.get(str(embedder.dtype), "fp32"), "batch_size": plan.batch_size,
@@ -340,7 +323,7 @@ class _RayStream:
     """The one Dataset of a run, as a `pipeline.Backend`: chunks go in with `submit`, finished chunks (keys,
     embeddings, failures) come out of `poll`."""
 
-    def __init__(self, ray, embedder: Embedder, plan: _Plan, max_pixels: int | None) -> None:
+    def __init__(self, ray, embedder: Embedder, plan: ActorPlan, max_pixels: int | None) -> None:
         self.ray, self.plan = ray, plan
         self.feed = _feed_actor(ray).remote()
         # The pool's input is one source task, which Ray Data takes for a lack of parallelism: it is not one here.
@@ -475,21 +458,10 @@ class RayEngine:
 
     def _connect(self) -> bool:
         """Connect to (or start) Ray; True when this run started it and must stop it."""
-        ray = self.ray
-        if ray.is_initialized():
-            return False
-        address = self.address or os.environ.get("RAY_ADDRESS") or None
-        kwargs = {"address": address} if address else {"address": "local", "include_dashboard": False}
-        sigterm = signal.getsignal(signal.SIGTERM)
-        try:
-            ray.init(log_to_driver=False, logging_level=logging.ERROR, **kwargs)
-        except Exception as e:
-            where = f"at {address}" if address else "locally"
-            raise RayClusterError(f"cannot start or reach Ray {where}: {_first_line(e)}") from e
-        finally:
-            _restore_sigterm(sigterm)  # ray.init installs its own; the CLI's turns SIGTERM into exit 143
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        return True
+        started = join_or_start(self.address)
+        if started:
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+        return started
 
     def _backend(self) -> _RayStream:
         """Engine.rank asks for it on the first cache miss: Ray starts only when some image needs the model."""
@@ -510,7 +482,7 @@ class RayEngine:
             if cause is not None:
                 raise type(cause)(f"on a Ray worker: {cause}") from e
             kept = "; embeddings finished so far are in the cache" if self.cache.path is not None else ""
-            raise RayClusterError(f"the Ray cluster failed the run ({type(e).__name__}: {_first_line(e)}){kept}") \
+            raise RayClusterError(f"the Ray cluster failed the run ({type(e).__name__}: {first_line(e)}){kept}") \
                 from e
         finally:
             if self._started:  # after Engine.rank's own finally has closed the stream
@@ -519,15 +491,8 @@ class RayEngine:
                 except Exception:
                     pass
 
-    def _plan(self) -> _Plan:
-        return _Plan(self.ray.cluster_resources(), self.actors, self.batch_size)
-
-
-def _restore_sigterm(handler) -> None:
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except (ValueError, TypeError):  # not the main thread, or a handler Python did not install
-        pass
+    def _plan(self) -> ActorPlan:
+        return ActorPlan(self.ray.cluster_resources(), self.actors, self.batch_size)
 
 
 def _is_ray_error(e: BaseException) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
@@ -23,9 +22,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from pickrank.errors import RayClusterError
 from pickrank.options import ModelOptions, Scale
-from pickrank.serve.app import Metrics, ServeLimits, create_app, score_batch
+from pickrank.ray.cluster import join_or_start
+from pickrank.serve.app import create_app
+from pickrank.serve.batching import score_batch
+from pickrank.serve.metrics import Metrics
+from pickrank.serve.requests import ServeLimits
+from pickrank.signals import handlers, set_handlers
 
 log = logging.getLogger("pickrank")
 
@@ -82,28 +85,12 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _connect(address: str | None) -> None:
-    """Connect to Ray at `address` (or $RAY_ADDRESS), else start a local one; keep the CLI's SIGTERM handler."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"address": address} if address else {"address": "local", "include_dashboard": False}
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        ray.init(log_to_driver=False, logging_level=logging.ERROR, **kwargs)
-    except Exception as e:
-        raise RayClusterError(f"cannot start or reach Ray {'at ' + address if address else 'locally'}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-
-
 def serve_ray(model: ModelOptions, limits: ServeLimits, host: str, port: int, token: str | None, scale: Scale,
               replicas: int | None, address: str | None) -> None:
     """Deploy the server on Ray Serve at host:port and serve until SIGTERM or Ctrl-C, then shut it down (drained)."""
     import ray
 
-    _connect(address)
+    join_or_start(address)
     for name in ("ray", "ray.serve"):  # Ray Serve's INFO lines would drown pickrank's own
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
@@ -121,26 +108,15 @@ def serve_ray(model: ModelOptions, limits: ServeLimits, host: str, port: int, to
         _wait_for_stop_signal()
         log.info("stopping: draining the replicas")
     finally:
-        with _stop_signals_ignored():
+        with handlers(signal.SIG_IGN):  # a second signal must not cut the drain short
             serve.shutdown()
             ray.shutdown()
 
 
 def _wait_for_stop_signal() -> None:
-    """Block until SIGTERM, SIGINT or SIGHUP (Ray's own handlers, installed meanwhile, are replaced)."""
+    """Block until SIGTERM, SIGINT or SIGHUP (their handlers, Ray's own installed meanwhile among them, are replaced
+    for the rest of the run)."""
     stop = threading.Event()
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, lambda _n, _f: stop.set())
+    set_handlers(lambda _n, _f: stop.set())
     while not stop.wait(1.0):
         pass
-
-
-class _stop_signals_ignored:
-    """SIGTERM/SIGINT ignored while Ray shuts down (a second signal must not cut the drain short)."""
-
-    def __enter__(self) -> None:
-        self.saved = [(s, signal.signal(s, signal.SIG_IGN)) for s in (signal.SIGTERM, signal.SIGINT)]
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self.saved:
-            signal.signal(s, h)
