@@ -1,1 +1,1 @@
-"""Ray: the engine that embeds on a Ray cluster, and the server on Ray Serve."""
+"""Ray: the one place that starts or joins it, the engine that embeds on a Ray cluster, and the server on Ray Serve."""

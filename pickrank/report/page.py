@@ -234,9 +234,11 @@ class PageWriter:
         self.ids: dict[str, str] = {}  # path -> id of the img that embeds its thumbnail
 
     def w(self, *parts: str) -> None:
+        """Write the parts, in order."""
         self.out.write("".join(parts))
 
     def href(self, path: str) -> str:
+        """The image's URL relative to the page."""
         return href(path, self.folder)
 
     def thumb_img(self, key: str, attrs: str) -> str | None:

@@ -1,1 +1,1 @@
-"""The reward server: the HTTP app, request parsing, dynamic batching, and the Python client."""
+"""The reward server: request parsing, decoding and dynamic batching, the HTTP app, running it, the Python client."""
