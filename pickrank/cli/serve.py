@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Optional
 
-from pickrank.cli.lifecycle import Command
+from pickrank.cli.lifecycle import Command, load_embedder
 from pickrank.cli.shared import Opt, Opts, with_options
 from pickrank.errors import UsageError
 from pickrank.options import CommandOptions, EngineName, EngineOptions, ModelOptions, RunOptions
@@ -41,15 +41,18 @@ def serve(
     """
     with Command(opts.command):
         token = token or None  # PICKRANK_TOKEN= set empty is no token
-        _check_exposure(host, token, insecure_no_auth)
+        from pickrank.serve.server import check_exposure, serve_workers
+
+        check_exposure(host, token, insecure_no_auth)
         try:
             from pickrank.serve.requests import ServeLimits
+            from pickrank.serve.server import serve_local
         except ImportError as e:  # the serve extra is not installed
             raise UsageError(f"pickrank serve needs the serve extra: pip install 'pickrank[serve]' ({e})") from None
 
         limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_body_mb=max_body_mb, max_images=max_images, max_pixels=opts.run.max_pixels,
-                             workers=_serve_workers(opts.run.workers))
+                             workers=serve_workers(opts.run.workers))
         model = replace(opts.model, batch_size=opts.model.batch_size or max_batch)
         if opts.engine.engine is EngineName.ray:
             from pickrank.ray.cluster import require_ray
@@ -61,59 +64,5 @@ def serve(
             return
         if replicas is not None:
             raise UsageError("--replicas needs --engine ray")
-        _serve_local(model, limits, host, port, token, opts.run.scale)
+        serve_local(model, limits, host, port, token, opts.run.scale, load=load_embedder)
 
-
-# TEMPORARY (moves to pickrank.serve when the serve split lands)
-def _is_loopback(host: str) -> bool:
-    """Whether `host` is a loopback address (or localhost): reachable from this machine only."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_exposure(host: str, token: str | None, insecure_no_auth: bool) -> None:
-    """Binding beyond loopback needs a token, or --insecure-no-auth said out loud."""
-    if token is not None and insecure_no_auth:
-        raise UsageError("give --token or --insecure-no-auth, not both")
-    if not _is_loopback(host) and token is None and not insecure_no_auth:
-        raise UsageError(f"--host {host} is reachable from other machines: give --token TOKEN (or set "
-                         "PICKRANK_TOKEN), or --insecure-no-auth to serve without authentication")
-
-
-def _serve_workers(workers: int | None) -> int:
-    """Decode processes of the server: as the CLI's --workers [default: one per CPU, at most 8]."""
-    from pickrank.core.engine import default_workers
-
-    return default_workers() if workers is None else workers
-
-
-def _serve_local(model, limits, host: str, port: int, token: str | None, scale) -> None:
-    """Listen first (the URL on stderr), load the model in the background (/healthz: 503 meanwhile), serve until a
-    stop signal; a model that fails to load stops the server with its error."""
-    import logging
-    import sys
-
-    from pickrank.cli.lifecycle import load_embedder
-    from pickrank.serve.app import create_app
-    from pickrank.serve.server import bind, graceful_server, stop_if_load_fails, url_of
-
-    sock = bind(host, port)
-    embedder = load_embedder(model)
-    server = graceful_server(create_app(embedder, limits, token=token, scale=scale))
-    failed: list[BaseException] = []
-    stop_if_load_fails(embedder, server, failed)
-    print(f"pickrank: listening on {url_of(sock)} (model loading; GET /healthz says when it is ready)",
-          file=sys.stderr, flush=True)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-    if failed:
-        raise failed[0]
-    logging.getLogger("pickrank").info("stopped")
