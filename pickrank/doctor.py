@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from pickrank.devtools import LAION_PREPROCESSOR_CONFIG, PICKSCORE_ARCH
 from pickrank.errors import PickrankError
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import RESAMPLE_NAMES, ImageSpec
 from pickrank.models.source import (
     _WEIGHT_SUFFIXES,
     ModelSource,
@@ -254,11 +254,9 @@ def check_processor(s: Subject) -> tuple[Status, str]:
 
 def _describe_spec(spec: ImageSpec) -> str:
     """The preprocessing in words: resize, resample, crop."""
-    from pickrank.inputs.reader import _RESAMPLE_NAMES
-
     resize = f"shortest edge to {spec.shortest_edge}" if spec.shortest_edge else f"to {spec.resize_hw}"
     crop = f"centre crop {spec.crop_hw[0]}x{spec.crop_hw[1]}" if spec.crop_hw else "no crop"
-    return f"resize {resize} ({_RESAMPLE_NAMES.get(spec.resample, spec.resample)}), {crop}"
+    return f"resize {resize} ({RESAMPLE_NAMES.get(spec.resample, spec.resample)}), {crop}"
 
 
 # -- the weights ------------------------------------------------------------------------------------------------
@@ -579,7 +577,9 @@ def check_decode_workers(s: Subject) -> tuple[Status, str]:
     """The decode worker pool starts, decodes one generated image and shuts down (timed)."""
     from concurrent.futures import TimeoutError as FutureTimeout
 
-    from pickrank.inputs.reader import DEFAULT_MAX_PIXELS, close_pool, decode_job, worker_pool
+    from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
+    from pickrank.inputs.files import ReadError
+    from pickrank.inputs.workers import close_pool, decode_job, worker_pool
     from pickrank.signals import signals_deferred
 
     start = time.perf_counter()
@@ -592,7 +592,7 @@ def check_decode_workers(s: Subject) -> tuple[Status, str]:
         pool.shutdown(wait=False, cancel_futures=True)
         return Status.fail, "a decode worker gave no answer within 120 s"
     close_pool(pool)
-    if isinstance(out, str):
+    if isinstance(out, ReadError):
         return Status.fail, f"a decode worker could not decode a generated PNG: {out}"
     took = time.perf_counter() - start
     return Status.ok, f"a worker process started, decoded a generated 640x480 PNG to {out.pixels.shape} and shut " \
@@ -604,7 +604,7 @@ def check_decode_workers(s: Subject) -> tuple[Status, str]:
 @check("selftest_preprocessing", needs=("processor",))
 def check_selftest_preprocessing(s: Subject) -> tuple[Status, str]:
     """pickrank's preprocessing against transformers' Pillow CLIP processor on generated images (pixel-exact)."""
-    from pickrank.inputs.reader import decode_and_preprocess, normalize
+    from pickrank.inputs.decode import decode_and_preprocess, normalize
 
     ref, spec, worst = reference_image_processor(s.processor_dir), s.spec, 0.0
     for i, (size, mode) in enumerate(_SAMPLES):

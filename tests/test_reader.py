@@ -10,16 +10,8 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from pickrank.inputs.reader import (
-    ImageSpec,
-    ReadError,
-    content_key,
-    decode_and_preprocess,
-    normalize,
-    open_image,
-    preprocess,
-    read_bytes,
-)
+from pickrank.inputs.decode import ImageSpec, decode_and_preprocess, normalize, open_image, preprocess
+from pickrank.inputs.files import ReadError, content_key, read_bytes
 
 
 def make(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
@@ -130,7 +122,7 @@ def test_worker_start_failures_are_quiet_or_one_line(exc, stderr):
 
 
 def test_one_resize_and_crop_geometry_for_both_paths():
-    from pickrank.inputs.reader import Geometry, resize_crop_geometry
+    from pickrank.inputs.decode import Geometry, resize_crop_geometry
 
     spec = ImageSpec()  # shortest side 224, centre crop 224
     assert resize_crop_geometry(448, 300, spec) == Geometry((334, 224), None, (0, 55, 224, 224))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pickrank.errors import ModelLoadError, UsageError
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
 from pickrank.models.loading import LoadingEmbedder, load_in_background
 from pickrank.models.source import (
     DEFAULT_MODEL,

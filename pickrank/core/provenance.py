@@ -18,7 +18,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from pickrank import __version__
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
 from pickrank.models.hashing import HashStore
 from pickrank.models.source import TOKENIZER_FILES, ModelSource, weight_files
 from pickrank.options import Decode, Scale

@@ -17,15 +17,8 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from pickrank.inputs.reader import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
-    ReadError,
-    _check_pixels,
-    _image_file,
-    _pillow_open,
-    _png_text,
-)
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS, check_pixels, pillow_open
+from pickrank.inputs.files import DEFAULT_MAX_BYTES, ReadError, image_file, png_text
 
 SOURCES = ("automatic1111", "comfyui", "fooocus", "invokeai", "novelai", "swarmui", "text")
 # Keys under which prompt_from_metadata_dict finds the EXIF fields read_image_metadata adds (raw, undecoded).
@@ -71,18 +64,19 @@ def prompt_from_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
 def read_image_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                         max_bytes: int | None = DEFAULT_MAX_BYTES) -> dict[str, str | bytes]:
-    """An image's text metadata (as reader.read_text_metadata) plus, for other formats than PNG, the EXIF fields
-    generators write to (`exif:UserComment` raw, `exif:Make`, ...), without decoding a pixel; ReadError otherwise.
+    """An image's text metadata, without decoding a pixel: a PNG's text chunks (tEXt, zTXt, iTXt, wherever they
+    are), else the text fields Pillow reads from other formats' headers plus the EXIF fields generators write to
+    (`exif:UserComment` raw, `exif:Make`, ...); ReadError otherwise.
 
     The file is opened as for scoring: regular files only, within max_bytes, declared size within max_pixels.
     """
-    with _image_file(path, max_bytes) as (f, _size), warnings.catch_warnings():
+    with image_file(path, max_bytes) as (f, _size), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data" UserWarning (at open) would reach stderr
         try:
-            with _pillow_open(f) as image:  # reads the header only
-                _check_pixels(image, max_pixels)
+            with pillow_open(f) as image:  # reads the header only
+                check_pixels(image, max_pixels)
                 if image.format == "PNG":  # getexif() on a PNG may decode it all to reach an eXIf chunk
-                    return dict(_png_text(f))
+                    return dict(png_text(f))
                 info: dict[str, str | bytes] = {k: v for k, v in image.info.items()
                                                 if isinstance(k, str) and isinstance(v, str)}
                 info.update(_exif_fields(image))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pickrank.errors import ModelLoadError, UsageError
-from pickrank.inputs.reader import ImageSpec, normalize
+from pickrank.inputs.decode import ImageSpec, normalize
 from pickrank.models.source import (
     MAX_TOKENS,
     ModelInfo,

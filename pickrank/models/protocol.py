@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, replace
 
 from pickrank.errors import ModelLoadError
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
 from pickrank.options import DTYPE_NAMES, DType, as_enum  # noqa: F401 - DTYPE_NAMES: model.py imports it from here
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pickrank.errors import ModelLoadError, UsageError
-from pickrank.inputs.reader import ImageSpec, normalize
+from pickrank.inputs.decode import ImageSpec, normalize
 from pickrank.models.source import (
     DEFAULT_MODEL,
     DEFAULT_PROCESSOR,
