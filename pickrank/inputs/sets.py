@@ -9,12 +9,12 @@ import os
 from dataclasses import replace
 from typing import TextIO
 
-from pickrank.errors import NoImages, UsageError
+from pickrank.errors import InvalidText, NoImages, UsageError
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.discover import expand, first_visit, is_image_name, peek
 from pickrank.inputs.files import DEFAULT_MAX_BYTES
 from pickrank.inputs.metadata import FoundPrompt, prompt_from_image
-from pickrank.inputs.textfile import read_utf8
+from pickrank.inputs.textfile import check_text, read_utf8
 from pickrank.records import CandidateSet, Query
 
 log = logging.getLogger("pickrank")
@@ -67,9 +67,11 @@ def _no_prompt_set(path: str, reason: str) -> CandidateSet:
 
 
 def check_prompt(prompt: str) -> None:
-    """An empty prompt is a usage error: it would rank images by nothing."""
+    """An empty prompt is a usage error: it would rank images by nothing; so is one that is not valid text
+    (`textfile.check_text`: InvalidText)."""
     if not prompt or not prompt.strip():
         raise UsageError("the prompt is empty: give --prompt TEXT")
+    check_text(prompt, "--prompt")
 
 
 # -- best-of-n -------------------------------------------------------------------------------------------
@@ -107,7 +109,10 @@ def find_group_prompt(folder: str, images: list[str], prompt: str | None, max_pi
         return FoundPrompt(prompt, "option")
     text = _prompt_txt(folder)
     if text:
-        return FoundPrompt(text, "prompt.txt")
+        try:
+            return FoundPrompt(check_text(text, "prompt.txt"), "prompt.txt")
+        except InvalidText as e:
+            return FoundPrompt(None, "prompt.txt", str(e))
     first: FoundPrompt | None = None
     for path in images:
         found = prompt_from_image(path, max_pixels, max_bytes)
