@@ -37,8 +37,23 @@ class ModelLoadError(PickrankError):
     """The model or processor cannot be loaded (missing, not CLIP, unsafe format, offline)."""
 
 
+class NonFiniteScores(PickrankError):
+    """The model gave NaN or infinity for every image of a run: broken weights, or a precision that overflows
+    (exit 1, after the error records are written)."""
+
+
 class InputFailed(PickrankError):
     """An input failed and `--on-error fail` asked to stop (exit 1)."""
+
+
+class InvalidArgument(UsageError, ValueError):
+    """A library argument of the right type whose value cannot be used (an image without pixels, a tensor holding
+    NaN): a ValueError to the library's callers, exit 2 on the command line."""
+
+
+class ArgumentTypeError(UsageError, TypeError):
+    """A library argument of a type pickrank does not take (a prompt that is None, bytes or a number): a TypeError
+    to the library's callers."""
 
 
 class OutputError(PickrankError):

@@ -76,6 +76,8 @@ class RunSummary:
     failures: int = 0
     rankings: int = 0
     truncated: int = 0  # prompts cut at 77 tokens (each time one is encoded)
+    scored: int = 0  # finite scores given (records ranked)
+    nonfinite: int = 0  # embeddings or scores that came out NaN or infinite: error records, never ranks
 
 
 @dataclass(frozen=True)

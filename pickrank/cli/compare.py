@@ -86,9 +86,10 @@ def compare(systems: Systems = None, *, prompts: PromptsCsv = None, manifest: Ma
                  LAYOUTS[plan.layout], len(plan.systems), len(plan.slots), len(plan.image_paths()), plan.baseline)
         comparison = ComparisonRun(plan, CompareOutputs(output=opts.output.output, format=format,
                                                         per_prompt=per_prompt, html=html, meta=opts.output.meta))
-        comparison.open([*(systems or ()), *(p for p in (prompts, manifest) if p)], cmd.sinks)
+        settings = CompareSettings(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed,
+                                   verbose=verbose)
+        comparison.open([*(systems or ()), *(p for p in (prompts, manifest) if p)], cmd.sinks, settings)
         with progress("img", opts.command.quiet) as bar:
             scored = comparison.score(opts.scoring(), on_progress=bar, on_loaded=say_loaded)
-        comparison.write(CompareSettings(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed,
-                                         verbose=verbose), workers=opts.run.workers)
+        comparison.write(settings, workers=opts.run.workers)
         cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from pickrank.core.cache import NullCache
-from pickrank.errors import InputFailed
+from pickrank.errors import InputFailed, NonFiniteScores
 from pickrank.inputs.decode import Decoded, ImageSpec
 from pickrank.inputs.files import ReadError, content_key, read_bytes
+from pickrank.inputs.textfile import check_text
 from pickrank.inputs.workers import close_pool, decode_job, decode_many, worker_pool
 from pickrank.options import RunOptions
 from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
@@ -40,6 +42,10 @@ if TYPE_CHECKING:
     from pickrank.models.protocol import ImageTextEmbedder
 
 log = logging.getLogger("pickrank")
+
+# The error of an image whose embedding, or score, the model gave as NaN or infinity: never cached, never ranked.
+NONFINITE_EMBEDDING = "the model gave a non-finite embedding (NaN or infinity)"
+NONFINITE_SCORE = "non-finite score (NaN or infinity): the model's text embedding or scale is not finite"
 
 
 def default_workers() -> int:
@@ -95,7 +101,10 @@ def read_item(item: Item, max_bytes: int | None) -> tuple[Entry, bytes | None]:
 
 
 def encode_prompts(embedder: ImageTextEmbedder, texts: list[str], warn: bool = True) -> tuple[torch.Tensor, list[bool]]:
-    """Normalised text embeddings (N, D) and truncation flags; each prompt cut at 77 tokens is named in a warning."""
+    """Normalised text embeddings (N, D) and truncation flags; each prompt cut at 77 tokens is named in a warning. A
+    prompt that is not valid text is an InvalidText before the model sees any (`textfile.check_text`)."""
+    for i, text in enumerate(texts):
+        check_text(text, f"prompt {i + 1}" if len(texts) > 1 else "prompt")
     emb, truncated = embedder.embed_texts(texts)
     for text, cut in zip(texts, truncated):
         if cut and warn:
@@ -519,11 +528,7 @@ class _Pass:
         self.take(self.backend.poll(block=False))  # type: ignore[union-attr]
 
     def fail(self, path: str, reason: str) -> None:
-        self.engine.summary.failures += 1
-        if self.engine.warn:
-            log.warning("%s: %s", path, reason)
-        if self.engine.options.on_error == "fail":
-            raise InputFailed(f"{path}: {reason}")
+        self.engine.fail(path, reason)
 
     def resolve(self, key: str, vec: torch.Tensor | None, reason: str | None = None) -> None:
         """A key's answer, for the memo and for every set waiting on it."""
@@ -549,14 +554,24 @@ class _Pass:
                 self.resolve(key, None, reason)
                 engine.progress(1)
             if f.keys:
-                emb = f.embeddings
-                engine.summary.embedded += len(f.keys)
-                engine.cache.put_many({k: np.asarray(emb[i]) for i, k in enumerate(f.keys)},  # type: ignore[index]
-                                      engine.embedder.fingerprint)
-                vecs = self.prompts.to_memo(emb)  # type: ignore[arg-type]
-                for i, k in enumerate(f.keys):
-                    self.resolve(k, vecs[i])
-                engine.progress(len(f.keys))
+                self.take_embedded(list(f.keys), f.embeddings)
+
+    def take_embedded(self, keys: list[str], emb: torch.Tensor | np.ndarray) -> None:
+        """Embedded images: those with finite embeddings cached (per batch) and memoised, the others failed (a NaN
+        kept in the cache would come back in every later run)."""
+        engine = self.engine
+        engine.summary.embedded += len(keys)
+        finite = np.isfinite(np.asarray(emb, dtype=np.float32)).all(axis=-1)
+        engine.cache.put_many({k: np.asarray(emb[i]) for i, k in enumerate(keys) if finite[i]},
+                              engine.embedder.fingerprint)
+        vecs = self.prompts.to_memo(emb)
+        for i, k in enumerate(keys):
+            if finite[i]:
+                self.resolve(k, vecs[i])
+            else:
+                engine.summary.nonfinite += 1
+                self.resolve(k, None, NONFINITE_EMBEDDING)
+        engine.progress(len(keys))
 
     def emit(self) -> Iterator[Ranking]:
         """The finished sets at the head of the queue, ranked, in order."""
@@ -611,6 +626,14 @@ class Engine:
         if self.on_progress:
             self.on_progress(n)
 
+    def fail(self, path: str, reason: str) -> None:
+        """An image that failed: counted, warned about (unless the caller reports it), fatal with --on-error fail."""
+        self.summary.failures += 1
+        if self.warn:
+            log.warning("%s: %s", path, reason)
+        if self.options.on_error == "fail":
+            raise InputFailed(f"{path}: {reason}")
+
     def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
         order."""
@@ -622,6 +645,7 @@ class Engine:
             yield from run.drain(final=True)
         finally:
             run.close()
+        self.check_finite()
 
     def rank_stream(self, chunks: Iterable[list[CandidateSet]]) -> Iterator[Ranking]:
         """`rank` for a long stream of small sets (eval's pairs), taken chunk by chunk: each chunk's new prompts are
@@ -640,6 +664,16 @@ class Engine:
             yield from run.drain(final=True)
         finally:
             run.close()
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """NonFiniteScores, naming the model, when it gave NaN or infinity and not a single finite score (once
+        every ranking, with its error records, has been handed on)."""
+        s = self.summary
+        if s.nonfinite and not s.scored:
+            model = self.embedder.describe().get("model", "the model")
+            raise NonFiniteScores(f"{model}: the model gave NaN or infinity for every image ({s.nonfinite}): its "
+                                  "weights are broken, or its precision overflows (try --dtype fp32)")
 
     def unit(self, raw: float) -> float:
         """A raw score in the run's unit (`RunOptions.scale`)."""
@@ -655,21 +689,28 @@ class Engine:
         errors = [(e.path, e.error or st.reasons.get(e.key or "", "failed")) for e in st.entries
                   if not (e.error is None and e.key in st.found)]
         records: list[Record] = []
+        failed = 0
         for q in cset.queries:
-            records += self._ranked(q, [(e.path, st.found[e.key]) for e in ok], prompts)  # type: ignore[index]
+            score = prompts.scorer(q.prompt)
+            scored = [(e.path, score(st.found[e.key])) for e in ok]  # type: ignore[index]
+            bad = [(path, NONFINITE_SCORE) for path, x in scored if not math.isfinite(x)]
+            self.summary.nonfinite += len(bad)
+            for path, reason in bad:
+                self.fail(path, reason)
+            records += self._ranked(q, [(path, x) for path, x in scored if math.isfinite(x)], prompts)
             truncated = prompts.truncated(q.prompt)
             records += [Record(prompt=q.prompt, path=path, id=q.id, group=q.group, error=reason,
-                               truncated=truncated, prompt_source=q.prompt_source) for path, reason in errors]
+                               truncated=truncated, prompt_source=q.prompt_source) for path, reason in errors + bad]
+            failed = max(failed, len(errors) + len(bad))
         self.summary.rankings += len(cset.queries)
-        return Ranking(tuple(records), failed=len(errors))
+        return Ranking(tuple(records), failed=failed)
 
-    def _ranked(self, q: Query, ok: list[tuple[str, torch.Tensor]],
-                prompts: _Prompts | _PromptStream) -> list[Record]:
-        """One query's records over the set's embedded images, best first (the first `top` of them)."""
+    def _ranked(self, q: Query, ok: list[tuple[str, float]], prompts: _Prompts | _PromptStream) -> list[Record]:
+        """One query's records over the set's images with finite scores, best first (the first `top` of them)."""
         from pickrank.core.scores import as_array, ranks, softmax_probs
 
-        score = prompts.scorer(q.prompt)
-        scores = [score(v) for _, v in ok]
+        scores = [x for _, x in ok]
+        self.summary.scored += len(scores)
         as_f32 = np.asarray(scores, dtype=np.float32)  # what torch.tensor(scores, dtype=float32) holds
         probs = softmax_probs(as_array(as_f32, self.embedder.backend)).tolist() if scores else []
         rk = ranks(scores)

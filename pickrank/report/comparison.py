@@ -21,6 +21,7 @@ from pickrank.analysis.comparison import (
     win_matrix,
     winner,
 )
+from pickrank.analysis.comparison.render import caveat_note, marked
 from pickrank.report.page import (
     HEADER_CSS,
     PageWriter,
@@ -218,12 +219,15 @@ class _Page(PageWriter):
         for s in r.systems:
             p = r.pair(s.name, r.baseline)
             cells = ["baseline", "", "", ""] if s.name == r.baseline else ["-"] * 4 if p is None else [
-                number(p.win_rate), interval(p.win_low, p.win_high), number(p.mean_diff), f"{p.p_value:.3g}"]
+                number(p.win_rate), marked(p.win_low, p.win_high, p.caveat), number(p.mean_diff), f"{p.p_value:.3g}"]
             cls = ' class="base"' if s.name == r.baseline else ""
             self.w(f'<tr{cls} data-system="{esc(s.name)}"><td>{esc(s.name)}</td><td>{number(s.mean)}</td>'
-                   f'<td>{interval(s.low, s.high)}</td>', "".join(f"<td>{esc(c)}</td>" for c in cells),
+                   f'<td>{esc(marked(s.low, s.high, s.caveat))}</td>', "".join(f"<td>{esc(c)}</td>" for c in cells),
                    f"<td>{s.prompts}</td><td>{s.images}</td><td>{s.failed}</td></tr>\n")
         self.w("</table>\n")
+        note = caveat_note(r)
+        if note:
+            self.w(f'<p class="caveat" id="caveat">{esc(note)}</p>\n')
 
     def curves(self) -> None:
         if not self.r.best_of_k:

@@ -14,7 +14,10 @@ from pickrank.analysis.comparison.render import print_table, to_json, write_csv,
 from pickrank.analysis.comparison.stats import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_SEED,
+    MIN_BOOTSTRAP,
+    MIN_PROMPTS,
     CompareResult,
+    check_bootstrap,
     collect_scores,
     compare_systems,
 )
@@ -125,11 +128,13 @@ class ComparisonRun:
         self.main_out: WrittenAtEnd | None = None
         self.rows_out: WrittenAtEnd | None = None
 
-    def open(self, inputs: Sequence[str], sinks: list) -> None:
-        """Check the outputs against each other and the inputs, then open them into `sinks` (for the caller to
-        close or discard whatever happens)."""
+    def open(self, inputs: Sequence[str], sinks: list, settings: CompareSettings | None = None) -> None:
+        """Check the outputs against each other and the inputs (and that the settings' bootstrap fits in memory),
+        then open them into `sinks` (for the caller to close or discard whatever happens)."""
         from pickrank.report.page import check_html
 
+        if settings is not None:
+            check_bootstrap(settings.bootstrap, statistic_columns(self.plan, settings))
         o = self.outputs
         self.fmt = compare_format(o.format, o.output)
         self.files = check_outputs([("-o", o.output), ("--per-prompt", o.per_prompt), ("--html", o.html),
@@ -163,6 +168,7 @@ class ComparisonRun:
                                  best_of_n=settings.best_of_n, bootstrap=settings.bootstrap, seed=settings.seed,
                                  raw_per_unit=gathered.raw_per_unit())
         say_left_out(result, settings.verbose)
+        say_unreliable(result)
         out = self.main_out.out
         if self.fmt == "json":
             out.stream.write(json.dumps(to_json(result, model=gathered.meta), ensure_ascii=False) + "\n")
@@ -179,6 +185,24 @@ class ComparisonRun:
 
             write_html(self.outputs.html, table, result, meta=gathered.meta, workers=workers)
         return result
+
+
+def statistic_columns(plan: Comparison, settings: CompareSettings) -> int:
+    """At most how many statistics the bootstrap estimates for this plan: a mean per system, four per pair, and
+    with --best-of-n a win rate per k on both sides of each pair."""
+    n = len(plan.systems)
+    pairs = n * (n - 1) // 2 if settings.all_pairs else n - 1
+    k = max((len(imgs) for slot in plan.slots for imgs in slot.images), default=0) if settings.best_of_n else 0
+    return n + 4 * pairs + 2 * pairs * k
+
+
+def say_unreliable(result: CompareResult) -> None:
+    """Warn (on the "pickrank" logger) when some intervals are unreliable: too few prompts or resamples."""
+    caveats = {c for c in [s.caveat for s in result.systems] + [p.caveat for p in result.pairs]
+               + [c.caveat for c in result.best_of_k] if c}
+    if caveats:
+        log.warning("unreliable intervals (marked *): %s; an interval needs at least %d prompts and %d resamples",
+                    " / ".join(sorted(caveats)), MIN_PROMPTS, MIN_BOOTSTRAP)
 
 
 def say_left_out(result: CompareResult, verbose: bool) -> None:
