@@ -167,7 +167,8 @@ def test_the_cache_is_only_looked_at(model_dir, tmp_path, kind):
         assert proc.returncode == 0 and cache["status"] == "warn" and "not a pickrank cache" in cache["detail"]
     else:
         assert_fails_with(proc, out, "cache")
-    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["emb.sqlite3", "weight-hashes.json"]
+    # nothing written beside it: not even the weight-hash memo (the doctor writes nothing)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["emb.sqlite3"]
 
 
 def test_help_lists_the_model_and_cache_options_once(runner, monkeypatch):

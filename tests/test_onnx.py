@@ -306,6 +306,10 @@ def test_external_data_outside_the_export_is_refused(export_dir: Path, jpegs: Pa
             if kv.key == "location":
                 kv.value = "../elsewhere.data"
     onnx.save_model(graph, str(bad / "vision.onnx"))
+    # a crafted export states its own files' hashes: the graph reaches ONNX Runtime, which refuses the path
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files_sha256"]["vision.onnx"] = hashlib.sha256((bad / "vision.onnx").read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     r = run(*score_args(bad, jpegs, "--workers", "0"))
     assert r.returncode == 1 and "cannot load the ONNX graph" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) <= 3

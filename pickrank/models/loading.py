@@ -22,6 +22,7 @@ from pickrank.options import ModelOptions
 if TYPE_CHECKING:
     import torch
 
+    from pickrank.models.hashing import HashStore
     from pickrank.models.torch_embedder import Embedder
 
 
@@ -124,14 +125,18 @@ def require_torch(what: str) -> None:
 
 
 def load_export_in_background(source: ModelSource, options: ModelOptions,
-                              on_loaded: Callable[[object], None] | None = None) -> LoadingEmbedder:
-    """`load_in_background` for an ONNX export: checked now from its JSON files, opened on ONNX Runtime in a
-    thread (no torch, no transformers)."""
-    from pickrank.models.onnx_embedder import OnnxEmbedder, inspect_export
+                              on_loaded: Callable[[object], None] | None = None,
+                              store: HashStore | None = None) -> LoadingEmbedder:
+    """`load_in_background` for an ONNX export: checked now from its JSON files, its files against the manifest's
+    SHA-256 (through `store`, default the default one) and opened on ONNX Runtime in a thread (no torch, no
+    transformers)."""
+    from pickrank.models.hashing import HashStore
+    from pickrank.models.onnx_embedder import OnnxEmbedder, inspect_export, read_manifest, verify_files
 
     info = inspect_export(source, options.dtype.value, options.alpha.value, options.decode.value)
 
     def load() -> OnnxEmbedder:
+        verify_files(source.model, read_manifest(source.model), store or HashStore())
         embedder = OnnxEmbedder.load(info, device=options.device, batch_size=options.batch_size)
         if on_loaded is not None:
             on_loaded(embedder)
