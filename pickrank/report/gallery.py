@@ -19,6 +19,7 @@ from typing import IO, Iterable, Iterator
 
 from pickrank import __version__
 from pickrank.errors import UsageError
+from pickrank.inputs.textfile import loads_json
 from pickrank.records import Record
 from pickrank.report.page import (
     HEADER_CSS,
@@ -314,8 +315,8 @@ def _with_meta(text: str) -> tuple[dict, list] | None:
     if not text.lstrip().startswith("{"):
         return None
     try:
-        data = json.loads(text)
-    except ValueError:  # JSON Lines: one object per line
+        data = loads_json(text)
+    except ValueError:  # JSON Lines: one object per line (or nested too deep: refused below)
         return None
     if isinstance(data, dict) and isinstance(data.get("records"), list) and isinstance(data.get("meta"), dict):
         return data["meta"], data["records"]
@@ -347,16 +348,18 @@ def load_results(path: str) -> tuple[list[Record], dict, str]:
     meta: dict = dict(wrapped[0]) if wrapped is not None else {}
     if wrapped is not None or text.lstrip().startswith("["):
         try:
-            data = wrapped[1] if wrapped is not None else json.loads(text)
-        except ValueError as e:
+            data = wrapped[1] if wrapped is not None else loads_json(text)
+        except json.JSONDecodeError as e:
             raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        except ValueError as e:  # nested too deep to read safely
+            raise UsageError(f"{path}: not valid JSON ({e})") from None
         rows = [(f"{path} item {i + 1}", d) for i, d in enumerate(data)]
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path} line {n}", json.loads(line)))
+                rows.append((f"{path} line {n}", loads_json(line)))
             except ValueError:
                 raise UsageError(f"{path} line {n}: not JSON; give results written with -f jsonl") from None
     records: list[Record] = []
