@@ -357,3 +357,76 @@ def write_pairs(folder: Path, prompts: list[str], files: list[Path]) -> Path:
     csv = folder / "pairs.csv"
     csv.write_text("id,prompt,images\n" + "".join(f"{i},{p},{f}\n" for i, (p, f) in enumerate(zip(prompts, files))))
     return csv
+
+
+# -- a tampered export, a broken manifest, an empty OUT_DIR, the doctor on an export -------------------------------
+
+def tampered(export_dir: Path, tmp_path: Path, how: str) -> Path:
+    """A copy of the export with vision.onnx.data zero-filled or swapped for the text tower's bytes (cut or padded
+    to the same size), its manifest untouched."""
+    bad = Path(shutil.copytree(export_dir, tmp_path / f"tampered-{how}"))
+    data = bad / "vision.onnx.data"
+    size = data.stat().st_size
+    other = (bad / "text.onnx.data").read_bytes()
+    data.write_bytes(bytes(size) if how == "zeros" else (other * (size // len(other) + 1))[:size])
+    return bad
+
+
+@pytest.mark.parametrize("how", ["zeros", "swapped"])
+def test_a_tampered_export_is_refused_naming_the_file(export_dir: Path, jpegs: Path, tmp_path: Path,
+                                                      how: str) -> None:
+    bad = tampered(export_dir, tmp_path, how)
+    r = run(*score_args(bad, jpegs, "--workers", "0"), env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert f"{bad / 'vision.onnx.data'}: SHA-256 " in r.stderr and "changed since it was exported" in r.stderr
+    no_traceback(r.stderr)
+
+
+def test_the_export_hashes_are_read_once_per_file_version(export_dir: Path, tmp_path: Path) -> None:
+    from pickrank.models.hashing import HashStore
+    from pickrank.models.onnx_embedder import read_manifest, verify_files
+
+    folder = Path(shutil.copytree(export_dir, tmp_path / "copy"))
+    manifest = read_manifest(str(folder))
+    store = HashStore(tmp_path / "weight-hashes.json")
+    n = verify_files(str(folder), manifest, store)
+    assert n == len(manifest["files_sha256"]) and store.computed == n
+    again = HashStore(tmp_path / "weight-hashes.json")  # another run: the memo on disk
+    assert verify_files(str(folder), manifest, again) == n and again.computed == 0
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text() + " ")  # a new version
+    with pytest.raises(Exception, match="tokenizer.json: SHA-256"):
+        verify_files(str(folder), manifest, again)
+    assert again.computed == 1
+
+
+@pytest.mark.parametrize("scale", ["abc", -1, None])
+def test_a_manifest_with_a_bad_scale_is_a_load_error(export_dir: Path, jpegs: Path, tmp_path: Path, scale) -> None:
+    bad = Path(shutil.copytree(export_dir, tmp_path / "bad-scale"))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "scale": scale}))
+    r = run(*score_args(bad, jpegs, "--workers", "0"))
+    assert r.returncode == 1 and '"scale" must be a positive number' in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2
+    no_traceback(r.stderr)
+
+
+def test_export_to_an_empty_name_is_a_usage_error_before_the_model_loads(tmp_path: Path) -> None:
+    r = run("export", "onnx", "", "--model", str(tmp_path / "no-such-model"))
+    assert r.returncode == 2 and "OUT_DIR is empty" in r.stderr, r.stderr
+    no_traceback(r.stderr)
+
+
+def test_the_doctor_checks_an_export(export_dir: Path, tmp_path: Path) -> None:
+    from .test_doctor import doctor
+
+    proc, out = doctor("--model", str(export_dir))
+    checks = out["by_name"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "an ONNX export" in checks["model"]["detail"] and "unreadable" not in proc.stdout
+    assert "as the manifest's SHA-256 says" in checks["weights_complete"]["detail"]
+    assert checks["selftest_score"]["status"] == "ok", checks["selftest_score"]
+    bad = tampered(export_dir, tmp_path, "zeros")
+    proc, out = doctor("--model", str(bad))
+    assert proc.returncode == 1 and out["failed"] == ["weights_complete"], out["failed"]
+    assert "vision.onnx.data: SHA-256" in out["by_name"]["weights_complete"]["detail"]
+    assert not os.path.exists(tmp_path / "weight-hashes.json")
