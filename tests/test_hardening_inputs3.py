@@ -435,3 +435,31 @@ def test_finite_exact_path_scores_are_unchanged_by_the_checks(scorer, tmp_path):
     ranked = scorer.rank(PROMPT, [str(img)])[0]["score"]
     assert math.isfinite(direct) and direct == pytest.approx(ranked, abs=1e-4)
 
+
+
+# -- the server bounds the resize too: a thin strip is its request's 413 ----------------------------------------
+
+def test_the_server_answers_413_for_a_strip_whose_resize_is_too_large(model_dir, tmp_path):
+    import base64
+    import io
+
+    import httpx
+    from safetensors.numpy import save
+
+    from .test_server import running_server
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((1, 20_000, 3), 128, np.uint8)).save(buf, format="PNG", optimize=True)
+    encoded = {"prompts": [PROMPT], "images": [base64.b64encode(buf.getvalue()).decode()]}
+    array = save({"images.0": np.full((1, 1, 10_000, 3), 128, np.uint8)}, metadata={"prompt": PROMPT})
+    good = {"prompts": [PROMPT], "images": [base64.b64encode((draw_image(tmp_path / "g.png", (64, 48), seed=1))
+                                                             .read_bytes()).decode()]}
+    with running_server(model_dir, workers=0) as s:
+        s.wait_ready()
+        for res in (httpx.post(s.url + "/v1/score", json=encoded, timeout=60),
+                    httpx.post(s.url + "/v1/score", content=array, timeout=60,
+                               headers={"content-type": "application/x-safetensors"})):
+            assert res.status_code == 413, res.text
+            assert "images[0]: too large to resize safely" in res.json()["error"], res.text
+        ok = httpx.post(s.url + "/v1/score", json=good, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["scores"]) == 1, ok.text

@@ -26,6 +26,17 @@ log = logging.getLogger("pickrank")
 _DECODE_CHUNK = 4  # encoded images per round trip to a decode worker
 
 
+def array_pixels(key: str, image: np.ndarray, spec: ImageSpec, max_pixels: int | None) -> Decoded | ReadError:
+    """A pixel array preprocessed (`decode.image_pixels`, its resize bounded by max_pixels as an encoded image's
+    is), or why not as a ReadError (`TooLarge`: a 413), returned rather than raised."""
+    from pickrank.inputs.decode import image_pixels
+
+    try:
+        return Decoded(key, image_pixels(image, spec, max_pixels))
+    except ReadError as e:
+        return e
+
+
 class Decoders:
     """Decoding and preprocessing off the event loop: encoded images in the CLI's worker pool (`workers.decode_many`,
     the same limits), pixel arrays in threads (`decode.image_pixels`, Pillow releases the GIL while it resizes)."""
@@ -37,20 +48,17 @@ class Decoders:
     async def pixels(self, images: list[bytes | np.ndarray], spec: ImageSpec,
                      max_pixels: int | None) -> list[np.ndarray]:
         """Preprocessed uint8 (3, H, W) pixels per image, in order; a 422 (413 over max_pixels) naming the failed."""
-        from pickrank.inputs.decode import image_pixels
-
         loop = asyncio.get_running_loop()
         encoded = [(str(i), im) for i, im in enumerate(images) if isinstance(im, bytes)]
         chunks = [encoded[i:i + _DECODE_CHUNK] for i in range(0, len(encoded), _DECODE_CHUNK)]
         pool: Executor = self.pool or self.threads
         futures = [asyncio.wrap_future(pool.submit(decode_many, c, spec, max_pixels)) for c in chunks]
-        arrays = {i: loop.run_in_executor(self.threads, image_pixels, im, spec, None)
+        arrays = {i: loop.run_in_executor(self.threads, array_pixels, str(i), im, spec, max_pixels)
                   for i, im in enumerate(images) if not isinstance(im, bytes)}
         results: dict[int, Decoded | ReadError] = {}
         for chunk, out in zip(chunks, await asyncio.gather(*futures)):
             results.update((int(k), r) for (k, _), r in zip(chunk, out))
-        for i, px in zip(arrays, await asyncio.gather(*arrays.values())):
-            results[i] = Decoded(str(i), px)
+        results.update(zip(arrays, await asyncio.gather(*arrays.values())))
         failed = [(i, r) for i, r in sorted(results.items()) if isinstance(r, ReadError)]
         if failed:
             status = 413 if any(isinstance(r, TooLarge) for _, r in failed) else 422
