@@ -258,6 +258,17 @@ def test_compare_with_a_nan_model_fails_naming_it(runner, nan_model, tmp_path):
     assert res.exit_code == 1 and "NaN or infinity for every image" in res.output, res.output
 
 
+def test_eval_with_a_nan_model_fails_naming_it_and_writes_no_nan(runner, nan_model, tmp_path):
+    for i in range(2):
+        draw_image(tmp_path / f"{i}.png", (64, 48), seed=i)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "a red cat", "image_0": "0.png", "image_1": "1.png", "label": 0}) + "\n")
+    out = tmp_path / "pairs-out.jsonl"
+    res = runner.invoke(app, ["eval", str(data), "-o", str(out), "--model", str(nan_model), "--bootstrap", "0"])
+    assert res.exit_code == 1 and "NaN or infinity for every image" in res.output, res.output
+    assert not out.exists() or all(r.get("score_0") is None for r in records(out.read_text()))
+
+
 def test_a_nan_embedding_from_the_cache_is_that_images_error(model_dir, tmp_path):
     from pickrank.core.cache import EmbeddingCache
     from pickrank.inputs.files import content_key
@@ -302,6 +313,17 @@ def test_the_weight_hash_memo_is_never_written_beside_a_stranger(model_dir, tmp_
     assert sorted(os.listdir(own)) == ["thing"] and (not cache.is_dir() or not os.listdir(cache))
     assert (xdg / "pickrank" / "weight-hashes.json").is_file()  # pickrank's own folder keeps the memo
     assert json.loads((tmp_path / "meta.json").read_text())["weights"]
+
+
+def test_a_cache_on_a_device_gets_no_memo_beside_it(model_dir, tmp_path):
+    img = draw_image(tmp_path / "a.png", (64, 48), seed=3)
+    assert not os.path.exists("/dev/weight-hashes.json")
+    res = run_quick("score", "-p", PROMPT, str(img), "--model", str(model_dir), "--cache", "/dev/null",
+                    "--workers", "0", "--meta", str(tmp_path / "meta.json"),
+                    env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert not os.path.exists("/dev/weight-hashes.json"), "a file was written beside /dev/null"
+    assert res.returncode == 0 and (tmp_path / "xdg" / "pickrank" / "weight-hashes.json").is_file(), res.stderr
+    no_traceback(res.stderr.decode())
 
 
 # -- intervals that cannot be trusted are marked, a bootstrap that cannot fit is refused first --------------
