@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from pickrank.analysis.comparison.plan import Comparison
-from pickrank.analysis.comparison.render import print_table, to_json, write_csv, write_per_prompt
+from pickrank.analysis.comparison.render import caveats, print_table, to_json, write_csv, write_per_prompt
 from pickrank.analysis.comparison.stats import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_SEED,
@@ -198,11 +198,10 @@ def statistic_columns(plan: Comparison, settings: CompareSettings) -> int:
 
 def say_unreliable(result: CompareResult) -> None:
     """Warn (on the "pickrank" logger) when some intervals are unreliable: too few prompts or resamples."""
-    caveats = {c for c in [s.caveat for s in result.systems] + [p.caveat for p in result.pairs]
-               + [c.caveat for c in result.best_of_k] if c}
-    if caveats:
+    why = caveats(result)
+    if why:
         log.warning("unreliable intervals (marked *): %s; an interval needs at least %d prompts and %d resamples",
-                    " / ".join(sorted(caveats)), MIN_PROMPTS, MIN_BOOTSTRAP)
+                    " / ".join(why), MIN_PROMPTS, MIN_BOOTSTRAP)
 
 
 def say_left_out(result: CompareResult, verbose: bool) -> None:

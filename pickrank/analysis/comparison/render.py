@@ -23,11 +23,16 @@ def marked(low: float | None, high: float | None, caveat: str | None) -> str:
     return interval(low, high) + ("*" if caveat and low is not None else "")
 
 
+def caveats(result: CompareResult) -> list[str]:
+    """Why some intervals are unreliable (`stats.interval_caveat`), each reason once, sorted; [] when none is."""
+    return sorted({c for c in [s.caveat for s in result.systems] + [p.caveat for p in result.pairs]
+                   + [c.caveat for c in result.best_of_k] if c})
+
+
 def caveat_note(result: CompareResult) -> str | None:
     """The footnote of the intervals marked *, or None when none is."""
-    caveats = sorted({c for c in [s.caveat for s in result.systems] + [p.caveat for p in result.pairs]
-                      + [c.caveat for c in result.best_of_k] if c})
-    return f"* unreliable interval: {' / '.join(caveats)}" if caveats else None
+    why = caveats(result)
+    return f"* unreliable interval: {' / '.join(why)}" if why else None
 
 
 def print_table(result: CompareResult, stream: IO[str], *, is_terminal: bool = False) -> None:
