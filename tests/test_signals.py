@@ -136,6 +136,7 @@ def wait_for_output(folder: Path, proc: subprocess.Popen, extra: float = 0.0) ->
     pytest.fail("no ranking was written in time")
 
 
+@pytest.mark.cpu_load
 def test_sigterm_to_the_process_group_never_hangs_and_keeps_results(model_dir, noise_groups, reference, tmp_path):
     """Item 1: `timeout`-style SIGTERM to the whole group, at times from start-up to the end of the run, while the
     machine is busy: each run exits 143 (or 0, when it was over) within seconds, leaves valid JSON of finished records, and no process."""
@@ -176,6 +177,7 @@ def test_sigterm_to_the_process_group_never_hangs_and_keeps_results(model_dir, n
     assert sum(k > 0 for k in kept) >= RUNS // 4, kept  # stopped after rankings had finished, some kept
 
 
+@pytest.mark.timing
 def test_sighup_is_handled_like_sigterm(model_dir, noise_groups, reference, tmp_path):
     """Item 4: a closed terminal (SIGHUP to the group) keeps the results and exits 129."""
     out = tmp_path / "hup.json"
@@ -197,6 +199,7 @@ def test_sighup_is_handled_like_sigterm(model_dir, noise_groups, reference, tmp_
     assert assert_whole_records(out, reference) > 0
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
 def test_workers_end_soon_after_the_main_process_dies(model_dir, noise_groups, sig):
     """Item 4: after SIGKILL (the OOM killer) or SIGHUP of the main process alone, no fork server, decode worker or
@@ -233,6 +236,7 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+@pytest.mark.timing
 def test_table_into_a_closed_pipe_exits_0(model_dir, noise_groups):
     """Item 12: `-f table | head -1` ends quietly with exit 0, as every other format does."""
     cmd = " ".join(f"'{a}'" for a in run_args(model_dir, noise_groups, "-f", "table"))
