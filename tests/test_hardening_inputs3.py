@@ -31,9 +31,9 @@ from pickrank import PickScorer
 from pickrank.cli.app import app
 from pickrank.errors import ArgumentTypeError, InvalidArgument, InvalidText
 
-from .conftest import draw_image
-from .test_hardening import PROMPT, cli, no_traceback, pickrank_cmd, png_chunk
-from .test_inputs_hardening import GIB, run_cli
+from tests.inputs.test_inputs_hardening import GIB, run_cli
+from tests.support.commands import PROMPT, cli, no_traceback, pickrank_cmd, png_chunk
+from tests.support.images import draw_image
 
 
 def records(text: str) -> list[dict]:
@@ -468,7 +468,7 @@ def test_the_server_answers_413_for_a_strip_whose_resize_is_too_large(model_dir,
     import httpx
     from safetensors.numpy import save
 
-    from .test_server import running_server
+    from tests.support.server import running_server
 
     buf = io.BytesIO()
     Image.fromarray(np.full((1, 20_000, 3), 128, np.uint8)).save(buf, format="PNG", optimize=True)

@@ -264,7 +264,7 @@ class LocalBackend:
             self._batch_size = self.embedder.batch_size  # waits for the load
         return self._batch_size
 
-    def _loaded(self) -> bool:
+    def model_ready(self) -> bool:
         """Whether the model is ready; the first time it is, the decode window takes its running size."""
         if self.loading and self.embedder.ready:
             self.loading = False
@@ -298,7 +298,7 @@ class LocalBackend:
                 out.append(Finished(failures=[(key, str(result))]))
                 continue
             self.batcher.add(result)
-            if (self._loaded() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:
+            if (self.model_ready() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:
                 out.append(self._embed())
         while drain and self.batcher:
             out.append(self._embed())
@@ -621,6 +621,13 @@ class Engine:
         self.make_backend = backend or (lambda: LocalBackend(self.embedder, self.options, batch_size=batch_size))
         self.memo_size = memo_size
         self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
+
+    def remembered(self) -> tuple[int, int]:
+        """How many prompts and images `rank_stream` remembers across calls (each at most memo_size)."""
+        if self._stream is None:
+            return 0, 0
+        prompts, memo, _ = self._stream
+        return len(prompts.vectors), len(memo)
 
     def progress(self, n: int) -> None:
         if self.on_progress:

@@ -1,0 +1,52 @@
+"""`pickrank serve --engine ray` on a local Ray with one CPU replica (tiny real CLIP, nothing mocked)
+returns the local server's scores, through the same HTTP API, and stops on SIGTERM with exit 0."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from pickrank.api import PickScorer
+from pickrank.serve.client import RemoteScorer
+from tests.support.server import LIMITS, POSTS, RTOL, TOL, Server, drawn, running_server, scores_of
+
+pytest.importorskip("ray.serve")
+
+
+@pytest.fixture(scope="module")
+def ray_server(model_dir: Path) -> Iterator[Server]:
+    """One Ray Serve deployment for the module (Ray's start-up is the slow part)."""
+    with running_server(model_dir, "--engine", "ray", "--replicas", "1", "--token", "tok", *LIMITS) as s:
+        yield s
+
+
+def test_ray_deployment_scores_as_the_local_server(ray_server: Server, model_dir: Path, tmp_path: Path) -> None:
+    files = drawn(tmp_path, 5, seed=50)
+    prompts = ["a red cat", "a blue dog", "a red cat", "the sea", "a red cat"]
+    auth = {"authorization": "Bearer tok"}
+    assert httpx.post(ray_server.url + "/v1/score", json={"prompt": "a", "images": []}).status_code == 401
+    with running_server(model_dir, *LIMITS, workers=0) as local:
+        local.wait_ready()
+        expected = {name: scores_of(post(local.url, prompts, files)) for name, post in POSTS.items()}
+    for name, post in POSTS.items():
+        got = scores_of(post(ray_server.url, prompts, files, headers=auth))
+        assert np.allclose(got, expected[name], atol=TOL, rtol=RTOL), name
+    scorer = PickScorer.from_pretrained(str(model_dir))
+    batch = torch.rand(12, 3, 48, 40)  # more than --max-batch 8: two @serve.batch calls at least
+    with RemoteScorer(ray_server.url, token="tok", deadline=60) as r:
+        assert torch.allclose(r.score("x", batch), scorer.score("x", batch), atol=TOL, rtol=RTOL)
+        with pytest.raises(Exception, match="413"):
+            r.score("x", torch.rand(49, 3, 8, 8))
+    info = httpx.get(ray_server.url + "/v1/info", headers=auth, timeout=10).json()
+    assert info["limits"]["max_batch"] == 8 and info["model"]["device"] == "cpu"
+
+
+def test_ray_server_stops_on_sigterm(ray_server: Server) -> None:
+    ray_server.proc.send_signal(signal.SIGTERM)
+    assert ray_server.proc.wait(120) == 0, "".join(ray_server.stderr)
