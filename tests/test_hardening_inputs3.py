@@ -1,4 +1,4 @@
-"""Inputs, engine and library against the third round of hostile and careless use: thin strips that the resize
+"""Inputs, engine and library against hostile and careless use: thin strips that the resize
 would blow up, ComfyUI graphs that feed themselves, prompts that are not text, JSON nested without end, models that
 give NaN, tampered exports, a weight-hash memo that must not land beside a stranger's file, intervals that cannot be
 trusted, and library arguments of the wrong kind.
