@@ -30,10 +30,9 @@ from PIL import Image, PngImagePlugin
 from pickrank import PickScorer
 from pickrank.cli.app import app
 from pickrank.errors import ArgumentTypeError, InvalidArgument, InvalidText
-
-from tests.inputs.test_inputs_hardening import GIB, run_cli
 from tests.support.commands import PROMPT, cli, no_traceback, pickrank_cmd, png_chunk
 from tests.support.images import draw_image
+from tests.support.measured import GIB, run_cli
 
 
 def records(text: str) -> list[dict]:
