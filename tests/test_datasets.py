@@ -97,6 +97,16 @@ def test_truncated_inside_a_member(tmp_path):
     assert got[-1].error is not None or got[-1].image is not None  # the sample at the damage: cut short or whole
 
 
+def test_the_sample_a_truncation_cuts_is_not_scored_as_whole(tmp_path):
+    path = shard_of(tmp_path, n=2)
+    with tarfile.open(path) as tar:
+        caption = [m for m in tar.getmembers() if m.name == "k1.txt"][0]
+    path.write_bytes(path.read_bytes()[:caption.offset_data + 1])  # k1's image whole, its caption cut
+    got, damage = read_all(path)
+    assert [(s.key, s.error) for s in got][0] == ("k0", None)
+    assert got[1].key == "k1" and got[1].error.startswith("cut short by damage") and "at offset" in damage
+
+
 def test_truncated_between_members_without_end_blocks(tmp_path):
     path = shard_of(tmp_path, n=2)
     with tarfile.open(path) as tar:

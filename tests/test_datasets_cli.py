@@ -311,3 +311,24 @@ def test_sigterm_mid_run_keeps_finished_shards_and_the_rerun_resumes(model_dir, 
     assert f"{left} image(s)" in summary and embedded <= left  # the shard cut short comes from the cache
     assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.parquet" for i in range(16)]
     assert sum(len(read_records(p)) for p in out.iterdir()) == len(built.images)
+
+
+def test_cached_samples_queued_behind_a_miss_are_let_out_in_bounds(runner, model_dir, tmp_path, monkeypatch):
+    """Engine.rank_open's memos are bounded: with room for 8 prompts, 12 cached samples (each its own caption)
+    waiting behind one that must be embedded are drained before their prompts could be forgotten."""
+    from pickrank.core.engine import Engine
+
+    monkeypatch.setattr(Engine, "OPEN_MEMO", 8)
+    samples = [(f"s{i:02d}", image_bytes(300 + i), f"caption number {i}".encode()) for i in range(13)]
+    entries = lambda rows: [e for k, img, cap in rows for e in ((f"{k}.jpg", img), (f"{k}.txt", cap))]  # noqa: E731
+    warm = write_tar(tmp_path / "warm.tar", entries(samples[1:]))
+    res = run(runner, model_dir, "score", str(warm), "--prompt-from", "caption", "-f", "jsonl", cache=True)
+    assert res.exit_code == 0, res.output
+    first = {r["key"]: r["score"] for r in jsonl(res.stdout)}
+    cold = write_tar(tmp_path / "cold.tar", entries(samples))
+    res = run(runner, model_dir, "score", str(cold), "--prompt-from", "caption", "-f", "jsonl", "--batch-size", "1",
+              cache=True)
+    assert res.exit_code == 0, res.output
+    recs = jsonl(res.stdout)
+    assert [r["key"] for r in recs] == [k for k, _, _ in samples] and "12 from cache" in res.stderr
+    assert [r["score"] for r in recs[1:]] == pytest.approx([first[r["key"]] for r in recs[1:]], abs=1e-5)

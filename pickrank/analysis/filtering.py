@@ -82,7 +82,11 @@ def check_score_files(args: Sequence[str]) -> ScoreFiles:
     """The score files the arguments name (files, folders, globs, brace ranges), all from runs that scored the
     same way (else a usage error: their scores cannot be compared)."""
     pq = require_pyarrow("pickrank filter")
-    files = [s.path for s in find_shards(args)]
+    found = find_shards(args)
+    shard = next((s.path for s in found if s.kind != "parquet"), None)
+    if shard is not None:
+        raise UsageError(f"{shard}: a shard, not a dataset's scores: give what pickrank score SHARDS -o DIR/ wrote")
+    files = [s.path for s in found]
     first: dict | None = None
     shards: dict[str, tuple[int, int]] = {}
     for path in files:
