@@ -259,6 +259,38 @@ def test_bad_samples_under_one_prompt_are_error_records_of_its_ranking(runner, m
     assert "10-members.tar#text: not an image" in res.stderr
 
 
+def test_a_corrupt_header_and_a_row_group_that_fails_are_error_records(runner, model_dir, tmp_path):
+    """A tar header whose checksum is wrong mid-shard, a parquet row group whose page cannot be decoded: the samples
+    before (and, in parquet, after) the damage are scored, one record names the shard and where, exit 3."""
+    folder = tmp_path / "data"
+    built = build_shards(folder, n_shards=1, per_shard=3)
+    shard = built.shards[0]
+    with tarfile.open(shard) as tar:
+        second = [m for m in tar.getmembers() if m.name.startswith("000000001.")][0]
+    data = bytearray(shard.read_bytes())
+    data[second.offset + 148:second.offset + 156] = b"garbage!"  # its header's checksum field
+    shard.write_bytes(bytes(data))
+    path = write_parquet(folder / "rg.parquet", {"key": ["a", "b", "c", "d"], "jpg": [image_bytes(i) for i in range(4)],
+                                                 "caption": ["a cat"] * 4}, row_group_size=2)
+    at = pq.read_metadata(path).row_group(0).column(1).data_page_offset  # the jpg column's first page, row group 0
+    data = bytearray(path.read_bytes())
+    data[at:at + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    res = run(runner, model_dir, "score", str(shard), str(path), "--prompt-from", "caption", "-o", f"{out}/")
+    assert res.exit_code == 3, res.output
+    assert "Traceback" not in res.output
+    outs = out_records(out)
+    tar_recs, pq_recs = outs["00000"], outs["rg"]
+    assert [r["key"] for r in tar_recs if r["error"] is None] == ["000000000"]
+    (damage,) = [r for r in tar_recs if r["error"] is not None]
+    assert "corrupt header" in damage["error"] and f"offset {second.offset}" in damage["error"]
+    assert damage["shard"] == str(shard.resolve())
+    assert sorted(r["key"] for r in pq_recs if r["error"] is None) == ["c", "d"]  # the next row group is read
+    (failed,) = [r for r in pq_recs if r["error"] is not None]
+    assert "row group 0" in failed["error"] and failed["shard"] == str(path.resolve())
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt-from", "metadata"], "--prompt-from metadata reads images"),
     (["--top", "1", "-p", PROMPT], "--top keeps part"),
@@ -280,7 +312,8 @@ def test_caption_needs_datasets_and_a_missing_column_fails_before_the_model_load
 
 # -- stopped mid-run -----------------------------------------------------------------------------------------------
 
-def test_sigterm_mid_run_keeps_finished_shards_and_the_rerun_resumes(model_dir, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_run_keeps_finished_shards_and_the_rerun_resumes(sig, code, model_dir, tmp_path):
     built = build_shards(tmp_path / "shards", n_shards=16, per_shard=3)
     out, cache = tmp_path / "out", tmp_path / "cache.sqlite3"
     cmd = [sys.executable, "-m", "pickrank", "score", str(tmp_path / "shards/{00000..00015}.tar"), "-o", f"{out}/",
@@ -291,11 +324,11 @@ def test_sigterm_mid_run_keeps_finished_shards_and_the_rerun_resumes(model_dir, 
         while time.monotonic() < end and not (out.exists() and any(out.glob("*.parquet"))):
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 143, err.decode()
+    assert proc.returncode == code, err.decode()
     assert "Traceback" not in err.decode()
     done = sorted(p.name for p in out.iterdir())
     assert all(n.endswith(".parquet") and not n.startswith(".") for n in done)  # no temp file left behind
