@@ -69,9 +69,12 @@ def test_shards_with_a_prompt_score_as_the_same_files(runner, model_dir, dataset
 
 
 def test_captions_score_each_sample_and_rank_shared_captions_together(runner, model_dir, dataset, tmp_path):
-    res = run(runner, model_dir, "score", str(tmp_path / "shards"), "--prompt-from", "caption", "-f", "jsonl")
+    res = run(runner, model_dir, "score", str(tmp_path / "shards/{00000..00001}.tar"), "--prompt-from", "caption",
+              "-o", f"{tmp_path / 'scores'}/")
     assert res.exit_code == 0, res.output
-    recs = jsonl(res.stdout)
+    outs = out_records(tmp_path / "scores")
+    assert list(outs) == ["00000", "00001"]
+    recs = [r for shard in outs.values() for r in shard]
     assert len(recs) == 8
     expected = {}
     for i, caption in enumerate(CAPTIONS):
