@@ -35,6 +35,7 @@ class Format(str, Enum):
     jsonl = "jsonl"
     csv = "csv"
     paths = "paths"
+    parquet = "parquet"
 
 
 def subset(name: str, *members: str) -> Any:
@@ -59,9 +60,11 @@ class Alpha(str, Enum):
 
 
 class PromptFrom(str, Enum):
-    """Where `pickrank score` takes its prompt from without --prompt: each image's own metadata."""
+    """Where `pickrank score` takes its prompt from without --prompt: each image's own metadata, or each dataset
+    sample's own caption."""
 
     metadata = "metadata"
+    caption = "caption"
 
 
 class OnError(str, Enum):
@@ -242,6 +245,24 @@ class EngineOptions(_Bundle):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine", as_enum(EngineName, self.engine, "engine"))
+
+
+@dataclass(frozen=True)
+class DatasetOptions(_Bundle):
+    """Where a dataset sample's parts are: its webdataset members (by extension) or its parquet columns (by name).
+    None: found from the usual names."""
+
+    image_key: str | None = None  # None: the first of jpg, jpeg, png, webp a sample has
+    caption_key: str = "txt"
+    image_column: str | None = None  # None: jpg, image, png, ... or the one binary column
+    caption_column: str | None = None  # None: caption, text, txt, prompt
+    key_column: str | None = None  # None: key, __key__, id, uid; else the row number
+
+    def __post_init__(self) -> None:
+        for name in ("image_key", "caption_key"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, value.lower().lstrip("."))
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,17 @@ class ImageBytes:
     data: bytes
 
 
-# What a candidate set lists: image paths, or images in memory.
-Item = Union[str, ImageBytes]
+@dataclass(frozen=True)
+class Unreadable:
+    """A dataset sample found unusable while its shard was read (over --max-bytes, not an image, no caption, an
+    unsafe member): an error record under `name`, nothing to decode."""
+
+    name: str
+    error: str
+
+
+# What a candidate set lists: image paths, images in memory, or samples already known to be unusable.
+Item = Union[str, ImageBytes, Unreadable]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,10 @@ class Record:
     truncated: bool = False
     copied_to: str | None = None
     prompt_source: str | None = None  # the query's: option, prompt.txt, csv or a metadata format
+    # A dataset sample's: its key in its shard, its 128-bit uid when it has one, and the shard it came from.
+    key: str | None = None
+    uid: str | None = None
+    shard: str | None = None
 
     def to_dict(self, fields: tuple[str, ...]) -> dict:
         """The record as a dict with exactly `fields`, in that order."""

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from pickrank import __version__
-from pickrank.cli import cache, compare, doctor, evaluate, export, prompts, report, score, serve
+from pickrank.cli import cache, compare, doctor, evaluate, export, filter, prompts, report, score, serve
 from pickrank.errors import EXIT_USAGE, UsageError
 from pickrank.signals import STOP_SIGNALS, set_handlers
 
@@ -52,6 +52,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 app.command("score")(score.score)
 app.command("best-of-n")(score.best_of_n)
 app.command("batch")(score.batch)
+app.command("filter")(filter.filter_)
 app.command("prompts")(prompts.prompts)
 cache_app.command("info")(cache.cache_info)
 cache_app.command("clear")(cache.cache_clear)

@@ -5,56 +5,109 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from typing import Annotated, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Optional, Sequence
 
 from pickrank.cli.lifecycle import Command, progress, say_loaded
 from pickrank.cli.shared import SCORING, Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
-from pickrank.options import PromptFrom
+from pickrank.options import DatasetOptions, PromptFrom
 from pickrank.records import CandidateSet
+
+if TYPE_CHECKING:
+    from pickrank.core.datasets import DatasetJob
+
+# The --help panel of the options that say how dataset samples are read.
+DATASETS = "Datasets"
 
 
 def _score_command(kind: str, opts: Opts, make_sets: Callable[[], list[CandidateSet]], copy_to: str | None = None,
-                   inputs: Sequence[str] = ()) -> None:
+                   inputs: Sequence[str] = (), dataset: Callable[[], DatasetJob | None] = lambda: None) -> None:
     """A scoring command inside the lifecycle: its sets built (inputs checked before the model loads), then scored
-    into its outputs.
+    into its outputs; when `dataset` gives a job (the PATHs are shards), that dataset is scored instead.
 
     inputs: the paths named on the command line (files, folders, a prompts CSV), which no output may overwrite.
     """
+    from pickrank.core.datasets import score_dataset
     from pickrank.core.scoring import ScoringJob, score_job
 
     with Command(opts.command) as cmd:
-        job = ScoringJob(kind, make_sets(), tuple(inputs), copy_to)
+        data = dataset()
+        job = ScoringJob(kind, make_sets(), tuple(inputs), copy_to) if data is None else None
         with progress("img", opts.command.quiet) as bar:
-            scored = score_job(job, opts.scoring(), cmd.sinks, on_progress=bar, on_loaded=say_loaded)
+            if job is not None:
+                scored = score_job(job, opts.scoring(), cmd.sinks, on_progress=bar, on_loaded=say_loaded)
+            else:
+                scored = score_dataset(data, opts.scoring(), cmd.sinks, on_progress=bar,  # type: ignore[arg-type]
+                                       on_loaded=say_loaded)
         cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK
+
+
+def _dataset_job(paths: list[str], prompt: str | None, prompt_from: PromptFrom | None, dataset: DatasetOptions,
+                 overwrite: bool) -> DatasetJob | None:
+    """The dataset job when the PATHs are shards (None: images); --prompt-from says where prompts come from."""
+    from pickrank.core.datasets import DatasetJob
+    from pickrank.inputs.datasets.paths import uses_datasets
+
+    if not uses_datasets(paths):
+        if prompt_from is PromptFrom.caption:
+            raise UsageError("--prompt-from caption reads dataset shards (.tar, .parquet); images have metadata")
+        return None
+    if prompt_from is PromptFrom.metadata:
+        raise UsageError("--prompt-from metadata reads images; a dataset's samples have captions: --prompt-from "
+                         "caption")
+    return DatasetJob(tuple(paths), prompt, dataset, overwrite)
 
 
 @with_options(*SCORING)
 def score(
-    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
+    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin; or "
+                                         "dataset shards: .tar (webdataset), .parquet, a folder of them, a quoted "
+                                         "glob or brace range ('shards/{00000..00099}.tar').")],
     prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="The prompt the images were generated for "
-                                         "[default: each image's own metadata prompt].")] = None,
+                                         "[default: each image's own metadata prompt; a dataset sample's "
+                                         "caption].")] = None,
     prompt_from: Annotated[Optional[PromptFrom], Opt(
         "--prompt-from", help="metadata: score each image against the prompt in its own metadata (what leaving "
-                              "out --prompt does); images with the same prompt form one ranking.")] = None,
+                              "out --prompt does); caption: each dataset sample against its own caption. Images "
+                              "(samples of a shard) with the same prompt form one ranking.")] = None,
     top: Annotated[Optional[int], Opt(min=1, help="Show only the best K.")] = None,
+    image_key: Annotated[Optional[str], Opt(help="Webdataset: the image member's extension [default: the first "
+                                            "of jpg, jpeg, png, webp].", rich_help_panel=DATASETS)] = None,
+    caption_key: Annotated[str, Opt(help="Webdataset: the caption member's extension.",
+                                    rich_help_panel=DATASETS)] = "txt",
+    image_column: Annotated[Optional[str], Opt(help="Parquet: the column of image bytes (binary, or a struct with "
+                                               "bytes) [default: jpg, image, ... or the one binary column].",
+                                               rich_help_panel=DATASETS)] = None,
+    caption_column: Annotated[Optional[str], Opt(help="Parquet: the caption column [default: caption, txt, text "
+                                                 "or prompt].", rich_help_panel=DATASETS)] = None,
+    key_column: Annotated[Optional[str], Opt(help="Parquet: the key column [default: key, __key__, id, image_id "
+                                             "or uid; else the row number].", rich_help_panel=DATASETS)] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="-o DIR/: score again the shards whose output was made "
+                                   "another way (model, prompt, scale, columns, or the shard changed) instead of "
+                                   "refusing.", rich_help_panel=DATASETS)] = False,
     *, opts: Opts,
 ) -> None:
-    """Score images against one prompt, or each against its own metadata prompt, and rank them.
+    """Score images against one prompt, or each against its own metadata prompt, and rank them; or score a
+    dataset's samples (webdataset shards, parquet), with `-o DIR/` one parquet per shard, resumable.
 
     Example: pickrank score --prompt "a red cat on a sofa" sample_images/
+
+    Example: pickrank score 'shards/{00000..00019}.tar' --prompt-from caption -o scores/
     """
     from pickrank.inputs.sets import sets_for_score
 
     run = replace(opts.run, top=top)
+    dataset = DatasetOptions(image_key, caption_key, image_column, caption_column, key_column)
 
     def sets() -> list[CandidateSet]:
-        if prompt is not None and prompt_from is PromptFrom.metadata:
-            raise UsageError("give --prompt or --prompt-from metadata, not both")
         return sets_for_score(prompt, paths, sys.stdin, run.max_pixels, run.max_bytes)
 
-    _score_command("score", replace(opts, run=run), sets, inputs=paths)
+    def data() -> DatasetJob | None:
+        if prompt is not None and prompt_from is not None:
+            raise UsageError(f"give --prompt or --prompt-from {prompt_from.value}, not both")
+        return _dataset_job(paths, prompt, prompt_from, dataset, overwrite)
+
+    _score_command("score", replace(opts, run=run), sets, inputs=paths, dataset=data)
 
 
 @with_options(*SCORING)

@@ -77,11 +77,11 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
         min=0, help="Decode worker processes; 0 decodes in the main process [default: CPU count, at most 8].")],
         None),
     "format": (OutputOptions, Annotated[Optional[Format], Opt(
-        "--format", "-f", help="Output format [default: from -o's extension (.jsonl, .json, .csv; .txt: paths), "
-                               "else table on a terminal, else jsonl].")], None),
+        "--format", "-f", help="Output format [default: from -o's extension (.jsonl, .json, .csv, .parquet; .txt: "
+                               "paths), else table on a terminal, else jsonl].")], None),
     "output": (OutputOptions, Annotated[Optional[str], Opt(
         "--output", "-o", help="Write results to FILE (atomically; a device, FIFO or /dev/stdout is written "
-                               "straight through).")], None),
+                               "straight through); for dataset shards, DIR/ writes one parquet per shard.")], None),
     "quiet": (CommandOptions, Annotated[bool, Opt("--quiet", "-q", help="No progress bar or info messages.")],
               False),
     "cache": (CacheOptions, Annotated[Optional[str], Opt(

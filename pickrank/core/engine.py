@@ -33,7 +33,7 @@ from pickrank.inputs.files import ReadError, content_key, read_bytes
 from pickrank.inputs.textfile import check_text
 from pickrank.inputs.workers import close_pool, decode_job, decode_many, worker_pool
 from pickrank.options import RunOptions
-from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
+from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary, Unreadable
 from pickrank.signals import signals_deferred
 
 if TYPE_CHECKING:
@@ -90,7 +90,9 @@ class _LRU(collections.OrderedDict):
 
 def read_item(item: Item, max_bytes: int | None) -> tuple[Entry, bytes | None]:
     """The read stage: a path's bytes (`read_bytes`, within max_bytes) or in-memory bytes as they are, and their
-    content key; a path that cannot be read is an Entry with the reason (and no bytes)."""
+    content key; a path that cannot be read is an Entry with the reason (and no bytes), as is an Unreadable."""
+    if isinstance(item, Unreadable):
+        return Entry(item.name, None, item.error), None
     if isinstance(item, ImageBytes):
         return Entry(item.name, content_key(item.data)), item.data
     try:
@@ -607,6 +609,8 @@ class Engine:
 
     # Distinct images and prompts that `rank_stream` remembers across chunks (and calls).
     STREAM_MEMO = 65536
+    # What `rank_open` remembers: far more than the sets in flight, far less than a dataset's samples.
+    OPEN_MEMO = 4096
 
     def __init__(self, embedder: ImageTextEmbedder, cache: NullCache | None = None,
                  options: RunOptions | None = None, on_progress: Callable[[int], None] | None = None,
@@ -681,6 +685,22 @@ class Engine:
             model = self.embedder.describe().get("model", "the model")
             raise NonFiniteScores(f"{model}: the model gave NaN or infinity for every image ({s.nonfinite}): its "
                                   "weights are broken, or its precision overflows (try --dtype fp32)")
+
+    def rank_open(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """`rank` for an open-ended stream of sets whose prompts are not known up front (a dataset's shards and
+        captions): each set is taken only when the one before it has been read, its prompts join a bounded memo
+        as it is admitted (encoded together when a ranking needs them), and nothing waits between sets."""
+        run = _Pass(self, _PromptStream(self.embedder, self.summary, self.OPEN_MEMO, self.warn),
+                    _LRU(self.OPEN_MEMO), _LRU(self.OPEN_MEMO))
+        try:
+            for cset in sets:
+                run.prompts.add([cset])  # type: ignore[union-attr]
+                yield from run.admit(cset)
+                if len(run.states) > self.OPEN_MEMO // 4:  # cache hits queued behind a miss: let them out first
+                    yield from run.drain(final=False)
+            yield from run.drain(final=True)
+        finally:
+            run.close()
 
     def unit(self, raw: float) -> float:
         """A raw score in the run's unit (`RunOptions.scale`)."""

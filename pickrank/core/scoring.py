@@ -50,6 +50,9 @@ class RankingEngine(Protocol):
     def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Each set's Ranking, in order, as soon as it completes."""
 
+    def rank_open(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """`rank` for an open-ended stream of sets whose prompts are not known up front (a dataset)."""
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -73,10 +76,11 @@ def make_engine(embedder: ImageTextEmbedder, run: RunOptions, *, cache: NullCach
     return Engine(embedder, cache, run, on_progress=on_progress, batch_size=batch_size)
 
 
-def rankings(engine: RankingEngine, sets: Iterable[CandidateSet], copy_to: str | None = None) -> Iterator[Ranking]:
-    """The engine's rankings; with copy_to, each scored image copied there (a failed copy is that record's error,
-    counted in the ranking's `failed`)."""
-    for ranking in engine.rank(sets):
+def rankings(engine: RankingEngine, sets: Iterable[CandidateSet], copy_to: str | None = None,
+             stream: bool = False) -> Iterator[Ranking]:
+    """The engine's rankings (stream: of an open-ended stream of sets, `rank_open`); with copy_to, each scored image
+    copied there (a failed copy is that record's error, counted in the ranking's `failed`)."""
+    for ranking in (engine.rank_open(sets) if stream else engine.rank(sets)):
         if copy_to:
             records, not_copied = copy_winners(ranking.records, copy_to)
             ranking = replace(ranking, records=records, failed=ranking.failed + not_copied)
@@ -85,9 +89,10 @@ def rankings(engine: RankingEngine, sets: Iterable[CandidateSet], copy_to: str |
 
 def score_into(sinks: Sequence[Sink], sets: Iterable[CandidateSet], options: ScoringOptions, *,
                copy_to: str | None = None, on_progress: Callable[[int], None] | None = None,
-               on_loaded: Callable[[ImageTextEmbedder], None] | None = None) -> Scored:
+               on_loaded: Callable[[ImageTextEmbedder], None] | None = None, stream: bool = False) -> Scored:
     """Load the model, score the sets through the cache, hand each ranking to every sink (the provenance first, to
-    those that want it); what was done (also said on the "pickrank" logger)."""
+    those that want it); what was done (also said on the "pickrank" logger). stream: the sets are an open-ended
+    stream (a dataset's), taken one at a time (`Engine.rank_open`)."""
     if options.engine.engine is EngineName.ray:
         from pickrank.ray.cluster import require_ray
 
@@ -99,7 +104,7 @@ def score_into(sinks: Sequence[Sink], sets: Iterable[CandidateSet], options: Sco
                          batch_size=options.model.batch_size, on_progress=on_progress)
     failed = 0
     try:
-        for ranking in rankings(engine, sets, copy_to):
+        for ranking in rankings(engine, sets, copy_to, stream):
             meta.give()  # once, before the first records: -f json --with-meta writes the provenance first
             failed += ranking.failed
             for sink in sinks:
@@ -131,9 +136,13 @@ def open_outputs(kind: str, out: OutputOptions, inputs: Sequence[str], copy_to: 
                  sinks: list[Sink]) -> dict[tuple[int, int], str]:
     """Check the outputs (before the model loads) and open them into `sinks` one by one (so that the caller can
     close or discard each whatever happens); returns the output files that `guard_inputs` watches for."""
-    fmt = choose_format(out)
     files = check_outputs([("-o", out.output), ("--html", out.html), ("--meta", out.meta)], inputs)
-    target = Output(out.output)
+    fmt = choose_format(out)
+    if fmt == "parquet":
+        from pickrank.output.parquet import check_parquet_output
+
+        check_parquet_output(out.output)
+    target = Output(out.output, binary=fmt == "parquet")
     sinks.append(make_writer(fmt or ("table" if target.is_terminal else "jsonl"), target,
                              record_fields(kind, copy=copy_to is not None), null=out.null, with_meta=out.with_meta))
     if out.meta:

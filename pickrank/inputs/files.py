@@ -81,6 +81,17 @@ def _not_regular(mode: int) -> str | None:
     return f"not a regular file ({kind})"
 
 
+def open_regular(path: str) -> io.FileIO:
+    """A regular file at path, open for reading (unbuffered); ReadError with a short reason for anything else (a
+    FIFO, a device, a folder, a missing file), checked before a byte is read."""
+    fd, _ = _open_regular(path)
+    try:
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def check_size(size: int, max_bytes: int | None) -> None:
     """TooLarge when a file of `size` bytes is over max_bytes (None: no limit)."""
     if max_bytes is not None and size > max_bytes:

@@ -145,6 +145,19 @@ def load_export_in_background(source: ModelSource, options: ModelOptions,
     return LoadingEmbedder(info, in_thread(load, "pickrank-load"))
 
 
+def model_info(options: ModelOptions) -> ModelInfo:
+    """What the model's JSON files say (its cache fingerprint among it), checked as `load_embedder` checks them,
+    without loading a weight: enough to tell whether earlier outputs were made with the same model."""
+    from pickrank.models.onnx_embedder import inspect_export, wants_onnx
+
+    source = resolve_source(options.model, options.processor, options.revision, options.offline)
+    backend = options.backend.value if options.backend is not None else None
+    choices = (options.dtype.value, options.alpha.value, options.decode.value)
+    if wants_onnx(backend, source, options.processor is not None):
+        return inspect_export(source, *choices)
+    return inspect_model(source, *choices)
+
+
 def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here) and load it in a thread; the CLI and
     `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`). An ONNX export folder

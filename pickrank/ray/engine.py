@@ -472,9 +472,17 @@ class RayEngine:
 
     def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Engine.rank with the misses decoded and embedded on Ray; Ray's errors become one-line PickrankErrors."""
+        return self._on_ray(self.engine.rank(sets))
+
+    def rank_open(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """Engine.rank_open (a dataset's stream of sets) with the misses decoded and embedded on Ray."""
+        return self._on_ray(self.engine.rank_open(sets))
+
+    def _on_ray(self, ranked: Iterator[Ranking]) -> Iterator[Ranking]:
+        """The engine's rankings; Ray's errors become one-line PickrankErrors, and a Ray this run started stops."""
         self._started = False
         try:
-            yield from self.engine.rank(sets)
+            yield from ranked
         except PickrankError:
             raise
         except Exception as e:

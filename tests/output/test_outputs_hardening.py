@@ -158,19 +158,20 @@ def test_fifo_without_a_reader_is_a_clear_error_not_a_hang(how, runner, model_di
 @pytest.mark.parametrize("dangling", [False, True], ids=["existing", "dangling"])
 def test_symlink_is_followed_and_kept(how, dangling, runner, model_dir, images, tmp_path):
     (tmp_path / "elsewhere").mkdir()
-    real = tmp_path / "elsewhere" / "results.out"
+    ext = ".jsonl" if how == "-o" else ".out"  # -o names its format by its extension
+    real = tmp_path / "elsewhere" / f"results{ext}"
     if not dangling:
         real.write_text("old results\n")
         real.chmod(0o640)
-    link = tmp_path / "latest.out"
-    link.symlink_to(os.path.join("elsewhere", "results.out"))  # relative, into another folder
+    link = tmp_path / f"latest{ext}"
+    link.symlink_to(os.path.join("elsewhere", real.name))  # relative, into another folder
     res = write_to(how, link, runner, model_dir, images, tmp_path)
     assert res.exit_code == 0, res.output
-    assert link.is_symlink() and os.readlink(link) == os.path.join("elsewhere", "results.out")
+    assert link.is_symlink() and os.readlink(link) == os.path.join("elsewhere", real.name)
     check_content(how, real.read_text(), images)
     if not dangling:
         assert stat.S_IMODE(real.stat().st_mode) == 0o640
-    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["results.out"]  # no temp file left
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == [real.name]  # no temp file left
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -191,7 +192,7 @@ def test_read_only_file_is_refused_before_the_model_loads(how, runner, model_dir
 
 @pytest.mark.parametrize("how", HOWS)
 def test_replaced_file_keeps_its_permission_bits(how, runner, model_dir, images, tmp_path):
-    target = tmp_path / "private.out"
+    target = tmp_path / ("private.jsonl" if how == "-o" else "private.out")
     target.write_text("old\n")
     target.chmod(0o600)
     res = write_to(how, target, runner, model_dir, images, tmp_path)
@@ -249,7 +250,7 @@ def test_output_that_is_an_input_found_later_stops_the_run_and_writes_nothing(ho
     link.symlink_to(img)
     other = tmp_path / "other.json"
     res = cli(runner, model_dir, "score", "-p", PROMPT, "-", how, str(link),
-              *(["-o", str(other)] if how == "--html" else ["--html", str(tmp_path / "page.html")]),
+              *(["-o", str(other)] if how == "--html" else ["--html", str(tmp_path / "page.html"), "-f", "jsonl"]),
               input="".join(p + "\n" for p in image_paths(images)))
     assert res.exit_code == 2, res.output
     assert f"pickrank: error: {how} {link}: is also an input ({img}); it would be overwritten" in res.stderr
@@ -353,7 +354,7 @@ def parse_as(fmt: str, text: str) -> list[str]:
 
 @pytest.mark.parametrize("name,extra,fmt", [
     ("scores.csv", [], "csv"), ("x.json", [], "json"), ("x.JSONL", [], "jsonl"), ("x.ndjson", [], "jsonl"),
-    ("keep.txt", [], "paths"), ("x.out", [], "jsonl"), ("x", [], "jsonl"),
+    ("keep.txt", [], "paths"), ("x.out", ["-f", "jsonl"], "jsonl"), ("x", [], "jsonl"),
     ("scores.csv", ["-f", "jsonl"], "jsonl"), ("x.json", ["-f", "csv"], "csv"),  # -f always wins
 ])
 def test_format_comes_from_the_output_extension(name, extra, fmt, runner, model_dir, images, tmp_path):

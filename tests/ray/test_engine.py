@@ -164,3 +164,18 @@ def test_actor_plan(resources, actors, expect):
     assert (plan.actors, plan.num_gpus, plan.device, plan.batch_size) == expect
     cpus_left = resources["CPU"] - plan.actors * plan.actor_cpus
     assert cpus_left >= 1  # room for at least one decode task, or the pipeline would stall
+
+
+def test_dataset_shards_match_local(ray_cluster, runner, model_dir, tmp_path):
+    """Webdataset shards, each sample against its caption, with a damaged shard among them: Ray's records are the
+    local engine's, shard by shard."""
+    from tests.support.shards import build_shards
+
+    build_shards(tmp_path / "shards", n_shards=2, per_shard=3)
+    (tmp_path / "shards" / "00002.tar").write_bytes(b"not a tar")
+    local, ray = run_both(runner, model_dir, "score", str(tmp_path / "shards"), "--prompt-from", "caption")
+    assert local.exit_code == 3, local.output
+    assert ray.exit_code == 3, ray.output
+    recs = jsonl(ray.stdout)
+    assert_same_records(jsonl(local.stdout), recs)
+    assert len(recs) == 7 and "not a readable tar" in recs[-1]["error"]
