@@ -28,6 +28,11 @@ class NoImages(UsageError):
     """The arguments name no image at all (exit 2)."""
 
 
+class InvalidText(UsageError, ValueError):
+    """A prompt that is not valid text: a lone surrogate (bytes that were not UTF-8) or a NUL (exit 2; a
+    ValueError to the library's callers, a 400 from the server)."""
+
+
 class ModelLoadError(PickrankError):
     """The model or processor cannot be loaded (missing, not CLIP, unsafe format, offline)."""
 
