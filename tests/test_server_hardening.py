@@ -4,7 +4,6 @@ connections and bodies in memory are bounded, SIGTERM ends in time with exit 0, 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -28,10 +27,11 @@ from pickrank.api import PickScorer
 from .test_hardening import no_traceback, pickrank_cmd
 from .test_server import (POSTS, RTOL, TOL, Server, as_json, drawn, group_gone, post_json, running_server,
                           scores_of)
+from .test_server import scorer  # noqa: F401 - the in-process PickScorer fixture, one per module
 
 READ_TIMEOUT_S = 2  # what --read-timeout-s gives a client here: the held bodies below end with it
 GUARDED = ("--max-batch", "8", "--max-wait-ms", "40", "--max-images", "12", "--max-queue", "10", "--max-body-mb", "1",
-           "--max-inflight-mb", "2", "--max-pixels", "100000", "--read-timeout-s", str(READ_TIMEOUT_S),
+           "--max-inflight-mb", "4", "--max-pixels", "100000", "--read-timeout-s", str(READ_TIMEOUT_S),
            "--max-connections", "16", "--grace-s", "5")
 ST = {"content-type": "application/x-safetensors"}
 JSON = {"content-type": "application/json"}
@@ -43,11 +43,6 @@ def server(model_dir: Path) -> Iterator[Server]:
     with running_server(model_dir, *GUARDED) as s:
         s.wait_ready()
         yield s
-
-
-@pytest.fixture(scope="module")
-def scorer(model_dir: Path) -> PickScorer:
-    return PickScorer.from_pretrained(str(model_dir))
 
 
 # -- raw HTTP ---------------------------------------------------------------------------------------------------
@@ -296,8 +291,9 @@ def test_connections_are_bounded(server: Server, tmp_path: Path) -> None:
 
 
 def test_bodies_held_at_once_are_bounded(server: Server, tmp_path: Path) -> None:
-    """--max-inflight-mb 2: two bodies of 900 KB arriving hold 1.8 MB; a third gets a 503 naming the limit before
-    it is read; once they have ended, requests are served again."""
+    """--max-inflight-mb 4: two bodies of 900 KB arriving hold 3.6 MB (each counted twice: it is parsed into a
+    copy); a third gets a 503 naming the limit before it is read; once they have ended, requests are served
+    again."""
     held = [held_body(server, 900_000) for _ in range(2)]
     try:
         time.sleep(0.5)  # both are reading their bodies now

@@ -29,8 +29,8 @@ def serve(
     replicas: Annotated[Optional[int], Opt(min=1, help="Model replicas on Ray (engine ray) [default: 1 per GPU, "
                                            "else 1].")] = None,
     *,
-    max_inflight_mb: Annotated[float, Opt(min=0.001, help="Request bodies held at once, all requests together, in "
-                                          "MiB (503 with Retry-After beyond).")] = 1024.0,
+    max_inflight_mb: Annotated[float, Opt(min=0.001, help="Memory the request bodies may take at once, in MiB, each "
+                                          "counted twice while parsed (503 with Retry-After beyond).")] = 1024.0,
     read_timeout_s: Annotated[float, Opt(min=0.001, help="Seconds a client has to send a request's headers, and "
                                          "again its body (408 beyond).")] = 60.0,
     max_connections: Annotated[int, Opt(min=1, help="Open connections (the next gets 503 and is closed).")] = 512,

@@ -35,7 +35,7 @@ class ServeLimits:
     max_images: int = 1024  # images in one request; beyond: 413
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # pixels of one image; beyond: 413
     workers: int = 0  # decode processes (0: decode in threads of this process)
-    max_inflight_mb: float = 1024.0  # request bodies held at once, all requests together; beyond: 503
+    max_inflight_mb: float = 1024.0  # memory request bodies take at once (BODY_COPIES each); beyond: 503
     read_timeout_s: float = 60.0  # to send a request's headers, and again its body; beyond: 408
     max_connections: int = 512  # open connections; beyond: 503 and closed
     grace_s: float = 30.0  # after a stop signal, for requests in flight; then 503
@@ -58,6 +58,20 @@ class ApiError(Exception):
 def unavailable(message: str) -> ApiError:
     """A 503 that tells the client when to try again."""
     return ApiError(503, message, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+class Body:
+    """A request body, handed from reading to parsing once: the parser that takes it holds its only reference and
+    drops it as soon as it has the parsed form, so that a body and its copies are never all alive at once."""
+
+    def __init__(self, data: bytearray) -> None:
+        self._data: bytearray | None = data
+
+    def take(self) -> bytearray:
+        data, self._data = self._data, None
+        if data is None:
+            raise RuntimeError("the request body was taken already")
+        return data
 
 
 @dataclass
@@ -127,10 +141,11 @@ def _b64(value: object, i: int) -> bytes:
         raise ApiError(400, f"images[{i}]: not valid base64") from None
 
 
-def parse_json(body: bytes, limits: ServeLimits) -> ScoreRequest:
-    """{"prompt": str | "prompts": [str], "images": [base64], "scale": str?}."""
+def parse_json(body: Body, limits: ServeLimits) -> ScoreRequest:
+    """{"prompt": str | "prompts": [str], "images": [base64], "scale": str?}; the images decoded in place, each
+    string dropped once decoded."""
     try:
-        doc = loads_json(body)
+        doc = loads_json(body.take())
     except ValueError as e:  # malformed, not UTF-8, or nested too deep
         raise ApiError(400, f"body: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -144,13 +159,15 @@ def parse_json(body: bytes, limits: ServeLimits) -> ScoreRequest:
     _check_count(len(images), limits)
     scale = parse_scale(doc.get("scale"))
     prompts = pair_prompts(doc.get("prompt"), doc.get("prompts"), len(images), "body")
-    return ScoreRequest(prompts, [_b64(v, i) for i, v in enumerate(images)], scale)
+    for i, value in enumerate(images):
+        images[i] = _b64(value, i)
+    return ScoreRequest(prompts, images, scale)
 
 
 _PARSE_CHUNK = 1 << 20  # bytes of a form parsed between two turns of the event loop
 
 
-def _check_form_complete(content_type: str, body: bytes) -> None:
+def _check_form_complete(content_type: str, body: bytes | bytearray) -> None:
     """A form must end with its closing boundary: a truncated one would lose its last parts without a word."""
     found = re.search(r'boundary="?([^";,\s]+)', content_type, re.IGNORECASE)
     if found is None:
@@ -159,21 +176,23 @@ def _check_form_complete(content_type: str, body: bytes) -> None:
         raise ApiError(400, "body: the multipart form is truncated (it does not end with its closing boundary)")
 
 
-async def parse_multipart(headers: Any, body: bytes, limits: ServeLimits) -> ScoreRequest:
+async def parse_multipart(headers: Any, body: Body, limits: ServeLimits) -> ScoreRequest:
     """A form with `prompt` (once, or once per image), `image` file fields and an optional `scale`; parsed a chunk
     at a time, the event loop serving others in between."""
     from starlette.formparsers import MultiPartException, MultiPartParser
 
-    _check_form_complete(headers.get("content-type", ""), body)
+    data = body.take()
+    _check_form_complete(headers.get("content-type", ""), data)
 
     async def stream() -> AsyncIterator[bytes]:
-        for start in range(0, len(body), _PARSE_CHUNK):
-            yield body[start:start + _PARSE_CHUNK]
+        for start in range(0, len(data), _PARSE_CHUNK):
+            yield bytes(data[start:start + _PARSE_CHUNK])
             await asyncio.sleep(0)
 
     try:
         form = await MultiPartParser(headers, stream(), max_files=limits.max_images,
                                      max_fields=limits.max_images + 16).parse()
+        del data  # the parts hold what is needed now
     except MultiPartException as e:
         if e.message.startswith(("Too many files", "Too many fields")):
             raise ApiError(413, f"form: more than {limits.max_images} images in one request "
@@ -197,7 +216,7 @@ async def parse_multipart(headers: Any, body: bytes, limits: ServeLimits) -> Sco
                         parse_scale(form.get("scale")))
 
 
-def _safetensors_metadata(body: bytes) -> dict[str, str]:
+def _safetensors_metadata(body: bytes | bytearray) -> dict[str, str]:
     """The __metadata__ of a safetensors body (its JSON header is read here; the tensors by safetensors)."""
     if len(body) < 8:
         raise ApiError(400, "body: not a safetensors file (shorter than its header)")
@@ -241,16 +260,19 @@ def _check_array(key: str, arr: np.ndarray, limits: ServeLimits, first: int) -> 
                             "(--max-pixels)")
 
 
-def parse_safetensors(body: bytes, limits: ServeLimits) -> ScoreRequest:
+def parse_safetensors(body: Body, limits: ServeLimits) -> ScoreRequest:
     """uint8 images in a safetensors body; the prompts and the scale in its metadata (never pickle)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    meta = _safetensors_metadata(body)
+    data = body.take()
+    meta = _safetensors_metadata(data)
+    data = bytes(data)  # what safetensors reads; the bytearray is dropped
     try:
-        tensors = load(body)
+        tensors = load(data)
     except (SafetensorError, ValueError, TypeError) as e:
         raise ApiError(400, f"body: not a valid safetensors file: {e}") from None
+    del data
     keys = _image_keys(tensors)
     images: list[bytes | np.ndarray] = []
     for key in keys:
@@ -267,63 +289,72 @@ def parse_safetensors(body: bytes, limits: ServeLimits) -> ScoreRequest:
     return ScoreRequest(prompts, images, parse_scale(meta.get("scale"), "metadata 'scale'"))
 
 
+BODY_COPIES = 2  # a body and what it is parsed into are alive at once: what a body reserves, in its sizes
+
+
 class Bodies:
-    """The request bodies being read or held: each read within `read_timeout_s` (408), at most `max_inflight_mb` of
-    them held at once (503, Retry-After), and none waited for once the server stops (503)."""
+    """The request bodies being read or held: each read within `read_timeout_s` (408), the memory they take at once
+    within `max_inflight_mb` (each reserving BODY_COPIES times its size; beyond: 503, Retry-After), and none waited
+    for once the server stops (503)."""
 
     def __init__(self, limits: ServeLimits) -> None:
         self.limits = limits
         self.held = 0  # bytes reserved by the requests in flight (the event loop's alone: no lock)
         self.stopping = asyncio.Event()
 
-    def _reserve(self, n: int) -> None:
-        if self.held + n > self.limits.max_inflight_bytes:
-            raise unavailable(f"the server holds {self.held:,} bytes of request bodies; with this one's "
-                              f"{n:,} more, over {self.limits.max_inflight_bytes:,} (--max-inflight-mb)")
-        self.held += n
+    def _reserve(self, size: int, reserved: list[int]) -> None:
+        """Reserve memory for a body of `size` bytes (`reserved[0]`: what it holds already); 503 past the limit."""
+        more = BODY_COPIES * size - reserved[0]
+        if more <= 0:
+            return
+        if self.held + more > self.limits.max_inflight_bytes:
+            raise unavailable(f"the request bodies in flight hold {self.held:,} bytes; this one's {size:,} "
+                              f"(x{BODY_COPIES} while parsed) would pass {self.limits.max_inflight_bytes:,} "
+                              "(--max-inflight-mb)")
+        self.held += more
+        reserved[0] += more
 
-    async def _read(self, request: Request, reserved: list[int]) -> bytes:
-        """The body, refused with 413 past max_body (by its Content-Length before reading); bytes reserved as
-        declared, then as they come."""
+    async def _read(self, request: Request, reserved: list[int]) -> bytearray:
+        """The body, refused with 413 past max_body (by its Content-Length before reading); memory reserved as
+        declared, then as it comes."""
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit():
             if int(declared) > limit:
                 raise ApiError(413, f"body: {int(declared):,} bytes, limit {limit:,} (--max-body-mb)")
-            self._reserve(int(declared))
-            reserved[0] = int(declared)
-        parts, size = [], 0
+            self._reserve(int(declared), reserved)
+        data = bytearray()  # grown a chunk at a time: no copy of the whole on the event loop
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if len(data) + len(chunk) > limit:
                 raise ApiError(413, f"body: more than {limit:,} bytes (--max-body-mb)")
-            if size > reserved[0]:
-                self._reserve(size - reserved[0])
-                reserved[0] = size
-            parts.append(chunk)
-        return b"".join(parts)
+            self._reserve(len(data) + len(chunk), reserved)
+            data += chunk
+        return data
 
-    @asynccontextmanager
-    async def read(self, request: Request) -> AsyncIterator[bytes]:
-        """The request's body, its bytes counted as held until the block ends; 408 when it does not arrive within
-        read_timeout_s, 503 when the server stops before it has."""
-        reserved = [0]
+    async def _arrived(self, request: Request, reserved: list[int]) -> Body:
+        """The whole body; 408 when it does not arrive within read_timeout_s, 503 when the server stops first."""
         reading = asyncio.ensure_future(self._read(request, reserved))
         stopping = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait({reading, stopping}, timeout=self.limits.read_timeout_s,
                                return_when=asyncio.FIRST_COMPLETED)
             if not reading.done():
-                reading.cancel()
                 if stopping.done():
                     raise unavailable("the server is stopping: the request body did not arrive in time")
                 raise ApiError(408, f"body: not received within {self.limits.read_timeout_s:g} s "
                                     "(--read-timeout-s)")
-            body = reading.result()
-            yield body
+            return Body(reading.result())
         finally:
             reading.cancel()
             stopping.cancel()
+
+    @asynccontextmanager
+    async def read(self, request: Request) -> AsyncIterator[Body]:
+        """The request's body, its memory counted as held until the block ends."""
+        reserved = [0]
+        try:
+            yield await self._arrived(request, reserved)
+        finally:
             self.held -= reserved[0]
 
 
@@ -336,7 +367,7 @@ def content_kind(request: Request) -> str:
     return kind
 
 
-async def parse_body(kind: str, headers: Any, body: bytes, limits: ServeLimits) -> ScoreRequest:
+async def parse_body(kind: str, headers: Any, body: Body, limits: ServeLimits) -> ScoreRequest:
     """The body, by its Content-Type: JSON, a multipart form, or safetensors; JSON and safetensors are parsed in a
     thread, a form a chunk at a time, so that a large body does not stall the event loop."""
     if kind == "application/json":
@@ -347,5 +378,6 @@ async def parse_body(kind: str, headers: Any, body: bytes, limits: ServeLimits) 
 
 
 __all__ = ["SAFETENSORS_TYPES", "RETRY_AFTER_S", "ServeLimits", "ApiError", "unavailable", "ScoreRequest",
-           "parse_scale", "pair_prompts", "parse_json", "parse_multipart", "parse_safetensors", "Bodies",
+           "Body", "parse_scale", "pair_prompts", "parse_json", "parse_multipart", "parse_safetensors", "BODY_COPIES",
+           "Bodies",
            "content_kind", "parse_body"]

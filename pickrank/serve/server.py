@@ -62,10 +62,13 @@ def check_exposure(host: str, token: str | None, insecure_no_auth: bool) -> None
 
 
 def check_limits(limits: ServeLimits) -> None:
-    """Limits a server can keep: a body of the largest size must fit in what bodies may hold at once."""
-    if limits.max_inflight_mb < limits.max_body_mb:
-        raise UsageError(f"--max-inflight-mb {limits.max_inflight_mb:g} is below --max-body-mb "
-                         f"{limits.max_body_mb:g}: a body of the largest size could never be held")
+    """Limits a server can keep: a body of the largest size, while it is parsed, must fit in the memory bodies may
+    take at once."""
+    from pickrank.serve.requests import BODY_COPIES
+
+    if limits.max_inflight_mb < BODY_COPIES * limits.max_body_mb:
+        raise UsageError(f"--max-inflight-mb {limits.max_inflight_mb:g} is below {BODY_COPIES} x --max-body-mb "
+                         f"{limits.max_body_mb:g}: a body of the largest size could never be parsed")
 
 
 def serve_workers(workers: int | None) -> int:
