@@ -380,7 +380,7 @@ def test_a_failed_batch_is_scored_request_by_request(scorer: PickScorer, tmp_pat
     from pickrank.serve.batching import score_groups
     from pickrank.serve.requests import ApiError
 
-    from pickrank.inputs.reader import image_pixels
+    from pickrank.inputs.decode import image_pixels
 
     arrays = [np.asarray(Image.open(f).convert("RGB")) for f in drawn(tmp_path, 5, seed=74)]
     px = [image_pixels(a, scorer.embedder.spec, None) for a in arrays]

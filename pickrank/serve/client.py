@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pickrank.errors import RemoteError, UsageError
-from pickrank.inputs.reader import DEFAULT_MAX_PIXELS
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.textfile import check_text, loads_json
 from pickrank.options import Scale, as_enum
 from pickrank.serve.server import check_token

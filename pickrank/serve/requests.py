@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import Request
 
 from pickrank.errors import InvalidText
-from pickrank.inputs.reader import DEFAULT_MAX_PIXELS
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.textfile import check_text, loads_json
 from pickrank.options import Scale
 
