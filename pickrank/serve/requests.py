@@ -379,5 +379,4 @@ async def parse_body(kind: str, headers: Any, body: Body, limits: ServeLimits) -
 
 __all__ = ["SAFETENSORS_TYPES", "RETRY_AFTER_S", "ServeLimits", "ApiError", "unavailable", "ScoreRequest",
            "Body", "parse_scale", "pair_prompts", "parse_json", "parse_multipart", "parse_safetensors", "BODY_COPIES",
-           "Bodies",
-           "content_kind", "parse_body"]
+           "Bodies", "content_kind", "parse_body"]
