@@ -369,7 +369,8 @@ def content_kind(request: Request) -> str:
 
 async def parse_body(kind: str, headers: Any, body: Body, limits: ServeLimits) -> ScoreRequest:
     """The body, by its Content-Type: JSON, a multipart form, or safetensors; JSON and safetensors are parsed in a
-    thread, a form a chunk at a time, so that a large body does not stall the event loop."""
+    thread, a form a chunk at a time, so that a large body stalls the event loop only while json.loads runs (one C
+    call that holds the GIL)."""
     if kind == "application/json":
         return await asyncio.to_thread(parse_json, body, limits)
     if kind == "multipart/form-data":
