@@ -17,8 +17,7 @@ def serve(
     host: Annotated[str, Opt(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
     port: Annotated[int, Opt(min=0, max=65535, help="Port (0: a free one; the URL is printed on stderr).")] = 8765,
     max_batch: Annotated[int, Opt(min=1, help="Images per model call, across requests.")] = 64,
-    max_wait_ms: Annotated[float, Opt(min=0, help="How long a request waits for others to share its batch.")]
-    = 10.0,
+    max_wait_ms: Annotated[float, Opt(min=0, help="How long a request waits for others to share its batch.")] = 10.0,
     max_queue: Annotated[int, Opt(min=1, help="Images accepted and not yet answered; beyond, 503 with "
                                   "Retry-After.")] = 2048,
     max_body_mb: Annotated[float, Opt(min=0.001, help="Largest request body in MiB (413 beyond).")] = 256.0,
@@ -29,19 +28,26 @@ def serve(
                                           "token.")] = False,
     replicas: Annotated[Optional[int], Opt(min=1, help="Model replicas on Ray (engine ray) [default: 1 per GPU, "
                                            "else 1].")] = None,
-    *, opts: Opts,
+    *,
+    max_inflight_mb: Annotated[float, Opt(min=0.001, help="Memory the request bodies may take at once, in MiB, each "
+                                          "counted twice while parsed (503 with Retry-After beyond).")] = 1024.0,
+    read_timeout_s: Annotated[float, Opt(min=0.001, help="Seconds a client has to send a request's headers, and "
+                                         "again its body (408 beyond).")] = 60.0,
+    max_connections: Annotated[int, Opt(min=1, help="Open connections (the next gets 503 and is closed).")] = 512,
+    grace_s: Annotated[float, Opt(min=0, help="After SIGTERM, seconds for the requests received to be answered "
+                                  "(503 beyond; bodies still arriving get 503 at once).")] = 30.0, opts: Opts,
 ) -> None:
     """Serve PickScore rewards over HTTP, batched across callers (needs the serve extra of pickrank).
 
     POST /v1/score and /v1/rank take JSON (base64 images), a multipart form or a safetensors body of uint8
     images; GET /healthz, /v1/info, /metrics; API docs at /docs. Scores are in the scale option's unit unless a request
-    asks for another. SIGTERM stops it gracefully (exit 0).
+    asks for another. SIGTERM stops it gracefully within the grace option's seconds (exit 0).
 
     Example: pickrank serve --port 8765 --max-batch 64
     """
     with Command(opts.command):
         token = token or None  # PICKRANK_TOKEN= set empty is no token
-        from pickrank.serve.server import check_exposure, serve_workers
+        from pickrank.serve.server import check_exposure, check_limits, serve_workers
 
         check_exposure(host, token, insecure_no_auth)
         try:
@@ -52,7 +58,9 @@ def serve(
 
         limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_body_mb=max_body_mb, max_images=max_images, max_pixels=opts.run.max_pixels,
-                             workers=serve_workers(opts.run.workers))
+                             workers=serve_workers(opts.run.workers), max_inflight_mb=max_inflight_mb,
+                             read_timeout_s=read_timeout_s, max_connections=max_connections, grace_s=grace_s)
+        check_limits(limits)
         model = replace(opts.model, batch_size=opts.model.batch_size or max_batch)
         if opts.engine.engine is EngineName.ray:
             from pickrank.ray.cluster import require_ray

@@ -83,6 +83,47 @@ def score_batch(embedder: ImageTextEmbedder, pixels: list[np.ndarray],
     return np.asarray(paired_scores(text, images, embedder.scale), dtype=np.float32), truncated
 
 
+Group = tuple[list[np.ndarray], list[str]]  # one caller's images and their prompts
+Scored = tuple[np.ndarray, list[bool]]
+
+
+def _alone(embedder: ImageTextEmbedder, group: Group) -> Scored | Exception:
+    """One caller's group scored alone: its scores, or its own error (a 400 when the text encoder refuses its
+    prompts)."""
+    from pickrank.core.engine import encode_paired
+
+    try:
+        return score_batch(embedder, *group)
+    except Exception as e:  # noqa: BLE001 - the caller's own failure, handed back to it alone
+        try:
+            encode_paired(embedder, group[1], warn=False)
+        except Exception as text_error:  # noqa: BLE001 - any refusal of the text is the caller's request's fault
+            return ApiError(400, f"prompts: the text encoder refuses them: {type(text_error).__name__}: "
+                                 f"{text_error}")
+        return e
+
+
+def score_groups(embedder: ImageTextEmbedder, groups: list[Group]) -> list[Scored | Exception]:
+    """Several callers' groups in one model call, each group's (scores, truncated) in order; when that call fails,
+    each group is scored alone, so that no caller fails because of another's content (a failed group gets its own
+    exception)."""
+    if len(groups) == 1:
+        return [_alone(embedder, groups[0])]
+    try:
+        scores, truncated = score_batch(embedder, [px for g in groups for px in g[0]],
+                                        [p for g in groups for p in g[1]])
+    except Exception as e:  # noqa: BLE001 - one group's content may be the cause: find it by scoring each alone
+        log.warning("a model call over %d requests failed (%s: %s): scoring each alone", len(groups),
+                    type(e).__name__, e)
+        return [_alone(embedder, g) for g in groups]
+    out: list[Scored | Exception] = []
+    off = 0
+    for pixels, _ in groups:
+        out.append((scores[off:off + len(pixels)], truncated[off:off + len(pixels)]))
+        off += len(pixels)
+    return out
+
+
 @dataclass
 class _Job:
     """One request's images waiting for the model; `taken` of them are in a batch, `done` answered."""
@@ -155,38 +196,42 @@ class DynamicBatcher:
         return slices
 
     async def _call(self, slices: list[tuple[_Job, int, int]]) -> None:
-        """One model call over the slices; each job is answered once all its images are."""
-        pixels = [px for job, a, b in slices for px in job.pixels[a:b]]
-        prompts = [p for job, a, b in slices for p in job.prompts[a:b]]
-        self.metrics.batch_size.observe(len(pixels))
+        """One model call over the slices (`score_groups`: a failure is only its own request's); each job is
+        answered once all its images are, or at its first failure."""
+        groups = [(job.pixels[a:b], job.prompts[a:b]) for job, a, b in slices]
+        self.metrics.batch_size.observe(sum(len(px) for px, _ in groups))
         loop = asyncio.get_running_loop()
-        try:
-            scores, truncated = await loop.run_in_executor(self.model_thread, score_batch, self.embedder, pixels,
-                                                           prompts)
-        except Exception as e:  # the model failed this batch: its requests get a 500, the server goes on
-            log.error("model call failed: %s: %s", type(e).__name__, e)
-            for job, _, _ in slices:
-                if not job.future.done():
-                    job.future.set_exception(e)
-            return
-        off = 0
-        for job, a, b in slices:
-            job.scores[a:b], job.truncated[a:b] = scores[off:off + b - a], truncated[off:off + b - a]
-            off += b - a
+        results = await loop.run_in_executor(self.model_thread, score_groups, self.embedder, groups)
+        for (job, a, b), result in zip(slices, results):
+            if job.future.done():
+                continue
+            if isinstance(result, Exception):
+                if not isinstance(result, ApiError):
+                    log.error("model call failed for one request: %s: %s", type(result).__name__, result)
+                job.future.set_exception(result)
+                continue
+            job.scores[a:b], job.truncated[a:b] = result
             job.done += b - a
-            if job.done == len(job.pixels) and not job.future.done():
+            if job.done == len(job.pixels):
                 job.future.set_result((job.scores, job.truncated))
 
     async def run(self) -> None:
-        """The batching task: forever gather, take, call."""
+        """The batching task: forever gather, take, call (whatever fails, the task goes on)."""
         while True:
             await self._gather()
             slices = self._take()
-            if slices:
+            if not slices:
+                continue
+            try:
                 await self._call(slices)
+            except Exception as e:  # noqa: BLE001 - e.g. the model thread is gone: these requests fail, not all
+                log.error("model call failed: %s: %s", type(e).__name__, e)
+                for job, _, _ in slices:
+                    if not job.future.done():
+                        job.future.set_exception(e)
 
     def close(self) -> None:
         self.model_thread.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["Decoders", "score_batch", "DynamicBatcher"]
+__all__ = ["Decoders", "score_batch", "Group", "Scored", "score_groups", "DynamicBatcher"]

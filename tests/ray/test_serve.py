@@ -3,6 +3,8 @@ returns the local server's scores, through the same HTTP API, and stops on SIGTE
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +16,7 @@ import torch
 
 from pickrank.api import PickScorer
 from pickrank.serve.client import RemoteScorer
-from tests.support.server import LIMITS, POSTS, RTOL, TOL, Server, drawn, running_server, scores_of
+from tests.support.server import LIMITS, POSTS, RTOL, TOL, Server, as_json, drawn, post_json, running_server, scores_of
 
 pytest.importorskip("ray.serve")
 
@@ -45,6 +47,18 @@ def test_ray_deployment_scores_as_the_local_server(ray_server: Server, model_dir
             r.score("x", torch.rand(49, 3, 8, 8))
     info = httpx.get(ray_server.url + "/v1/info", headers=auth, timeout=10).json()
     assert info["limits"]["max_batch"] == 8 and info["model"]["device"] == "cpu"
+    # one CPU replica gets the cores (its torch their threads), not one thread
+    assert info["cpu_threads"] > 1 or os.cpu_count() == 1, info
+
+
+def test_ray_replica_answers_bad_text_alone(ray_server: Server, tmp_path: Path) -> None:
+    """The app's checks hold on Ray too: a prompt that is not text is a 400; the others' requests score."""
+    files = drawn(tmp_path, 2, seed=51)
+    auth = {"authorization": "Bearer tok"}
+    bad = httpx.post(ray_server.url + "/v1/score", headers={**auth, "content-type": "application/json"},
+                     content=json.dumps({"prompt": "\ud800", "images": as_json("x", files)["images"]}), timeout=60)
+    assert bad.status_code == 400 and "lone surrogate" in bad.json()["error"], bad.text
+    assert len(scores_of(post_json(ray_server.url, "fine", files, headers=auth))) == 2
 
 
 def test_ray_server_stops_on_sigterm(ray_server: Server) -> None:

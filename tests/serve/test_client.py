@@ -5,6 +5,7 @@ unchanged with either scorer."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import threading
@@ -27,7 +28,8 @@ from tests.support.server import RTOL, TOL, Server, running_server
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[Server]:
-    with running_server(model_dir, "--max-batch", "8", "--max-images", "32", "--token", "tok") as s:
+    with running_server(model_dir, "--max-batch", "8", "--max-images", "32", "--max-queue", "16",
+                        "--token", "tok") as s:
         s.wait_ready()
         yield s
 
@@ -195,3 +197,126 @@ def test_a_request_that_times_out_is_not_sent_again(model_dir: Path) -> None:
 
         metrics = httpx.get(s.url + "/metrics", timeout=10).text
         assert 'pickrank_requests_total{endpoint="score",status="200"} 1.0' in metrics, metrics
+
+
+# -- answers the client must not trust --------------------------------------------------------------------------
+
+class TamperingProxy:
+    """A loopback HTTP proxy in front of the real server that rewrites its answers with `tamper(status, body)`
+    (as a broken proxy, a server of another version or a hostile one would)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+
+        proxy = self
+        self.tamper: Any = lambda status, body: (status, body)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                import httpx
+
+                body = self.rfile.read(int(self.headers["content-length"]))
+                answer = httpx.post(upstream + self.path, content=body, timeout=60,
+                                    headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                status, out = proxy.tamper(answer.status_code, answer.content)
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _rewrite(field: str, value: Any) -> Any:
+    """A tamper that sets one field of a 200 answer (the JSON re-encoded as Python writes it: NaN included)."""
+    import json
+
+    def tamper(status: int, body: bytes) -> tuple[int, bytes]:
+        doc = json.loads(body)
+        doc[field] = value(doc[field]) if callable(value) else value
+        return status, json.dumps(doc).encode()
+
+    return tamper
+
+
+@pytest.mark.parametrize("tamper, words", [
+    (lambda s, b: (s, b"<html>busy</html>"), "not JSON"),
+    (lambda s, b: (s, b"[1, 2, 3]"), "not an object"),
+    (lambda s, b: (s, b"[" * 50_000 + b"]" * 50_000), "nested deeper"),
+    (_rewrite("scores", lambda v: v[:1]), "1 scores for 3 images"),
+    (_rewrite("scores", lambda v: [v[0], float("nan"), v[2]]), "scores[1]"),
+    (_rewrite("scores", lambda v: [v[0], v[1], float("inf")]), "scores[2]"),
+    (_rewrite("scores", lambda v: [v[0], str(v[1]), v[2]]), "scores[1]"),
+    (_rewrite("scores", lambda v: [True, v[1], v[2]]), "scores[0]"),
+    (_rewrite("scores", {"a": 1}), "not a list"),
+    (lambda s, b: (s, b'{"score": [1, 2, 3]}'), "'scores'"),
+    (lambda s, b: (400, b"[1]"), "HTTP 400"),
+    (lambda s, b: (500, b"Internal Server Error"), "HTTP 500"),
+])
+def test_every_answer_is_checked(server: Server, tamper: Any, words: str) -> None:
+    """An answer that is not what the server sends (not JSON, another shape, fewer scores than images, NaN,
+    Infinity, strings, booleans) is a RemoteError naming what is wrong, never a KeyError or a NaN reward."""
+    proxy = TamperingProxy(server.url)
+    proxy.tamper = tamper
+    images = [np.full((8, 8, 3), 60 * i, np.uint8) for i in range(3)]
+    try:
+        with RemoteScorer(proxy.url, token="tok", deadline=5) as r, pytest.raises(RemoteError) as e:
+            r.score("x", images)
+        assert words in str(e.value), str(e.value)
+        with RemoteScorer(proxy.url, token="tok", deadline=5) as r, pytest.raises(RemoteError) as e:
+            asyncio.run(r.ascore("x", images))
+        assert words in str(e.value), str(e.value)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("ranking, words", [
+    (lambda v: v[:1], "list of 2"),
+    (lambda v: [v[0], v[0]], "each of the 2 images once"),
+    (lambda v: [{**v[0], "prob": float("nan")}, v[1]], "ranking[0]"),
+    (lambda v: [v[0], {k: x for k, x in v[1].items() if k != "rank"}], "ranking[1]"),
+])
+def test_every_ranking_is_checked(server: Server, ranking: Any, words: str) -> None:
+    proxy = TamperingProxy(server.url)
+    proxy.tamper = _rewrite("ranking", ranking)
+    try:
+        with RemoteScorer(proxy.url, token="tok", deadline=5) as r, pytest.raises(RemoteError, match=re.escape(words)):
+            r.rank("x", [np.zeros((8, 8, 3), np.uint8), np.ones((8, 8, 3), np.uint8)])
+    finally:
+        proxy.close()
+
+
+def test_more_images_than_the_queue_holds_fail_at_once(server: Server) -> None:
+    """20 images under --max-images 32 but over --max-queue 16: a RemoteError 413 on the first answer, not
+    retries until the deadline (the server saw the request once)."""
+    import httpx
+
+    def refused() -> float:
+        text = httpx.get(server.url + "/metrics", headers={"authorization": "Bearer tok"}, timeout=10).text
+        line = 'pickrank_requests_total{endpoint="score",status="413"} '
+        return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    before = refused()
+    with RemoteScorer(server.url, token="tok", deadline=30) as r, pytest.raises(RemoteError) as e:
+        r.score("x", [np.zeros((8, 8, 3), np.uint8)] * 20)
+    assert e.value.status == 413 and "--max-queue" in e.value.server_message
+    assert refused() == before + 1
+
+
+def test_prompts_that_are_not_text_are_refused_before_sending(server: Server) -> None:
+    from pickrank.errors import InvalidText
+
+    with RemoteScorer(server.url, token="tok", deadline=5) as r:
+        for prompts in ("caf\udce9", ["ok", "a\0b"]):
+            with pytest.raises(InvalidText):
+                r.score(prompts, [np.zeros((8, 8, 3), np.uint8)] * 2)
