@@ -192,7 +192,7 @@ async def parse_multipart(headers: Any, body: Body, limits: ServeLimits) -> Scor
     try:
         form = await MultiPartParser(headers, stream(), max_files=limits.max_images,
                                      max_fields=limits.max_images + 16).parse()
-        del data  # the parts hold what is needed now
+        data = b""  # the parts hold what is needed now: let the body go
     except MultiPartException as e:
         if e.message.startswith(("Too many files", "Too many fields")):
             raise ApiError(413, f"form: more than {limits.max_images} images in one request "
