@@ -34,11 +34,6 @@ def server(model_dir: Path) -> Iterator[Server]:
         yield s
 
 
-@pytest.fixture(scope="module")
-def scorer(model_dir: Path) -> PickScorer:
-    return PickScorer.from_pretrained(str(model_dir))
-
-
 @pytest.fixture
 def remote(server: Server) -> Iterator[RemoteScorer]:
     with RemoteScorer(server.url, token="tok", deadline=60) as r:

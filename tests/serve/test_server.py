@@ -59,11 +59,6 @@ def server(model_dir: Path) -> Iterator[Server]:
         yield s
 
 
-@pytest.fixture(scope="module")
-def scorer(model_dir: Path) -> PickScorer:
-    return PickScorer.from_pretrained(str(model_dir))
-
-
 # -- requests in the three formats ----------------------------------------------------------------------------
 
 
