@@ -307,11 +307,16 @@ class PickScorer:
         return encode_paired(self.embedder, prompts)[0]
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
-             workers: int | None = None) -> list[dict]:
+             workers: int | None = None, processes: bool = False) -> list[dict]:
         """Rank image files for one prompt: the CLI's records (prompt, prompt_source, path, score, prob, rank,
         truncated, error), best first, then the files that failed (with `error`). Folders and globs expand as on the
         command line; the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the
-        same batch size (batches of another size change the last float digits, in the CLI as well)."""
+        same batch size (batches of another size change the last float digits, in the CLI as well).
+
+        Images are decoded in `workers` threads (default: one per CPU, at most 8; 0: in this thread), which works
+        in a script, a notebook or a REPL as it is. `processes=True` decodes in worker processes instead, as the
+        CLI does (more throughput on many cores); like any process pool it needs the script's code under
+        `if __name__ == "__main__":`, since each worker re-imports the script."""
         from pickrank.core.scoring import make_engine, rankings
         from pickrank.errors import NoImages
         from pickrank.inputs.sets import sets_for_score
@@ -321,7 +326,8 @@ class PickScorer:
         if not isinstance(prompt, str):
             raise UsageError(f"the prompt must be a string, got {type(prompt).__name__}")
         args = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        run = RunOptions(top=top, workers=workers, max_pixels=self.max_pixels, scale=self.score_scale)
+        run = RunOptions(top=top, workers=workers, max_pixels=self.max_pixels, scale=self.score_scale,
+                         threads=not processes)
         try:
             sets = sets_for_score(prompt, [os.fspath(p) for p in args], max_pixels=run.max_pixels,
                                   max_bytes=run.max_bytes)

@@ -187,7 +187,7 @@ class ModelOptions(_Bundle):
 class RunOptions(_Bundle):
     """How a run behaves, independent of what it scores (the engine's options)."""
 
-    workers: int | None = None  # decode processes; None: one per CPU, at most 8
+    workers: int | None = None  # decode processes (threads with `threads`); None: one per CPU, at most 8
     top: int | None = None
     on_error: OnError = OnError.continue_
     max_pixels: int | None = field(default_factory=_default_max_pixels)  # None: no limit
@@ -195,6 +195,9 @@ class RunOptions(_Bundle):
     # The unit of the scores the engine reports (prob and ranks come from raw scores, so they never change). Here,
     # not in OutputOptions: the Engine, which every command and PickScorer.rank score through, reads RunOptions.
     scale: Scale = Scale.raw
+    # Decode in threads of this process instead of worker processes: the library's default, since a process pool
+    # re-imports the caller's script (`__main__`) in each worker, which fails without `if __name__ == "__main__":`.
+    threads: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_error", as_enum(OnError, self.on_error, "--on-error value"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 
@@ -150,20 +150,22 @@ class Batcher:
 
 
 class _Decoder:
-    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` jobs in flight, and
-    (when `max_bytes` is set) no more once their files add up to `max_bytes`.
+    """Runs decode jobs in order, in a process pool (workers > 0; a thread pool with `threads`) or inline; at most
+    `window` jobs in flight, and (when `max_bytes` is set) no more once their files add up to `max_bytes`.
 
     Jobs go to the pool in chunks of a few images: one round trip per chunk keeps the main process's share of the
     work (which competes with the workers for the cores) small.
     """
 
     def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, threads: bool = False) -> None:
         self.window, self.max_bytes = max(1, window), max_bytes
         self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool: Executor | None = None
         if workers > 0:
-            self.pool = worker_pool(workers)
+            # Pillow decodes and resizes without the GIL, so threads decode in parallel too.
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="pickrank-decode") if threads \
+                else worker_pool(workers)
         self.queue: collections.deque[tuple[str, Future | list, int, int]] = collections.deque()
         self.pending: list[tuple[str, bytes]] = []
         self.bytes = 0  # of the files in flight
@@ -249,7 +251,7 @@ class LocalBackend:
         deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
         self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
                                 spec=embedder.spec, max_pixels=options.max_pixels,
-                                max_bytes=self.LOADING_BYTES if deeper else None)
+                                max_bytes=self.LOADING_BYTES if deeper else None, threads=options.threads)
         self.batcher = Batcher(embedder)
         self.finished = self.flushing = False
         self.saved_threads: int | None = None
