@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Optional
 
-from pickrank.cli.lifecycle import Command, progress, say_loaded
+from pickrank.cli.lifecycle import Command, say_loaded
+from pickrank.cli.progress import progress_bar
 from pickrank.cli.shared import Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL
 from pickrank.options import (
@@ -87,8 +88,8 @@ def compare(systems: Systems = None, *, prompts: PromptsCsv = None, manifest: Ma
         comparison = ComparisonRun(plan, CompareOutputs(output=opts.output.output, format=format,
                                                         per_prompt=per_prompt, html=html, meta=opts.output.meta))
         comparison.open([*(systems or ()), *(p for p in (prompts, manifest) if p)], cmd.sinks)
-        with progress("img", opts.command.quiet) as bar:
-            scored = comparison.score(opts.scoring(), on_progress=bar, on_loaded=say_loaded)
+        with progress_bar(opts.command.quiet) as bar:
+            scored = comparison.score(opts.scoring(), on_progress=bar, on_loaded=bar.on_loaded(say_loaded))
         comparison.write(CompareSettings(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed,
                                          verbose=verbose), workers=opts.run.workers)
         cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from pickrank.cli.lifecycle import Command, load_embedder, progress
+from pickrank.cli.lifecycle import Command, load_embedder
+from pickrank.cli.progress import progress_bar
 from pickrank.cli.shared import Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from pickrank.options import CommandOptions, ModelOptions, OutputOptions, RunOptions, SummaryFormat
+from pickrank.records import Progress
 
 if TYPE_CHECKING:
     from pickrank.analysis.evaluate import Dataset, EvalResult
@@ -53,11 +55,12 @@ def eval_(
         val = Dataset(validation) if validation is not None else None
         out, meta_out = _open_outputs(output, opts.output.meta, [data, *([validation] if validation else [])],
                                       cmd.sinks)
-        embedder = load_embedder(opts.model)
-        with progress("pair", opts.command.quiet, total=_pairs(dataset, val)) as bar:
+        with progress_bar(opts.command.quiet, unit="pairs", singular="pair") as bar:
+            embedder = load_embedder(opts.model, bar)
+            bar(Progress("loading"))
             result = evaluate(dataset, embedder, threshold=tie_threshold, validation=val, resamples=bootstrap,
-                              seed=seed, out=out, max_pixels=opts.run.max_pixels, on_progress=bar,
-                              scale=opts.run.scale)
+                              seed=seed, out=out, max_pixels=opts.run.max_pixels,
+                              on_progress=bar.counter("scoring", _pairs(dataset, val)), scale=opts.run.scale)
         summary = _with_meta(result, embedder, opts, meta_out)
         as_json = json_summary or format is SummaryFormat.json
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else summary)

@@ -7,7 +7,8 @@ import sys
 from dataclasses import replace
 from typing import Annotated, Callable, Optional, Sequence
 
-from pickrank.cli.lifecycle import Command, progress, say_loaded
+from pickrank.cli.lifecycle import Command, say_loaded
+from pickrank.cli.progress import progress_bar
 from pickrank.cli.shared import SCORING, Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from pickrank.options import PromptFrom
@@ -23,10 +24,9 @@ def _score_command(kind: str, opts: Opts, make_sets: Callable[[], list[Candidate
     """
     from pickrank.core.scoring import ScoringJob, score_job
 
-    with Command(opts.command) as cmd:
+    with Command(opts.command) as cmd, progress_bar(opts.command.quiet) as bar:
         job = ScoringJob(kind, make_sets(), tuple(inputs), copy_to)
-        with progress("img", opts.command.quiet) as bar:
-            scored = score_job(job, opts.scoring(), cmd.sinks, on_progress=bar, on_loaded=say_loaded)
+        scored = score_job(job, opts.scoring(), cmd.sinks, on_progress=bar, on_loaded=bar.on_loaded(say_loaded))
         cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from pickrank.core.cache import NullCache
+from pickrank.core.discovery import Discovery
 from pickrank.errors import InputFailed
 from pickrank.inputs.reader import (
     Decoded,
@@ -39,7 +40,7 @@ from pickrank.inputs.reader import (
     worker_pool,
 )
 from pickrank.options import RunOptions
-from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
+from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Progress, Query, Record, RunSummary
 from pickrank.signals import signals_deferred
 
 if TYPE_CHECKING:
@@ -456,16 +457,21 @@ class _Pass:
     def __init__(self, engine: Engine, prompts: _Prompts | _PromptStream, memo: _LRU, failed: _LRU) -> None:
         self.engine, self.prompts, self.memo, self.failed = engine, prompts, memo, failed
         self.waiters: dict[str, list[_SetState]] = {}
+        self.pending: dict[str, int] = {}  # images (by name) waiting on each key: done when it resolves
         self.states: collections.deque[_SetState] = collections.deque()
         self.backend: Backend | None = None
 
-    def admit(self, cset: CandidateSet) -> Iterator[Ranking]:
-        """Look up the set's images one by one; yields the rankings that finish meanwhile."""
+    def admit(self, cset: CandidateSet, items: Iterable[Item] | None = None) -> Iterator[Ranking]:
+        """Look up the set's images (`items`, else its paths) one by one; yields the rankings that finish
+        meanwhile."""
         st = _SetState(cset)
         self.states.append(st)
-        if cset.error is None:
+        if cset.error is not None:  # a set that cannot be scored (no prompt, an unlistable folder): one failed input
+            self.engine.summary.images += 1
+            self.engine.summary.failures += 1
+        else:
             seen: set[str] = set()
-            for item in cset.paths:
+            for item in cset.paths if items is None else items:
                 if self.look_up(st, item, seen):
                     self.make_room()
                     yield from self.emit()
@@ -483,22 +489,33 @@ class _Pass:
             self.engine.progress(1)
             return False
         key = entry.key
-        if key in seen:
-            return False  # a copy under another name: scored once, reported for each name
+        if key in seen:  # a copy under another name: scored once, reported for each name
+            self.wait_or_done(key)
+            return False
         seen.add(key)
         if self.known(st, entry):
+            self.engine.progress(1)
             return False
         st.waiting += 1
         if key in self.waiters:
             self.waiters[key].append(st)
+            self.wait_or_done(key)
             return False
         self.waiters[key] = [st]
+        self.pending[key] = 1
         if self.from_cache(key):
             return False
         if self.backend is None:
             self.backend = self.engine.make_backend()
         self.backend.submit(key, data)  # type: ignore[arg-type]
         return True
+
+    def wait_or_done(self, key: str) -> None:
+        """One more image named `key`: done when it resolves (now, if it has)."""
+        if key in self.pending:
+            self.pending[key] += 1
+        else:
+            self.engine.progress(1)
 
     def known(self, st: _SetState, entry: Entry) -> bool:
         """Whether the image was resolved before in this run (embedded, or failed: reported again for this path)."""
@@ -519,7 +536,6 @@ class _Pass:
             return False
         self.engine.summary.cache_hits += 1
         self.resolve(key, self.prompts.to_memo(hit[None])[0])
-        self.engine.progress(1)
         return True
 
     def make_room(self) -> None:
@@ -550,6 +566,7 @@ class _Pass:
             for e in st.entries:
                 if e.key == key:
                     self.fail(e.path, reason or "failed")
+        self.engine.progress(self.pending.pop(key, 0))
 
     def take(self, finished: list[Finished]) -> None:
         """Finished work from the backend: failures reported; embeddings cached (per batch) and memoised."""
@@ -557,7 +574,6 @@ class _Pass:
         for f in finished:
             for key, reason in f.failures:
                 self.resolve(key, None, reason)
-                engine.progress(1)
             if f.keys:
                 emb = f.embeddings
                 engine.summary.embedded += len(f.keys)
@@ -566,7 +582,6 @@ class _Pass:
                 vecs = self.prompts.to_memo(emb)  # type: ignore[arg-type]
                 for i, k in enumerate(f.keys):
                     self.resolve(k, vecs[i])
-                engine.progress(len(f.keys))
 
     def emit(self) -> Iterator[Ranking]:
         """The finished sets at the head of the queue, ranked, in order."""
@@ -597,14 +612,15 @@ class Engine:
     Reading, hashing, the cache, scoring and ranking happen here; the misses go to a backend: decode processes and
     this process by default, or what `backend` makes (`pickrank.ray.engine.RayEngine` passes one that runs them on a
     Ray cluster). `warn=False` leaves failed images and truncated prompts to the caller to report (eval does, per
-    pair). `batch_size`: images per model call (--batch-size; None: the embedder's).
+    pair). `batch_size`: images per model call (--batch-size; None: the embedder's). `on_progress` gets a
+    `records.Progress` each time images are resolved (in this thread) and when listing ends (in the listing thread).
     """
 
     # Distinct images and prompts that `rank_stream` remembers across chunks (and calls).
     STREAM_MEMO = 65536
 
     def __init__(self, embedder: ImageTextEmbedder, cache: NullCache | None = None,
-                 options: RunOptions | None = None, on_progress: Callable[[int], None] | None = None,
+                 options: RunOptions | None = None, on_progress: Callable[[Progress], None] | None = None,
                  backend: Callable[[], Backend] | None = None, warn: bool = True,
                  memo_size: int = STREAM_MEMO, batch_size: int | None = None) -> None:
         self.embedder = embedder
@@ -616,21 +632,38 @@ class Engine:
         self.make_backend = backend or (lambda: LocalBackend(self.embedder, self.options, batch_size=batch_size))
         self.memo_size = memo_size
         self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
+        self.done = 0  # images resolved (embedded, from the cache or the memo, failed), for on_progress
+        self.discovery: Discovery | None = None
 
     def progress(self, n: int) -> None:
-        if self.on_progress:
-            self.on_progress(n)
+        """`n` more images resolved: tell on_progress where the run stands."""
+        self.done += n
+        if self.on_progress is not None and n:
+            self.report()
+
+    def report(self) -> None:
+        """A Progress event to on_progress: "loading" while the model loads, else "embedding"; the total once every
+        image has been listed (that event comes from the listing thread)."""
+        if self.on_progress is None:
+            return
+        d, s = self.discovery, self.summary
+        phase = "embedding" if getattr(self.embedder, "ready", True) else "loading"
+        total = d.found if d is not None and d.finished else None
+        self.on_progress(Progress(phase, self.done, total, s.embedded, s.cache_hits, s.failures))
 
     def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
-        order."""
+        order. The images are listed in a thread meanwhile (`Discovery`), so the total is known early."""
         sets = list(sets)
         run = _Pass(self, _Prompts(self.embedder, self.summary, sets, self.warn), _LRU(), _LRU())
+        self.discovery = discovery = Discovery(sets, on_finished=self.report)
+        self.report()
         try:
-            for cset in sets:
-                yield from run.admit(cset)
+            for i, cset in enumerate(sets):
+                yield from run.admit(cset, discovery.paths(i))
             yield from run.drain(final=True)
         finally:
+            discovery.close()
             run.close()
 
     def rank_stream(self, chunks: Iterable[list[CandidateSet]]) -> Iterator[Ranking]:
