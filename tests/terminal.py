@@ -17,14 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 _SGR = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def run_in_pty(args: list[str], env: dict[str, str], cwd: Path, cols: int = 100,
-               timeout: float = 180) -> tuple[int, str]:
-    """`python ARGS` in a pseudo-terminal `cols` wide: (exit code, everything it wrote, escapes included)."""
+def run_in_pty(args: list[str], env: dict[str, str], cwd: Path, cols: int = 100, timeout: float = 180,
+               typed: str | None = None) -> tuple[int, str]:
+    """`python ARGS` in a pseudo-terminal `cols` wide: (exit code, everything it wrote, escapes included). With
+    `typed`, stdin is the terminal too, and `typed` is what the person types."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
-    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                            env={**env, "PYTHONPATH": str(ROOT), "COLUMNS": str(cols)}, cwd=cwd, close_fds=True)
+    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL if typed is None else slave,
+                            stdout=slave, stderr=slave, env={**env, "PYTHONPATH": str(ROOT), "COLUMNS": str(cols)},
+                            cwd=cwd, close_fds=True)
     os.close(slave)
+    if typed is not None:
+        os.write(master, typed.encode())
     out = b""
     try:
         while True:

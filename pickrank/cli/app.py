@@ -11,26 +11,52 @@ import gc
 import os
 import signal
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from pickrank import __version__
 from pickrank.cli import cache, compare, doctor, evaluate, export, prompts, report, score, serve
 from pickrank.errors import EXIT_USAGE, UsageError
 from pickrank.signals import STOP_SIGNALS, set_handlers
 
-app = typer.Typer(
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+class _PlainHelp:
+    """A command or group whose --help shows what to type, not Python types: no type beside a flag (--help,
+    --version, the completion options) or an argument (its metavar says it); typer would print <bool>, <str>."""
+
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if isinstance(p, TyperArgument):
+                p.display_type_rich = _no_type  # this command's own argument object
+            elif getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_PlainHelp, TyperCommand):
+    """A command, as typer makes them."""
+
+
+class _Group(_PlainHelp, TyperGroup):
+    """A command group (pickrank itself, cache, export), as typer makes them."""
+
+
+app = typer.Typer(  # its help is _root's docstring
     name="pickrank",
-    help="Rank AI-generated images by predicted human preference (PickScore_v1).",
+    cls=_Group,
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-cache_app = typer.Typer(help="Inspect and manage the image-embedding cache.", no_args_is_help=True)
+cache_app = typer.Typer(cls=_Group, help="Inspect and manage the image-embedding cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-export_app = typer.Typer(help="Export the model for other runtimes.", no_args_is_help=True)
+export_app = typer.Typer(cls=_Group, help="Export the model for other runtimes.", no_args_is_help=True)
 
 
 def _version(value: bool) -> None:
@@ -40,29 +66,35 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                                 help="Show the version and exit.")] = False) -> None:
     """Rank AI-generated images by predicted human preference (PickScore_v1).
 
-    Example: pickrank score --prompt "a red cat on a sofa" images/
+    Examples:
+      $ pickrank score -p "a red cat on a sofa" images/
+      $ pickrank best-of-n out/ --copy-to keep/
+      $ pickrank compare base/ tuned/ --prompts prompts.csv --html compare.html
+
+    The first run downloads PickScore_v1 (3.9 GB) into the Hugging Face cache.
+    Run pickrank COMMAND --help for a command's options and examples.
     """
 
 
 # The commands, in the order --help lists them.
-app.command("score")(score.score)
-app.command("best-of-n")(score.best_of_n)
-app.command("batch")(score.batch)
-app.command("prompts")(prompts.prompts)
-cache_app.command("info")(cache.cache_info)
-cache_app.command("clear")(cache.cache_clear)
-cache_app.command("prune")(cache.cache_prune)
-app.command("report")(report.report)
-app.command("eval")(evaluate.eval_)
-app.command("compare")(compare.compare)
-app.command("serve")(serve.serve)
-app.command("doctor")(doctor.doctor)
+app.command("score", cls=_Command)(score.score)
+app.command("best-of-n", cls=_Command)(score.best_of_n)
+app.command("batch", cls=_Command)(score.batch)
+app.command("prompts", cls=_Command)(prompts.prompts)
+cache_app.command("info", cls=_Command)(cache.cache_info)
+cache_app.command("clear", cls=_Command)(cache.cache_clear)
+cache_app.command("prune", cls=_Command)(cache.cache_prune)
+app.command("report", cls=_Command)(report.report)
+app.command("eval", cls=_Command)(evaluate.eval_)
+app.command("compare", cls=_Command)(compare.compare)
+app.command("serve", cls=_Command)(serve.serve)
+app.command("doctor", cls=_Command)(doctor.doctor)
 app.add_typer(export_app, name="export")
-export_app.command("onnx")(export.export_onnx)
+export_app.command("onnx", cls=_Command)(export.export_onnx)
 
 
 def main() -> None:

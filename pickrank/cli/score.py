@@ -9,7 +9,7 @@ from typing import Annotated, Callable, Optional, Sequence
 
 from pickrank.cli.lifecycle import Command, say_loaded
 from pickrank.cli.progress import progress_bar
-from pickrank.cli.shared import SCORING, Arg, Opt, Opts, with_options
+from pickrank.cli.shared import INPUT, OUTPUT, SCORING, Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from pickrank.options import PromptFrom
 from pickrank.records import CandidateSet
@@ -30,20 +30,29 @@ def _score_command(kind: str, opts: Opts, make_sets: Callable[[], list[Candidate
         cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK
 
 
+PATHS_HELP = "Image files, folders, quoted globs ('**' too), or - to read paths from stdin."
+
+
 @with_options(*SCORING)
 def score(
-    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
-    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="The prompt the images were generated for "
-                                         "[default: each image's own metadata prompt].")] = None,
+    paths: Annotated[list[str], Arg(metavar="PATH", help=PATHS_HELP)],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT, help="The prompt the "
+                                         "images were generated for [default: each image's own metadata "
+                                         "prompt].")] = None,
     prompt_from: Annotated[Optional[PromptFrom], Opt(
-        "--prompt-from", help="metadata: score each image against the prompt in its own metadata (what leaving "
-                              "out --prompt does); images with the same prompt form one ranking.")] = None,
-    top: Annotated[Optional[int], Opt(min=1, help="Show only the best K.")] = None,
+        "--prompt-from", panel=INPUT, help="metadata: score each image against the prompt in its own metadata "
+                                           "(what leaving out --prompt does); images with the same prompt form "
+                                           "one ranking.")] = None,
+    top: Annotated[Optional[int], Opt(min=1, metavar="K", panel=OUTPUT, help="Show only the best K.")] = None,
     *, opts: Opts,
 ) -> None:
     """Score images against one prompt, or each against its own metadata prompt, and rank them.
 
-    Example: pickrank score --prompt "a red cat on a sofa" sample_images/
+    Examples:
+      $ pickrank score -p "a red cat on a sofa" images/
+      $ pickrank score comfyui_output/            # each image's own prompt
+      $ pickrank score -p "a castle" 'out/**/*.png' --top 5 --html top.html
+      $ find runs -name '*.png' | pickrank score -p "a castle" - -f jsonl
     """
     from pickrank.inputs.sets import sets_for_score
 
@@ -59,16 +68,23 @@ def score(
 
 @with_options(*SCORING)
 def best_of_n(
-    folder: Annotated[str, Arg(help="Folder of candidates; each subfolder with images is a group.")],
-    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="Prompt for every group [default: prompt.txt in "
-                                         "the group, else the first image's metadata prompt].")] = None,
-    top: Annotated[int, Opt(min=1, help="Keep the best K of each group.")] = 1,
-    copy_to: Annotated[Optional[str], Opt(help="Copy the winners into this folder (never overwrites).")] = None,
+    folder: Annotated[str, Arg(metavar="FOLDER", help="Folder of candidates; each subfolder with images is a "
+                                                      "group (the images directly in FOLDER are one too).")],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT, help="Prompt for every "
+                                         "group [default: prompt.txt in the group, else the first image's "
+                                         "metadata prompt].")] = None,
+    top: Annotated[int, Opt(min=1, metavar="K", panel=OUTPUT, help="Keep the best K of each group.")] = 1,
+    copy_to: Annotated[Optional[str], Opt(metavar="DIR", panel=OUTPUT, help="Copy the winners into DIR/GROUP/ "
+                                          "(never overwrites: NAME-1.png when NAME.png is taken).")] = None,
     *, opts: Opts,
 ) -> None:
     """Keep the best of N candidates in each group of a folder.
 
-    Example: pickrank best-of-n out/ --top 1 --copy-to keep/
+    Examples:
+      $ pickrank best-of-n out/                     # the best of each group
+      $ pickrank best-of-n out/ --top 2 --copy-to keep/
+      $ pickrank best-of-n out/ -p "a castle at dawn" --html best.html
+      $ pickrank best-of-n out/ -f paths -0 | xargs -0 ls -l
     """
     from pickrank.inputs.sets import sets_for_best_of_n
 
@@ -82,13 +98,17 @@ def best_of_n(
 def batch(
     prompts_csv: Annotated[str, Arg(metavar="PROMPTS.csv", help="CSV with a 'prompt' column; optional 'id' and "
                                     "'images' (folder, glob or paths separated by ';').")],
-    paths: Annotated[Optional[list[str]], Arg(help="Images for rows without an 'images' cell.")] = None,
-    top: Annotated[Optional[int], Opt(min=1, help="Show only the best K of each row.")] = None,
+    paths: Annotated[Optional[list[str]], Arg(metavar="PATH", help="Images for rows without an 'images' "
+                                              "cell.")] = None,
+    top: Annotated[Optional[int], Opt(min=1, metavar="K", panel=OUTPUT, help="Show only the best K of each "
+                                      "row.")] = None,
     *, opts: Opts,
 ) -> None:
     """Rank images for every prompt of a CSV; each image is embedded once, each prompt encoded once.
 
-    Example: pickrank batch prompts.csv generations/ -f csv -o scores.csv
+    Examples:
+      $ pickrank batch prompts.csv generations/ -f csv -o scores.csv
+      $ pickrank batch prompts.csv --top 1 --html best.html   # rows name images
     """
     from pickrank.inputs.sets import sets_for_batch
 
