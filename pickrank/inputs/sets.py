@@ -232,7 +232,8 @@ def read_prompts_csv(path: str) -> list[dict[str, str]]:
 
 
 def _row_images(spec: str, base: str) -> list[str]:
-    """A row's `images` cell: a folder, a glob, or paths separated by ';', relative to the CSV's folder."""
+    """A row's `images` cell: a folder, a glob, or paths separated by ';', relative to the CSV's folder `base` (as
+    given: relative when the CSV was named relatively, so records show them as they show PATH arguments)."""
     parts = [p.strip() for p in spec.split(";") if p.strip()]
     return [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(base, p) for p in
             (os.path.expanduser(x) for x in parts)]
@@ -241,7 +242,7 @@ def _row_images(spec: str, base: str) -> list[str]:
 def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
     """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images."""
     rows = read_prompts_csv(csv_path)
-    base = os.path.dirname(os.path.abspath(csv_path))
+    base = os.path.dirname(csv_path)
     check_named_paths(args)
     shared_queries: list[Query] = []
     own: dict[str, list[Query]] = {}
