@@ -249,6 +249,16 @@ class Embedder:
         return cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
                    batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
 
+    def to(self, device: str | torch.device) -> "Embedder":
+        """Move the model to `device` (checked as --device is); the dtype must run there."""
+        dev = pick_device(str(device))
+        check_dtype({v: k for k, v in DTYPES.items()}[self.dtype], dev)
+        self.model.to(dev)
+        if isinstance(self.model, PickScoreTowers):
+            self.model.device_ = dev  # where a vision tower not loaded yet will go
+        self.device = dev
+        return self
+
     @property
     def image_gflops(self) -> float:
         """Approximate GFLOPs of one image through the vision tower (patch embedding, attention, MLPs)."""
