@@ -58,8 +58,8 @@ def test_help_names_the_layouts_and_lists_each_shared_option_once(runner, monkey
         runner, monkeypatch, ("compare",))
     text = runner.invoke(app, ["compare", "--help"]).stdout
     for layout in ("prompts-csv", "paired-folders", "manifest"):
-        assert f"{layout}:" in text
-    assert "Example: pickrank compare" in text
+        assert f"  {layout}  " in text
+    assert "$ pickrank compare" in text
 
 
 def test_identical_systems_win_half_diff_zero_p_one(runner, model_dir, tmp_path):

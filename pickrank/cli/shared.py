@@ -73,9 +73,17 @@ def Arg(*, help: str, **kw: Any) -> Any:  # noqa: N802 - reads as typer.Argument
 
 
 # Every option shared by several commands, declared once, with its help panel and metavar:
-# name -> (the bundle it belongs to, its type with its flags and help, its default). --help lists them by panel, in
-# this order within each.
+# name -> (the bundle it belongs to, its type with its flags and help, its default). Grouped by panel, in PANELS
+# order: --help lists them in this order.
 SHARED: dict[str, tuple[type, Any, Any]] = {
+    "max_pixels": (RunOptions, Annotated[Optional[int], Opt(
+        min=1, metavar="PIXELS", panel=INPUT,
+        help="Refuse images with more pixels than this (decompression bombs) [default: Pillow's 89,478,485].")],
+        None),
+    "max_bytes": (RunOptions, Annotated[Optional[int], Opt(
+        min=1, metavar="BYTES", panel=INPUT,
+        help="Refuse image files larger than this, before reading them [default: 536,870,912 = 512 MiB].")],
+        None),
     "model": (ModelOptions, Annotated[Optional[str], Opt(
         "--model", envvar="PICKRANK_MODEL", metavar="ID|DIR", panel=MODEL,
         help="Hub id or local folder of the model [default: yuvalkirstain/PickScore_v1].")], None),
@@ -139,14 +147,6 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
         help="Embedding cache file [default: ~/.cache/pickrank/embeddings.sqlite3].")], None),
     "no_cache": (CacheOptions, Annotated[bool, Opt(
         "--no-cache", panel=CACHE, help="Neither read nor write the embedding cache.")], False),
-    "max_pixels": (RunOptions, Annotated[Optional[int], Opt(
-        min=1, metavar="PIXELS", panel=INPUT,
-        help="Refuse images with more pixels than this (decompression bombs) [default: Pillow's 89,478,485].")],
-        None),
-    "max_bytes": (RunOptions, Annotated[Optional[int], Opt(
-        min=1, metavar="BYTES", panel=INPUT,
-        help="Refuse image files larger than this, before reading them [default: 536,870,912 = 512 MiB].")],
-        None),
     "workers": (RunOptions, Annotated[Optional[int], Opt(
         min=0, metavar="N", panel=RUN,
         help="Decode worker processes; 0 decodes in the main process [default: CPU count, at most 8].")], None),
