@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
 import re
-import select
-import struct
-import subprocess
 import sys
-import termios
 from pathlib import Path
+
+from pickrank import devtools
 
 ROOT = Path(__file__).resolve().parents[1]
 _SGR = re.compile(r"\x1b\[[0-9;]*m")
@@ -19,35 +14,8 @@ _SGR = re.compile(r"\x1b\[[0-9;]*m")
 
 def run_in_pty(args: list[str], env: dict[str, str], cwd: Path, cols: int = 100, timeout: float = 180,
                typed: str | None = None) -> tuple[int, str]:
-    """`python ARGS` in a pseudo-terminal `cols` wide: (exit code, everything it wrote, escapes included). With
-    `typed`, stdin is the terminal too, and `typed` is what the person types."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
-    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL if typed is None else slave,
-                            stdout=slave, stderr=slave, env={**env, "PYTHONPATH": str(ROOT), "COLUMNS": str(cols)},
-                            cwd=cwd, close_fds=True)
-    os.close(slave)
-    if typed is not None:
-        os.write(master, typed.encode())
-    out = b""
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], timeout)
-            if not ready:
-                raise TimeoutError(f"no output for {timeout} s: {out[-500:]!r}")
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        os.close(master)
-    return proc.returncode, out.decode("utf-8", "replace")
+    """`python ARGS` in a pseudo-terminal `cols` wide (this tree's code): (exit code, everything it wrote)."""
+    return devtools.run_in_pty([sys.executable, *args], {**env, "PYTHONPATH": str(ROOT)}, cwd, cols, timeout, typed)
 
 
 def screen(raw: str) -> list[str]:

@@ -1,82 +1,35 @@
 """A first run downloads the weights visibly (what, how far, where to), and the library leaves huggingface_hub's and
 transformers' settings as it found them.
 
-The hub is out of reach here, so a small HTTP server on 127.0.0.1 plays it (`HF_ENDPOINT`): it answers
-huggingface_hub's HEAD and GET requests for `/<repo>/resolve/<revision>/<file>` with the tiny test model's files,
-as the hub does for a model without Xet storage. What this cannot show: a real 4 GB transfer's timing, the hub's
+The hub is out of reach here, so a small HTTP server on 127.0.0.1 plays it (`HF_ENDPOINT`,
+`pickrank.devtools.LocalHub`): it answers huggingface_hub's HEAD and GET requests for
+`/<repo>/resolve/<revision>/<file>` with the tiny test model's files, as the hub does for a model without Xet
+storage. What this cannot show: a real 4 GB transfer's timing, the hub's
 redirects to its CDN, and Xet-backed downloads (they report through the same tqdm class).
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from pickrank.devtools import HUB_COMMIT as COMMIT
+from pickrank.devtools import LocalHub
+
 from .terminal import run_in_pty
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "someone/pickscore-tiny"
-
-
-class _Hub(http.server.BaseHTTPRequestHandler):
-    folder: Path
-    asked: list[str]
-
-    def _file(self) -> Path | None:
-        parts = self.path.split("?")[0].strip("/").split("/")
-        if len(parts) < 5 or parts[2] != "resolve":
-            return None
-        path = self.folder / "/".join(parts[4:])
-        return path if path.is_file() else None
-
-    def _head(self) -> bytes | None:
-        self.asked.append(f"{self.command} {self.path}")
-        path = self._file()
-        if path is None:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return None
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.end_headers()
-        return data
-
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
-        self._head()
-
-    def do_GET(self) -> None:  # noqa: N802
-        data = self._head()
-        if data is not None:
-            self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        """Quiet."""
 
 
 @pytest.fixture
 def hub(model_dir: Path) -> Iterator[tuple[str, list[str]]]:
     """(endpoint, the requests it got): every repo id is the tiny model."""
-    handler = type("Hub", (_Hub,), {"folder": model_dir, "asked": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler.asked
-    finally:
-        server.shutdown()
-        server.server_close()
+    with LocalHub(model_dir) as local:
+        yield local.url, local.asked
 
 
 def _env(tmp_path: Path, endpoint: str) -> dict[str, str]:

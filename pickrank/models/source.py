@@ -119,8 +119,16 @@ def check_hub_reachable(repo: str, filename: str, revision: str | None, option: 
         if "timeout" in type(e).__name__.lower() or "timed out" in text.lower():
             text = f"no answer within {timeout:g} s (a slow network: raise HF_HUB_ETAG_TIMEOUT)"
         raise ModelLoadError(f"cannot reach the Hugging Face hub to fetch {repo}: {text}; give {option} FOLDER, "
-                             f"download it first (hf download {repo}), or set HF_HUB_OFFLINE=1 to use the local "
-                             "cache") from None
+                             f"download it first ({download_command(repo, option)}), or set HF_HUB_OFFLINE=1 to "
+                             "use the local cache") from None
+
+
+def download_command(repo: str, option: str) -> str:
+    """The `hf download` line for only the files pickrank reads of a model (--model) or a processor (--processor)
+    repo: the whole repo can hold other weights (the LAION processor repo holds gigabytes of OpenCLIP's)."""
+    files = "config.json model.safetensors" if option == "--model" else \
+        "preprocessor_config.json 'tokenizer*' vocab.json merges.txt special_tokens_map.json"
+    return f"hf download {repo} --include {files}"
 
 
 def check_local_weights(folder: str) -> None:
