@@ -101,3 +101,23 @@ def test_engine_events_count_every_image_once(folder, model_dir):
     assert [e.done for e in events] == sorted(e.done for e in events)  # it only counts up
     assert all(e.total in (None, len(paths) + 3) for e in events)
     assert len(records) == len(paths) + 3 + 1
+
+
+def test_progress_is_reported_between_model_calls(folder, model_dir, monkeypatch):
+    """Each batch is counted as soon as it is embedded, not all of them once the last is done (the bar would sit at
+    0 for the whole run): at each model call, the events so far already count the batches before it."""
+    embedder = Embedder.load(resolve_source(str(model_dir)), device="cpu")
+    events: list[Progress] = []
+    seen_at_call: list[int] = []
+    real = Embedder.embed_images
+
+    def counting(self, pixels):
+        seen_at_call.append(events[-1].embedded if events else 0)
+        return real(self, pixels)
+
+    monkeypatch.setattr(Embedder, "embed_images", counting)
+    paths = [str(folder / f"img{i}.png") for i in range(6)]
+    engine = Engine(embedder, options=RunOptions(workers=1), on_progress=events.append, batch_size=2)
+    list(engine.rank([CandidateSet(queries=(Query("a"),), paths=paths)]))
+    assert seen_at_call == [0, 2, 4]
+    assert [e.done for e in events if e.phase == "embedding"][-1] == 6

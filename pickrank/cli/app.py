@@ -80,21 +80,15 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """
 
 
-# The commands, in the order --help lists them.
-app.command("score", cls=_Command)(score.score)
-app.command("best-of-n", cls=_Command)(score.best_of_n)
-app.command("batch", cls=_Command)(score.batch)
-app.command("prompts", cls=_Command)(prompts.prompts)
-cache_app.command("info", cls=_Command)(cache.cache_info)
-cache_app.command("clear", cls=_Command)(cache.cache_clear)
-cache_app.command("prune", cls=_Command)(cache.cache_prune)
-app.command("report", cls=_Command)(report.report)
-app.command("eval", cls=_Command)(evaluate.eval_)
-app.command("compare", cls=_Command)(compare.compare)
-app.command("serve", cls=_Command)(serve.serve)
-app.command("doctor", cls=_Command)(doctor.doctor)
+# The commands, in the order --help lists them: (the app or group, the name, the function).
+COMMANDS = ((app, "score", score.score), (app, "best-of-n", score.best_of_n), (app, "batch", score.batch),
+            (app, "prompts", prompts.prompts), (cache_app, "info", cache.cache_info),
+            (cache_app, "clear", cache.cache_clear), (cache_app, "prune", cache.cache_prune),
+            (app, "report", report.report), (app, "eval", evaluate.eval_), (app, "compare", compare.compare),
+            (app, "serve", serve.serve), (app, "doctor", doctor.doctor), (export_app, "onnx", export.export_onnx))
+for _group, _name, _function in COMMANDS:
+    _group.command(_name, cls=_Command)(_function)
 app.add_typer(export_app, name="export")
-export_app.command("onnx", cls=_Command)(export.export_onnx)
 
 
 def main() -> None:

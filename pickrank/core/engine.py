@@ -217,11 +217,13 @@ class Backend(Protocol):
 
     def submit(self, key: str, data: bytes) -> None: ...
 
+    # poll(block=True) returns some finished work (at least one result while any is pending), poll(block=False)
+    # what is ready now (maybe nothing)
     def poll(self, block: bool) -> list[Finished]: ...
 
-    def flush(self) -> None: ...  # poll(block=True) now returns all submitted so far; submits may follow
+    def flush(self) -> None: ...  # polls now return all submitted so far, over as many polls as it takes
 
-    def finish(self) -> None: ...  # no more submits: poll(block=True) now returns what is left
+    def finish(self) -> None: ...  # no more submits: polls now return what is left
 
     def close(self) -> None: ...  # always called, also after an error or Ctrl-C
 
@@ -287,9 +289,10 @@ class LocalBackend:
         self.finished = True
 
     def poll(self, block: bool) -> list[Finished]:
-        """Decode results while the window is full (after flush or finish: all of them), and a batch's embeddings
-        each time one is full and the model is ready (after flush or finish: all the rest). Non-blocking polls
-        return nothing here."""
+        """Decode results while the window is full (after flush or finish: all of them), up to and including one
+        batch's embeddings, once one is full and the model is ready (after flush or finish: the rest, a batch per
+        poll). One model call per poll: the engine takes each batch as it is embedded (its cache and its progress
+        move with it). Non-blocking polls return nothing here."""
         out: list[Finished] = []
         if not block:
             return out
@@ -302,9 +305,11 @@ class LocalBackend:
             self.batcher.add(result)
             if (self._loaded() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:
                 out.append(self._embed())
-        while drain and self.batcher:
+                return out
+        if drain and self.batcher:
             out.append(self._embed())
-        self.flushing = False  # everything submitted before the flush is in `out`
+            return out
+        self.flushing = False  # everything submitted before the flush has been returned
         return out
 
     def _embed(self) -> Finished:
