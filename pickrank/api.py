@@ -40,7 +40,7 @@ import torch
 from pickrank.core.engine import Batcher, encode_paired, encode_prompts
 from pickrank.core.scores import paired_scores
 from pickrank.errors import UsageError
-from pickrank.inputs.reader import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, preprocess, resize_crop_geometry, to_image
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, preprocess, resize_crop_geometry, to_image
 from pickrank.models import loading
 from pickrank.models.torch_embedder import Embedder, features
 from pickrank.options import Alpha, DType, ModelOptions, Scale, as_enum

@@ -135,15 +135,14 @@ def as_enum(cls: type[E], value: E | str, what: str) -> E:
 
 
 def _default_max_pixels() -> int:
-    from pickrank.inputs.reader import (
-        DEFAULT_MAX_PIXELS,  # lazily: reader imports Pillow and numpy, which --help does not need
-    )
+    # lazily: decode imports Pillow and numpy, which --help does not need
+    from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 
     return DEFAULT_MAX_PIXELS
 
 
 def _default_max_bytes() -> int:
-    from pickrank.inputs.reader import DEFAULT_MAX_BYTES
+    from pickrank.inputs.files import DEFAULT_MAX_BYTES
 
     return DEFAULT_MAX_BYTES
 

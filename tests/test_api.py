@@ -14,7 +14,7 @@ from pickrank import PickScorer
 from pickrank.api import torch_preprocess
 from pickrank.cli.app import app
 from pickrank.errors import InputFailed, UsageError
-from pickrank.inputs.reader import ImageSpec, preprocess
+from pickrank.inputs.decode import ImageSpec, preprocess
 
 from .conftest import draw_image, image_paths
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pickrank.inputs.reader import ImageSpec, decode_and_preprocess
+from pickrank.inputs.decode import ImageSpec, decode_and_preprocess
 from pickrank.options import Decode, ModelOptions
 
 from .conftest import draw_image

@@ -18,11 +18,11 @@ import pytest
 
 from pickrank.cli.app import app
 from pickrank.core.cache import EmbeddingCache
-from pickrank.doctor import _CHECKS
+from pickrank.doctor import CHECKS
 
 from .test_hardening import no_traceback, pickrank_cmd
 
-NAMES = [name for name, _, _ in _CHECKS]
+NAMES = [name for name, _, _ in CHECKS]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -113,6 +113,20 @@ def test_dynamic_batch_and_text_length(export_dir: Path, model_dir: Path) -> Non
     assert np.abs(onnx.embed_images(pixels) - torch_.embed_images(pixels).numpy()).max() < 1e-5
 
 
+def test_the_export_embedder_has_every_member_of_the_protocol(export_dir: Path) -> None:
+    """An ONNX export, loading and loaded, answers what the server asks of any embedder (`error()`, `source`, ...)."""
+    from pickrank.models.loading import load_embedder
+    from pickrank.models.protocol import ImageTextEmbedder
+    from pickrank.options import ModelOptions
+
+    loading = load_embedder(ModelOptions(model=str(export_dir), device="cpu"))
+    onnx = loading.result()
+    for embedder in (loading, onnx):
+        assert isinstance(embedder, ImageTextEmbedder)
+        assert embedder.ready and embedder.error() is None and embedder.source.model == str(export_dir)
+        assert embedder.backend == "onnx" and embedder.dtype == "float32"
+
+
 def test_export_refused_when_the_graph_does_not_reproduce_torch(model_dir: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch, runner) -> None:
     """A vision graph that really computes something else (traced from a perturbed tower, run by ONNX Runtime)

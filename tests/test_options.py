@@ -95,7 +95,8 @@ def test_option_values_are_checked_in_one_place():
     with pytest.raises(TypeError, match="dtypes"):
         ModelOptions.from_values(dtypes="fp32")
     # None means "the default" for the limits, on the command line and in the library alike
-    from pickrank.inputs.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
+    from pickrank.inputs.files import DEFAULT_MAX_BYTES
 
     assert RunOptions.from_values(max_pixels=None, max_bytes=None) == RunOptions() == \
         RunOptions(max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES)

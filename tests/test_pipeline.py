@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from pickrank.core.engine import Engine, LocalBackend
-from pickrank.inputs.reader import content_key, read_bytes
+from pickrank.inputs.files import content_key, read_bytes
 from pickrank.inputs.sets import sets_for_score
 from pickrank.models.loading import LoadingEmbedder, load_in_background
 from pickrank.models.source import inspect_model

@@ -270,7 +270,7 @@ def test_alpha_matches_each_reference(model_dir, tmp_path):
     import numpy as np
     from transformers import AutoProcessor
 
-    from pickrank.inputs.reader import ImageSpec, normalize, open_image, preprocess
+    from pickrank.inputs.decode import ImageSpec, normalize, open_image, preprocess
 
     png = transparent_png(tmp_path / "t.png")
     data = png.read_bytes()
@@ -327,7 +327,7 @@ def test_alpha_through_the_cli_workers_and_cache(runner, model_dir, tmp_path):
 def test_alpha_white_fingerprint_is_unchanged_and_drop_differs(model_dir):
     import dataclasses
 
-    from pickrank.inputs.reader import ImageSpec
+    from pickrank.inputs.decode import ImageSpec
     from pickrank.models.source import inspect_model, resolve_source
 
     spec = ImageSpec()

@@ -10,16 +10,8 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from pickrank.inputs.reader import (
-    ImageSpec,
-    ReadError,
-    content_key,
-    decode_and_preprocess,
-    normalize,
-    open_image,
-    preprocess,
-    read_bytes,
-)
+from pickrank.inputs.decode import ImageSpec, decode_and_preprocess, normalize, open_image, preprocess
+from pickrank.inputs.files import ReadError, content_key, read_bytes
 
 
 def make(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
@@ -82,6 +74,30 @@ def test_bomb_refused_before_decoding():
         (3, 224, 224)
 
 
+def test_a_worker_answers_each_image_with_its_pixels_or_a_typed_read_error(tmp_path):
+    """decode_many through a real worker process: pixels, or the reason as a ReadError (TooLarge over the limits,
+    which the server answers with 413), its message as the reader words it."""
+    from pickrank.inputs.files import TooLarge
+    from pickrank.inputs.workers import close_pool, decode_many, worker_pool
+
+    bomb, small = io.BytesIO(), io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, format="PNG")
+    make("RGB", (30, 20), seed=1).save(small, format="PNG")
+    data = small.getvalue()
+    jobs = [("bomb", bomb.getvalue()), ("cut", data[:len(data) // 2]), ("ok", data)]
+    pool = worker_pool(1)
+    try:
+        big, cut, ok = pool.submit(decode_many, jobs, ImageSpec(), 100_000_000).result(timeout=120)
+    finally:
+        close_pool(pool)
+    assert isinstance(big, TooLarge) and str(big).startswith("too large to decode safely: 12000x12000 = ")
+    assert isinstance(cut, ReadError) and not isinstance(cut, TooLarge) and str(cut) == "truncated image"
+    assert ok.key == "ok" and ok.pixels.shape == (3, 224, 224)
+    (tmp_path / "a.png").write_bytes(data)
+    with pytest.raises(TooLarge, match=r"^too large: .* bytes, limit 10 \(raise it with --max-bytes\)$"):
+        read_bytes(str(tmp_path / "a.png"), max_bytes=10)
+
+
 def test_signals_inside_the_deferred_block_take_effect_as_it_ends():
     import signal
 
@@ -130,7 +146,7 @@ def test_worker_start_failures_are_quiet_or_one_line(exc, stderr):
 
 
 def test_one_resize_and_crop_geometry_for_both_paths():
-    from pickrank.inputs.reader import Geometry, resize_crop_geometry
+    from pickrank.inputs.decode import Geometry, resize_crop_geometry
 
     spec = ImageSpec()  # shortest side 224, centre crop 224
     assert resize_crop_geometry(448, 300, spec) == Geometry((334, 224), None, (0, 55, 224, 224))

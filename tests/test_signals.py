@@ -245,7 +245,7 @@ def test_table_into_a_closed_pipe_exits_0(model_dir, noise_groups):
 
 def test_decode_workers_ignore_stop_signals():
     """The workers' own view: deaf to the stop signals (the parent shuts them down instead)."""
-    from pickrank.inputs.reader import worker_pool
+    from pickrank.inputs.workers import worker_pool
     from pickrank.signals import STOP_SIGNALS
 
     pool = worker_pool(1)

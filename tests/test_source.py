@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pickrank.errors import ModelLoadError, UsageError
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
 from pickrank.models.loading import LoadingEmbedder, load_in_background
 from pickrank.models.source import (
     DEFAULT_MODEL,
@@ -125,6 +125,18 @@ def test_background_load_gives_the_same_embedder(model_dir):
     a, _ = loading.embed_texts(["a red cat", "the sea"])
     b, _ = ref.embed_texts(["a red cat", "the sea"])
     assert (a == b).all()
+
+
+def test_the_loading_and_the_loaded_embedder_have_every_member_of_the_protocol(model_dir):
+    """What the server asks of either (`error()`, `source`, `revision`, `ready`) is declared, and each has it."""
+    from pickrank.models.protocol import ImageTextEmbedder
+
+    loading = load_in_background(resolve_source(str(model_dir)), device="cpu")
+    loaded = loading.result()
+    for embedder in (loading, loaded):
+        assert isinstance(embedder, ImageTextEmbedder)
+        assert embedder.ready and embedder.error() is None and embedder.source.model == str(model_dir)
+        assert embedder.revision is None and embedder.dtype == loaded.dtype
 
 
 def test_a_failed_background_load_raises_where_the_model_is_used(model_dir, tmp_path):

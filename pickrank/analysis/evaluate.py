@@ -39,7 +39,7 @@ import numpy as np
 from pickrank.core.cache import NullCache
 from pickrank.core.engine import Engine, LocalBackend, Ranking
 from pickrank.errors import PickrankError, UsageError
-from pickrank.inputs.reader import DEFAULT_MAX_PIXELS
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.textfile import read_utf8
 from pickrank.options import RunOptions, Scale, as_enum
 from pickrank.records import CandidateSet, ImageBytes, Query

@@ -146,7 +146,7 @@ def say_loaded(embedder: ImageTextEmbedder) -> None:
     d = embedder.describe()
     helps = "a GPU or --dtype bf16 helps" if embedder.backend == "torch" else "a GPU helps"
     slow = f" (CPU is slow: about 2 s per image for PickScore; {helps})" if embedder.device.type == "cpu" else ""
-    log.info("%s on %s, %s%s", embedder.source.model, d["device"], d["dtype"], slow)  # type: ignore[attr-defined]
+    log.info("%s on %s, %s%s", embedder.source.model, d["device"], d["dtype"], slow)
 
 
 def load_embedder(options: ModelOptions, bar: ProgressBar | NoBar | None = None) -> LoadingEmbedder:

@@ -28,17 +28,9 @@ import numpy as np
 from pickrank.core.cache import NullCache
 from pickrank.core.discovery import Discovery
 from pickrank.errors import InputFailed
-from pickrank.inputs.reader import (
-    Decoded,
-    ImageSpec,
-    ReadError,
-    close_pool,
-    content_key,
-    decode_job,
-    decode_many,
-    read_bytes,
-    worker_pool,
-)
+from pickrank.inputs.decode import Decoded, ImageSpec
+from pickrank.inputs.files import ReadError, content_key, read_bytes
+from pickrank.inputs.workers import close_pool, decode_job, decode_many, worker_pool
 from pickrank.options import RunOptions
 from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Progress, Query, Record, RunSummary
 from pickrank.signals import signals_deferred
@@ -196,7 +188,7 @@ class _Decoder:
         jobs = len(self.queue) + len(self.pending)
         return jobs >= self.window or (self.max_bytes is not None and jobs > 0 and self.bytes >= self.max_bytes)
 
-    def pop(self) -> tuple[str, Decoded | str]:
+    def pop(self) -> tuple[str, Decoded | ReadError]:
         if not self.queue:
             self._dispatch()
         key, holder, i, nbytes = self.queue.popleft()
@@ -299,8 +291,8 @@ class LocalBackend:
         drain = self.finished or self.flushing
         while self.decoder.busy and (self.decoder.full or drain):
             key, result = self.decoder.pop()
-            if isinstance(result, str):
-                out.append(Finished(failures=[(key, result)]))
+            if isinstance(result, ReadError):
+                out.append(Finished(failures=[(key, str(result))]))
                 continue
             self.batcher.add(result)
             if (self._loaded() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:

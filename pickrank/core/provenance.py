@@ -18,7 +18,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from pickrank import __version__
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
 from pickrank.models.hashing import HashStore
 from pickrank.models.source import TOKENIZER_FILES, ModelSource, weight_files
 from pickrank.options import Decode, Scale
@@ -61,19 +61,19 @@ def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw,
     """The provenance of a loaded embedder's run (waits for the load); weight hashes come from `store`; the decode
     mode from the embedder's preprocessing spec (--decode is part of it)."""
     store = store or HashStore()
-    source: ModelSource = embedder.source  # type: ignore[attr-defined]
+    source: ModelSource = embedder.source
     described = embedder.describe()
     tok_files = tokenizer_paths(source)
     return Provenance(
         model=os.path.abspath(source.model) if source.model_is_local else source.model,
-        revision=getattr(embedder, "revision", None),
+        revision=embedder.revision,
         weights={os.path.basename(p): store.sha256(p) for p in model_weight_files(embedder.backend, source)},
         processor=os.path.abspath(source.processor) if os.path.isdir(source.processor) else source.processor,
         tokenizer_sha256=files_sha256(tok_files, store) if tok_files else None,
         tokenizer_files=tuple(os.path.basename(p) for p in tok_files),
         dtype=str(described.get("dtype")), device=str(described.get("device")),
         gpu=gpu_name(str(described.get("device"))), backend=embedder.backend,
-        preprocessing=preprocessing(embedder.spec, Decode(getattr(embedder.spec, "decode", "exact"))),
+        preprocessing=preprocessing(embedder.spec, Decode(embedder.spec.decode)),
         scale=Scale(scale).value, exp_logit_scale=float(embedder.scale), versions=versions())
 
 

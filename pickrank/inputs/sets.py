@@ -10,9 +10,10 @@ from dataclasses import replace
 from typing import TextIO
 
 from pickrank.errors import NoImages, UsageError
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.discover import expand, first_visit, is_glob, is_image_name, peek
+from pickrank.inputs.files import DEFAULT_MAX_BYTES
 from pickrank.inputs.metadata import FoundPrompt, prompt_from_image
-from pickrank.inputs.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pickrank.inputs.textfile import read_utf8
 from pickrank.records import CandidateSet, Query
 

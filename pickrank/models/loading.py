@@ -76,7 +76,7 @@ class LoadingEmbedder:
         return self.result().device
 
     @property
-    def dtype(self) -> "torch.dtype":
+    def dtype(self) -> "torch.dtype | str":
         return self.result().dtype
 
     @property
@@ -86,10 +86,10 @@ class LoadingEmbedder:
     def describe(self) -> dict:
         return self.result().describe()
 
-    def embed_texts(self, texts: list[str]) -> tuple["torch.Tensor", list[bool]]:
+    def embed_texts(self, texts: list[str]) -> tuple["torch.Tensor | np.ndarray", list[bool]]:
         return self.result().embed_texts(texts)
 
-    def embed_images(self, pixels: np.ndarray) -> "torch.Tensor":
+    def embed_images(self, pixels: np.ndarray) -> "torch.Tensor | np.ndarray":
         return self.result().embed_images(pixels)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pickrank.errors import ModelLoadError, UsageError
-from pickrank.inputs.reader import ImageSpec, normalize
+from pickrank.inputs.decode import ImageSpec, normalize
 from pickrank.models.source import (
     MAX_TOKENS,
     ModelInfo,
@@ -210,7 +210,7 @@ class OnnxEmbedder:
     """The export's two towers on ONNX Runtime; embeddings come back L2-normalised, fp32, as numpy arrays. The
     vision graph loads on first use (a run answered by the cache never loads it), as the torch embedder's tower."""
 
-    ready = True
+    ready = True  # as `loading.LoadingEmbedder.ready`: an OnnxEmbedder is loaded
     backend = "onnx"
     dtype = "float32"
 
@@ -238,8 +238,13 @@ class OnnxEmbedder:
             self._vision = open_session(os.path.join(self.folder, VISION_GRAPH), self.providers)
         return self._vision
 
+    def error(self) -> None:
+        """Why the load failed: an OnnxEmbedder has loaded (as `loading.LoadingEmbedder.error`)."""
+        return None
+
     @property
     def image_gflops(self) -> float:
+        """Approximate GFLOPs of one image through the vision tower (from the manifest)."""
         return vision_gflops(self.manifest["vision"])
 
     def describe(self) -> dict:

@@ -1,37 +1,43 @@
 """What every stage may ask of an embedder, loaded or still loading (no torch import here: the CLI's start-up and the
 decode workers stay light).
 
-Implemented by `model.Embedder` (loaded), `onnx_backend.OnnxEmbedder` (an ONNX export on ONNX Runtime: numpy
-arrays where the torch embedder gives tensors) and `loading.LoadingEmbedder` (loading in a thread: what is known
-before the weights load is there at once, the rest waits for the load, or raises its error).
+Implemented by `torch_embedder.Embedder` (loaded), `onnx_embedder.OnnxEmbedder` (an ONNX export on ONNX Runtime:
+numpy arrays where the torch embedder gives tensors) and `loading.LoadingEmbedder` (loading in a thread: what is
+known before the weights load is there at once, the rest waits for the load, or raises its error).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
+from pickrank.models.source import ModelSource
 
 if TYPE_CHECKING:
     import torch
 
 
+@runtime_checkable
 class ImageTextEmbedder(Protocol):
-    """PickScore's two towers behind one interface: normalised fp32 embeddings on the CPU, and the score's scale."""
+    """PickScore's two towers behind one interface: normalised fp32 embeddings on the CPU, and the score's scale.
 
-    spec: ImageSpec  # the preprocessing the image tower expects (known before the weights load)
-    fingerprint: str  # the cache key's model part (idem)
-    backend: str  # "torch" (embeddings are torch tensors) or "onnx" (numpy arrays; no torch in the process) (idem)
+    The attributes, `ready` and `error()` answer before the weights have loaded; the rest waits for the load (and
+    raises its error when it failed)."""
 
-    @property
-    def backend(self) -> str:
-        """What runs the model: "torch" (an ONNX embedder says "onnx"); part of the provenance."""
+    spec: ImageSpec  # the preprocessing the image tower expects
+    fingerprint: str  # the cache key's model part
+    backend: str  # what runs the model: "torch" (embeddings are torch tensors) or "onnx" (numpy arrays, no torch)
+    source: ModelSource  # where the model and processor come from
+    revision: str | None  # the hub commit the weights came from; None for a local folder
 
     @property
     def ready(self) -> bool:
-        """True once the model is there (a loaded Embedder always; a loading one once its load has ended)."""
+        """True once the model is there (a loaded embedder always; a loading one once its load has ended)."""
+
+    def error(self) -> BaseException | None:
+        """Why the load failed (waits for it to end); None when the model loaded."""
 
     @property
     def scale(self) -> float:
@@ -44,6 +50,10 @@ class ImageTextEmbedder(Protocol):
     @property
     def device(self) -> "torch.device":
         """Where the model runs (anything with `.type` "cpu"/"cuda"/"mps" and a str())."""
+
+    @property
+    def dtype(self) -> "torch.dtype | str":
+        """The weights' dtype: a torch.dtype ("float32" for an ONNX export)."""
 
     @property
     def image_gflops(self) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from pickrank.errors import ModelLoadError
-from pickrank.inputs.reader import ImageSpec
+from pickrank.inputs.decode import ImageSpec
 from pickrank.options import DTYPE_NAMES, DType, as_enum  # noqa: F401 - DTYPE_NAMES: model.py imports it from here
 from pickrank.records import Progress
 
@@ -25,7 +25,8 @@ log = logging.getLogger("pickrank")
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 MAX_TOKENS = 77  # CLIP's text length: longer prompts are cut there, as the reference does
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# Checkpoint files that are pickles (unpickling can run code): never loaded, named when they are all there is.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _PROCESSOR_FILES = ("preprocessor_config.json",)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 # Every file a CLIP tokenizer may load from: what the provenance's tokenizer hash covers (those present).
@@ -138,7 +139,7 @@ def check_local_weights(folder: str) -> None:
         raise ModelLoadError(f"{folder}: no config.json, so not a transformers model folder")
     if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
         return
-    pickles = [n for n in names if n.endswith(_WEIGHT_SUFFIXES)]
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise ModelLoadError(
             f"{folder}: only a pickle checkpoint ({', '.join(sorted(pickles))}); pickrank loads safetensors only, "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pickrank.errors import ModelLoadError, UsageError
-from pickrank.inputs.reader import ImageSpec, normalize
+from pickrank.inputs.decode import ImageSpec, normalize
 from pickrank.models.source import (
     DEFAULT_MODEL,
     DEFAULT_PROCESSOR,
@@ -205,7 +205,7 @@ class Embedder:
     backend = "torch"  # what runs the model (the provenance says it); embeddings are torch tensors (ONNX: numpy)
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
-                 dtype: torch.dtype, fingerprint: str, source: ModelSource | None = None,
+                 dtype: torch.dtype, fingerprint: str, source: ModelSource,
                  batch_size: int = 8, revision: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -259,6 +259,10 @@ class Embedder:
         self.device = dev
         return self
 
+    def error(self) -> None:
+        """Why the load failed: an Embedder has loaded (as `loading.LoadingEmbedder.error`)."""
+        return None
+
     @property
     def image_gflops(self) -> float:
         """Approximate GFLOPs of one image through the vision tower (patch embedding, attention, MLPs)."""
@@ -266,12 +270,12 @@ class Embedder:
 
     def describe(self) -> dict:
         """Model, revision, device and dtype, for logs and reports."""
-        return {"model": self.source.model if self.source else "?", "revision": self.revision,
+        return {"model": self.source.model, "revision": self.revision,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
-        """Normalised text embeddings (padded to the longest in the batch, truncated at 77 tokens) and truncation flags."""
+        """Normalised text embeddings (padded to the batch's longest, cut at 77 tokens) and truncation flags."""
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
         truncated = [n > MAX_TOKENS for n in lengths]
         out = []

@@ -4,10 +4,13 @@ write of one ranking."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from pickrank.errors import OutputError
 from pickrank.records import Record
+
+if TYPE_CHECKING:
+    from pickrank.models.protocol import ImageTextEmbedder
 
 log = logging.getLogger("pickrank")
 
@@ -59,7 +62,7 @@ class MetaHandOver:
     """Hands the run's provenance to the sinks that want it, once: computed only when one does (the weight hashes
     cost a read of the weights the first time), and only from a model that loaded."""
 
-    def __init__(self, sinks: Sequence[Sink], embedder: object, compute: Callable[[], dict]) -> None:
+    def __init__(self, sinks: Sequence[Sink], embedder: ImageTextEmbedder, compute: Callable[[], dict]) -> None:
         self.takers = [s for s in sinks if s.wants_meta]
         self.embedder, self.compute = embedder, compute
         self.done = not self.takers
@@ -75,7 +78,7 @@ class MetaHandOver:
     def give_if_loaded(self) -> None:
         """For a run that is failing or interrupted: hand it over if the model has loaded, never raising (the page
         of an interrupted run still says which model ran; the run's own error is the one reported)."""
-        if self.done or not self.embedder.ready or self.embedder.error() is not None:  # type: ignore[attr-defined]
+        if self.done or not self.embedder.ready or self.embedder.error() is not None:
             return
         try:
             self.give()

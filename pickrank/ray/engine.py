@@ -11,7 +11,7 @@ One Ray Dataset runs for the whole run, so every embedding actor loads the model
 runs: the driver puts chunks into a small feed actor and a single source task yields them into the dataset; a
 window bounds the images in flight, so memory stays flat whatever the number of images. Each dataset row is a
 whole chunk, so a chunk reaches the actors as one model batch and its embeddings come back as soon as they exist.
-Decode tasks call `reader.decode_job` and the actors `Embedder.embed_images`: the same units as the local
+Decode tasks call `workers.decode_job` and the actors `Embedder.embed_images`: the same units as the local
 engine. `_RayStream` is the `pipeline.Backend` a RayEngine gives its `pipeline.Engine`, which keeps everything else:
 reading, the cache (filled per chunk), scoring and ranking.
 
@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 
 from pickrank.errors import ModelLoadError, PickrankError, RayClusterError, UsageError
-from pickrank.inputs.reader import ImageSpec, decode_job
+from pickrank.inputs.decode import ImageSpec
+from pickrank.inputs.files import ReadError
+from pickrank.inputs.workers import decode_job
 from pickrank.options import DType
 from pickrank.ray.cluster import first_line, join_or_start, plain, require_ray
 from pickrank.records import Finished, Progress
@@ -125,8 +127,8 @@ def _decode_chunks(batch, spec: ImageSpec, max_pixels: int | None) -> dict:
         errors, pixels = [], []
         for key, data in zip(keys, datas):
             result = decode_job(str(key), bytes(data), spec, max_pixels)
-            if isinstance(result, str):
-                errors.append(result)
+            if isinstance(result, ReadError):
+                errors.append(str(result))
             else:
                 errors.append("")
                 pixels.append(result.pixels)

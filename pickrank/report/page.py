@@ -20,7 +20,7 @@ from typing import IO, Callable, Sequence
 
 from pickrank import __version__
 from pickrank.errors import OutputError
-from pickrank.inputs.reader import close_pool, worker_pool
+from pickrank.inputs.workers import close_pool, worker_pool
 from pickrank.output.targets import Output, check_output
 from pickrank.signals import signals_deferred
 
@@ -151,7 +151,8 @@ def page_head(title: str, subtitle: str, css: str, script: str, items: Sequence[
 
 def make_thumb(path: str) -> bytes | str:
     """A JPEG thumbnail of the file (long side THUMB_SIZE), or the reason there is none (worker entry)."""
-    from pickrank.inputs.reader import ReadError, make_thumbnail, open_image, read_bytes
+    from pickrank.inputs.decode import make_thumbnail, open_image
+    from pickrank.inputs.files import ReadError, read_bytes
 
     try:
         return make_thumbnail(open_image(read_bytes(path)), THUMB_SIZE)

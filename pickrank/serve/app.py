@@ -12,8 +12,8 @@
 
 This module holds the app: its routes, errors, info and metrics. Requests are parsed in `serve.requests`;
 decoding and batching are `serve.batching`'s, and nothing there decodes, preprocesses or scores on its own:
-encoded images go through `reader.decode_many` in the CLI's worker pool, pixel arrays through
-`reader.image_pixels`, the model through `core.engine.Batcher` and `core.engine.encode_paired`, the math through
+encoded images go through `workers.decode_many` in the CLI's worker pool, pixel arrays through
+`decode.image_pixels`, the model through `core.engine.Batcher` and `core.engine.encode_paired`, the math through
 `core.scores`. The event loop only parses and waits: decoding runs in the pool (or threads), the model in one
 thread of its own. `serve.server` listens and runs the app.
 """
@@ -48,8 +48,7 @@ log = logging.getLogger("pickrank")
 
 def _load_error(embedder: ImageTextEmbedder) -> BaseException | None:
     """Why the model failed to load (only asked once the load has ended); None when it is fine."""
-    error = getattr(embedder, "error", None)
-    return error() if embedder.ready and error is not None else None
+    return embedder.error() if embedder.ready else None
 
 
 def _version(package: str) -> str | None:
@@ -61,8 +60,7 @@ def _version(package: str) -> str | None:
 
 def model_provenance(embedder: ImageTextEmbedder) -> dict:
     """What is known of the model while it loads, or once it failed (a loaded one has its full provenance)."""
-    source = getattr(embedder, "source", None)
-    return {"model": getattr(source, "model", None), "revision": getattr(embedder, "revision", None),
+    return {"model": embedder.source.model, "revision": embedder.revision,
             "status": "loading" if not embedder.ready else "failed"}
 
 
@@ -133,7 +131,7 @@ class _Service:
 
     def _provenance_when_loaded(self) -> None:
         """Wait for the load to end, then compute the provenance (a failure is the requests' to report)."""
-        getattr(self.embedder, "error", lambda: None)()
+        self.embedder.error()
         try:
             self.provenance()
         except Exception as e:  # noqa: BLE001 - a thread's failure must not go unseen, nor stop the server

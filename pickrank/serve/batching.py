@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pickrank.inputs.reader import Decoded, ImageSpec, close_pool, decode_many, worker_pool
+from pickrank.inputs.decode import Decoded, ImageSpec
+from pickrank.inputs.files import ReadError, TooLarge
+from pickrank.inputs.workers import close_pool, decode_many, worker_pool
 from pickrank.serve.metrics import Metrics
 from pickrank.serve.requests import ApiError, ServeLimits
 
@@ -22,12 +24,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pickrank")
 
 _DECODE_CHUNK = 4  # encoded images per round trip to a decode worker
-_TOO_LARGE = "too large"  # how reader's pixel-limit reason starts: answered 413, not 422
 
 
 class Decoders:
-    """Decoding and preprocessing off the event loop: encoded images in the CLI's worker pool (`reader.decode_many`,
-    the same limits), pixel arrays in threads (`reader.image_pixels`, Pillow releases the GIL while it resizes)."""
+    """Decoding and preprocessing off the event loop: encoded images in the CLI's worker pool (`workers.decode_many`,
+    the same limits), pixel arrays in threads (`decode.image_pixels`, Pillow releases the GIL while it resizes)."""
 
     def __init__(self, workers: int) -> None:
         self.pool = worker_pool(workers) if workers > 0 else None
@@ -36,7 +37,7 @@ class Decoders:
     async def pixels(self, images: list[bytes | np.ndarray], spec: ImageSpec,
                      max_pixels: int | None) -> list[np.ndarray]:
         """Preprocessed uint8 (3, H, W) pixels per image, in order; a 422 (413 over max_pixels) naming the failed."""
-        from pickrank.inputs.reader import image_pixels
+        from pickrank.inputs.decode import image_pixels
 
         loop = asyncio.get_running_loop()
         encoded = [(str(i), im) for i, im in enumerate(images) if isinstance(im, bytes)]
@@ -45,14 +46,14 @@ class Decoders:
         futures = [asyncio.wrap_future(pool.submit(decode_many, c, spec, max_pixels)) for c in chunks]
         arrays = {i: loop.run_in_executor(self.threads, image_pixels, im, spec, None)
                   for i, im in enumerate(images) if not isinstance(im, bytes)}
-        results: dict[int, Decoded | str] = {}
+        results: dict[int, Decoded | ReadError] = {}
         for chunk, out in zip(chunks, await asyncio.gather(*futures)):
             results.update((int(k), r) for (k, _), r in zip(chunk, out))
         for i, px in zip(arrays, await asyncio.gather(*arrays.values())):
             results[i] = Decoded(str(i), px)
-        failed = [(i, r) for i, r in sorted(results.items()) if isinstance(r, str)]
+        failed = [(i, r) for i, r in sorted(results.items()) if isinstance(r, ReadError)]
         if failed:
-            status = 413 if any(r.startswith(_TOO_LARGE) for _, r in failed) else 422
+            status = 413 if any(isinstance(r, TooLarge) for _, r in failed) else 422
             raise ApiError(status, "; ".join(f"images[{i}]: {r}" for i, r in failed[:8]))
         return [results[i].pixels for i in range(len(images))]  # type: ignore[union-attr]
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pickrank.errors import RemoteError, UsageError
-from pickrank.inputs.reader import DEFAULT_MAX_PIXELS
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.options import Scale, as_enum
 
 _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 2.0

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 from fastapi import Request
 
-from pickrank.inputs.reader import DEFAULT_MAX_PIXELS
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.options import Scale
 
 SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors")

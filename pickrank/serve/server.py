@@ -96,7 +96,7 @@ def stop_if_load_fails(embedder: ImageTextEmbedder, server: Any, failed: list[Ba
     """In a thread: once the model's load has ended, stop the server (noting why in `failed`) if it failed."""
 
     def watch() -> None:
-        error = getattr(embedder, "error", lambda: None)()
+        error = embedder.error()
         if error is not None:
             failed.append(error)
             server.should_exit = True

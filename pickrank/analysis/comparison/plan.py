@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from pickrank.errors import UsageError
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.discover import is_image_name
-from pickrank.inputs.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from pickrank.inputs.files import DEFAULT_MAX_BYTES
 from pickrank.inputs.sets import group_prompt, prompt_from_metadata, read_prompts_csv
 from pickrank.inputs.textfile import read_utf8
 from pickrank.records import CandidateSet, Query
