@@ -223,6 +223,8 @@ def test_html_and_per_prompt_outputs(runner, model_dir, tmp_path):
     assert data["settings"]["all_pairs"] and len(data["best_of_k"]) == 2 and data["best_of_k"][0]["ks"] == [1, 2]
     table = run(runner, str(a), str(b), "--prompts", str(prompts), "--all-pairs", "--best-of-n", model=model_dir)
     assert "win rate of row over column" in table.stdout and "best-of-k win rate" in table.stdout
+    assert table.stdout.count("best-of-k win rate") == 1  # one table, a row per ordered pair
+    assert "mean 95% CI" in table.stdout and "win 95% CI" in table.stdout  # the two intervals named apart
 
 
 def test_a_failed_run_keeps_earlier_outputs(runner, model_dir, tmp_path):

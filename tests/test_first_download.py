@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -107,3 +110,14 @@ def test_from_pretrained_changes_no_global_state_in_process(model_dir, images):
         assert state() == before
     finally:
         hub_tqdm.progress_bar_states.pop("some.group", None)
+
+
+def test_without_a_network_the_advice_downloads_only_what_pickrank_reads(images, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: connecting is refused, as without a network
+    env = {**_env(tmp_path, f"http://127.0.0.1:{port}"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-m", "pickrank", "score", "-p", "a red cat", "--no-cache", str(images)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "(hf download yuvalkirstain/PickScore_v1 --include config.json model.safetensors)" in res.stderr
