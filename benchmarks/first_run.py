@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from pickrank.devtools import LocalHub, build_model, run_in_pty  # noqa: E402
 
-BAR = re.compile(r"pickrank: (downloading|loading the model|embedding|discovering)[^\r\n\x1b]*")
+BAR = re.compile(r"pickrank: (downloading (?!the weights)|loading the model|embedding|discovering)[^\r\n\x1b]*")
 
 
 def make_images(folder: Path, n: int, size: int) -> None:
@@ -57,6 +57,12 @@ def first_seen(stamps: list[tuple[float, str]], pattern: str) -> float | None:
     return None
 
 
+def last_seen(stamps: list[tuple[float, str]], pattern: str) -> float | None:
+    """When a piece of output last matched `pattern` (seconds since the start)."""
+    times = [t for t, chunk in stamps if re.search(pattern, chunk)]
+    return times[-1] if times else None
+
+
 def run(args: list[str], env: dict[str, str], cwd: Path) -> dict:
     """One run in a terminal: its wall time, when each phase showed, and the bar's distinct lines."""
     stamps: list[tuple[float, str]] = []
@@ -68,8 +74,10 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> dict:
     marks = {name: first_seen(stamps, pattern) for name, pattern in (
         ("download_shown", r"downloading model\.safetensors"), ("model_loaded", r"on cpu|on cuda"),
         ("first_embedded", r"embedding  [1-9]\d*/"), ("table", r"┏"))}
+    marks["download_last_drawn"] = last_seen(stamps, r"downloading model\.safetensors")
     return {"code": code, "wall_s": round(wall, 1), "marks_s": {k: v and round(v, 1) for k, v in marks.items()},
             "bar": frames[:3] + ["..."] + frames[-3:] if len(frames) > 6 else frames,
+            "bar_sampled": frames[::max(1, len(frames) // 12)],
             "messages": [line for line in re.sub(r"\x1b\[[0-9;]*[mK]", "", raw).replace("\r", "\n").splitlines()
                          if line.startswith("pickrank: ") and not BAR.match(line)]}
 
@@ -87,6 +95,7 @@ def main() -> int:
 
         build_model(a.model_dir, PICKSCORE_ARCH)
     with tempfile.TemporaryDirectory() as tmp, LocalHub(a.model_dir) as hub:
+        hub.etag(Path(a.model_dir) / "model.safetensors")  # the hub knows its hashes: not part of the timing
         work = Path(tmp)
         make_images(work / "images", a.images, a.size)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PICKRANK_"))}
