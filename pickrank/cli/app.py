@@ -21,6 +21,7 @@ from pickrank.cli import cache, compare, doctor, evaluate, export, prompts, repo
 from pickrank.errors import EXIT_USAGE, UsageError
 from pickrank.signals import STOP_SIGNALS, set_handlers
 
+
 def _no_type(ctx: Any) -> None:
     return None
 

@@ -40,9 +40,8 @@ class _StderrHandler(logging.Handler):
     prompt in a message cannot drive the terminal)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from pickrank.output.terminal import terminal_safe
-
         from pickrank.cli.progress import write_line
+        from pickrank.output.terminal import terminal_safe
 
         level = {"WARNING": "warning: ", "ERROR": "error: "}.get(record.levelname, "")
         write_line(f"pickrank: {level}{terminal_safe(record.getMessage())}")  # above the progress bar, if up

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, TextIO
-
 import os
+from typing import Iterator, TextIO
 
 from pickrank.errors import NoImages
 from pickrank.inputs.discover import expand
