@@ -451,7 +451,7 @@ def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
     test_options.test_shared_options_are_listed_once_and_commands_declare_only_their_own(
         runner, monkeypatch, ("serve",))
     text = runner.invoke(app, ["serve", "--help"]).stdout
-    assert "Example: pickrank serve" in text and "--insecure-no-auth" in text
+    assert "$ pickrank serve" in text and "--insecure-no-auth" in text
 
 
 def test_without_the_serve_extra_a_one_line_hint(model_dir: Path, tmp_path: Path) -> None:
