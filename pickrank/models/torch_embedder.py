@@ -246,6 +246,9 @@ class Embedder:
                                                           trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(load_error_text(source.processor, e, source.offline)) from e
+        # embed_texts counts tokens untruncated to report truncation itself; this tokenizer's own "longer than the
+        # maximum" warning would say the opposite of what happens (the text is cut at 77 tokens)
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         return cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
                    batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
 
