@@ -178,6 +178,21 @@ def _check_preprocess(name: str) -> str:
     return name
 
 
+class RankedRecords(list):
+    """`PickScorer.rank`'s records: a plain list of dicts that a notebook shows as a small HTML table."""
+
+    def _repr_html_(self) -> str:
+        from pickrank.report.page import esc, number
+
+        rows = "".join(
+            f"<tr><td>{esc(r.get('rank') or '-')}</td><td>{number(r.get('score'))}</td><td>{number(r.get('prob'))}"
+            f"</td><td>{esc(r.get('path') or '')}{esc(' (error: ' + r['error'] + ')') if r.get('error') else ''}"
+            "</td></tr>" for r in self)
+        caption = esc(self[0].get("prompt") or "") if self else "no images"
+        return (f"<table><caption>{caption}</caption><thead><tr><th>rank</th><th>score</th><th>prob</th>"
+                f"<th>path</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 class PickScorer:
     """PickScore_v1 for Python code: scores, rankings and embeddings, on one device and dtype.
 
@@ -196,7 +211,7 @@ class PickScorer:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, processor: str | None = None, device: str = "auto",
-                        dtype: DType | str = "fp32", revision: str | None = None, offline: bool = False,
+                        dtype: DType | str | torch.dtype = "fp32", revision: str | None = None, offline: bool = False,
                         batch_size: int | None = None, differentiable: bool = False,
                         max_pixels: int | None = DEFAULT_MAX_PIXELS, *, alpha: Alpha | str = "white",
                         preprocess: str = "exact", scale: Scale | str = "raw",
@@ -205,7 +220,8 @@ class PickScorer:
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
         The model arguments build a `pickrank.options.ModelOptions`, the object `pickrank score --dtype ...` builds,
-        and load through the same function; or give `options` (a ModelOptions) instead of them.
+        and load through the same function; or give `options` (a ModelOptions) instead of them. `dtype`: "fp32" (the
+        reference), "fp16" or "bf16", or a torch dtype (torch.bfloat16) or its name ("bfloat16", "float16", "half").
         `alpha`: "white" (transparency composited onto white) or "drop" (the alpha channel discarded), as --alpha.
         `differentiable=True` makes `score` take the differentiable path for float tensors by default;
         `preprocess="torch"` makes it take the batched on-device path for image tensors (see the module docstring).
@@ -222,6 +238,16 @@ class PickScorer:
         embedder = loading_embedder.result()
         return cls(embedder, differentiable=differentiable, max_pixels=max_pixels, preprocess=preprocess,
                    score_scale=scale)
+
+    def __call__(self, prompts: str | Sequence[str], images: Any, **kwargs: Any) -> torch.Tensor:
+        """`scorer(prompts, images)` is `scorer.score(prompts, images)` (same keyword arguments)."""
+        return self.score(prompts, images, **kwargs)
+
+    def to(self, device: str | torch.device) -> "PickScorer":
+        """Move the model to `device` ("cuda", "cuda:1", "cpu", "mps", a torch.device); returns the scorer. The
+        dtype stays, and must run there (fp16 is refused on the CPU)."""
+        self.embedder.to(device)
+        return self
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -356,11 +382,16 @@ class PickScorer:
         return encode_paired(self.embedder, prompts)[0]
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
-             workers: int | None = None) -> list[dict]:
+             workers: int | None = None, processes: bool = False) -> list[dict]:
         """Rank image files for one prompt: the CLI's records (prompt, prompt_source, path, score, prob, rank,
         truncated, error), best first, then the files that failed (with `error`). Folders and globs expand as on the
         command line; the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the
-        same batch size (batches of another size change the last float digits, in the CLI as well)."""
+        same batch size (batches of another size change the last float digits, in the CLI as well).
+
+        Images are decoded in `workers` threads (default: one per CPU, at most 8; 0: in this thread), which works
+        in a script, a notebook or a REPL as it is. `processes=True` decodes in worker processes instead, as the
+        CLI does (more throughput on many cores); like any process pool it needs the script's code under
+        `if __name__ == "__main__":`, since each worker re-imports the script."""
         from pickrank.core.scoring import make_engine, rankings
         from pickrank.errors import NoImages
         from pickrank.inputs.sets import sets_for_score
@@ -371,12 +402,13 @@ class PickScorer:
             raise ArgumentTypeError(f"prompt: a string, got {type(prompt).__name__}")
         check_text(prompt, "prompt")
         args = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        run = RunOptions(top=top, workers=workers, max_pixels=self.max_pixels, scale=self.score_scale)
+        run = RunOptions(top=top, workers=workers, max_pixels=self.max_pixels, scale=self.score_scale,
+                         threads=not processes)
         try:
             sets = sets_for_score(prompt, [os.fspath(p) for p in args], max_pixels=run.max_pixels,
                                   max_bytes=run.max_bytes)
         except NoImages:
             return []
         fields = record_fields("score")
-        return [r.to_dict(fields) for ranking in rankings(make_engine(self.embedder, run), sets)
-                for r in ranking.records]
+        return RankedRecords(r.to_dict(fields) for ranking in rankings(make_engine(self.embedder, run), sets)
+                             for r in ranking.records)

@@ -110,3 +110,21 @@ class Finished:
     keys: Sequence[str] = ()
     embeddings: "torch.Tensor | np.ndarray | None" = None
     failures: Sequence[tuple[str, str]] = ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, as the engine and the model loader report it (the CLI draws it as one bar).
+
+    phase: "discovering" (finding the images), "downloading" (the model's weights: `done` and `total` in bytes,
+    `detail` the file), "loading" (the model), "embedding" (images: `done` of `total`, None while discovery still
+    runs), "writing" (outputs; the bar steps aside), "done".
+    """
+
+    phase: str
+    done: int = 0
+    total: int | None = None
+    embedded: int = 0  # images that went through the model
+    cached: int = 0  # images answered by the embedding cache
+    failed: int = 0  # images (or sets) that could not be scored
+    detail: str = ""

@@ -85,8 +85,9 @@ def test_api_takes_the_options_object_itself(model_dir, recorded):
 def test_option_values_are_checked_in_one_place():
     assert ModelOptions.from_values(dtype="bf16") == ModelOptions(dtype=DType.bf16)
     assert RunOptions.from_values(on_error="fail").on_error is OnError.fail == "fail"
-    with pytest.raises(UsageError, match="unknown dtype 'float32': use fp32, fp16 or bf16"):
-        ModelOptions.from_values(dtype="float32")
+    assert ModelOptions.from_values(dtype="float32") == ModelOptions(dtype=DType.fp32)  # torch's usual names too
+    with pytest.raises(UsageError, match="unknown dtype 'float64': use fp32, fp16 or bf16"):
+        ModelOptions.from_values(dtype="float64")
     with pytest.raises(TypeError, match="dtypes"):
         ModelOptions.from_values(dtypes="fp32")
     # None means "the default" for the limits, on the command line and in the library alike
@@ -124,7 +125,7 @@ def test_help_shows_brackets_as_written(runner, monkeypatch):
         assert "pip install 'pickrank[ray]'" in runner.invoke(app, [command, "--help"]).stdout
     text = runner.invoke(app, ["eval", "--help"]).stdout
     assert "pip install 'pickrank[eval]'" in text
-    assert "<= this [default: 0, or chosen with --validation]." in text
+    assert "<= T [default: 0, or chosen with --validation]." in text
     assert "[default: yuvalkirstain/PickScore_v1]" in text and "\\[" not in text
 
 

@@ -7,8 +7,9 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Callable, Optional, Sequence
 
-from pickrank.cli.lifecycle import Command, progress, say_loaded
-from pickrank.cli.shared import SCORING, Arg, Opt, Opts, with_options
+from pickrank.cli.lifecycle import Command, say_loaded
+from pickrank.cli.progress import progress_bar
+from pickrank.cli.shared import INPUT, OUTPUT, SCORING, Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from pickrank.options import DatasetOptions, PromptFrom
 from pickrank.records import CandidateSet
@@ -33,12 +34,13 @@ def _score_command(kind: str, opts: Opts, make_sets: Callable[[], list[Candidate
     with Command(opts.command) as cmd:
         data = dataset()
         job = ScoringJob(kind, make_sets(), tuple(inputs), copy_to) if data is None else None
-        with progress("img", opts.command.quiet) as bar:
+        with progress_bar(opts.command.quiet) as bar:
             if job is not None:
-                scored = score_job(job, opts.scoring(), cmd.sinks, on_progress=bar, on_loaded=say_loaded)
+                scored = score_job(job, opts.scoring(), cmd.sinks, on_progress=bar,
+                                   on_loaded=bar.on_loaded(say_loaded))
             else:
                 scored = score_dataset(data, opts.scoring(), cmd.sinks, on_progress=bar,  # type: ignore[arg-type]
-                                       on_loaded=say_loaded)
+                                       on_loaded=bar.on_loaded(say_loaded))
         cmd.code = EXIT_PARTIAL if scored.failed else EXIT_OK
 
 
@@ -58,41 +60,49 @@ def _dataset_job(paths: list[str], prompt: str | None, prompt_from: PromptFrom |
     return DatasetJob(tuple(paths), prompt, dataset, overwrite)
 
 
+PATHS_HELP = "Image files, folders, quoted globs ('**' too), or - to read paths from stdin."
+
+
 @with_options(*SCORING)
 def score(
-    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin; or "
-                                         "dataset shards: .tar (webdataset), .parquet, a folder of them, a quoted "
-                                         "glob or brace range ('shards/{00000..00099}.tar').")],
-    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="The prompt the images were generated for "
-                                         "[default: each image's own metadata prompt; a dataset sample's "
-                                         "caption].")] = None,
+    paths: Annotated[list[str], Arg(metavar="PATH", help=PATHS_HELP[:-1] + "; or dataset shards: .tar "
+                                         "(webdataset), .parquet, a folder of them, a quoted glob or brace range "
+                                         "('shards/{00000..00099}.tar').")],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT, help="The prompt the "
+                                         "images were generated for [default: each image's own metadata "
+                                         "prompt; a dataset sample's caption].")] = None,
     prompt_from: Annotated[Optional[PromptFrom], Opt(
-        "--prompt-from", help="metadata: score each image against the prompt in its own metadata (what leaving "
-                              "out --prompt does); caption: each dataset sample against its own caption. Images "
-                              "(samples of a shard) with the same prompt form one ranking.")] = None,
-    top: Annotated[Optional[int], Opt(min=1, help="Show only the best K.")] = None,
-    image_key: Annotated[Optional[str], Opt(help="Webdataset: the image member's extension [default: the first "
-                                            "of jpg, jpeg, png, webp].", rich_help_panel=DATASETS)] = None,
-    caption_key: Annotated[str, Opt(help="Webdataset: the caption member's extension.",
-                                    rich_help_panel=DATASETS)] = "txt",
-    image_column: Annotated[Optional[str], Opt(help="Parquet: the column of image bytes (binary, or a struct with "
-                                               "bytes) [default: jpg, image, ... or the one binary column].",
-                                               rich_help_panel=DATASETS)] = None,
-    caption_column: Annotated[Optional[str], Opt(help="Parquet: the caption column [default: caption, txt, text "
-                                                 "or prompt].", rich_help_panel=DATASETS)] = None,
-    key_column: Annotated[Optional[str], Opt(help="Parquet: the key column [default: key, __key__, id, image_id "
-                                             "or uid; else the row number].", rich_help_panel=DATASETS)] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="-o DIR/: score again the shards whose output was made "
-                                   "another way (model, prompt, scale, columns, or the shard changed) instead of "
-                                   "refusing.", rich_help_panel=DATASETS)] = False,
+        "--prompt-from", panel=INPUT, help="metadata: score each image against the prompt in its own metadata "
+                                           "(what leaving out --prompt does); caption: each dataset sample against "
+                                           "its own caption. Images (samples of a shard) with the same prompt form "
+                                           "one ranking.")] = None,
+    top: Annotated[Optional[int], Opt(min=1, metavar="K", panel=OUTPUT, help="Show only the best K.")] = None,
+    image_key: Annotated[Optional[str], Opt(metavar="EXT", panel=DATASETS, help="Webdataset: the image member's "
+                                            "extension [default: the first of jpg, jpeg, png, webp].")] = None,
+    caption_key: Annotated[str, Opt(metavar="EXT", panel=DATASETS,
+                                    help="Webdataset: the caption member's extension.")] = "txt",
+    image_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the column of image "
+                                               "bytes (binary, or a struct with bytes) [default: jpg, image, ... or "
+                                               "the one binary column].")] = None,
+    caption_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the caption column "
+                                                 "[default: caption, txt, text or prompt].")] = None,
+    key_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the key column "
+                                             "[default: key, __key__, id, image_id or uid; else the row "
+                                             "number].")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", panel=DATASETS, help="-o DIR/: score again the shards whose "
+                                   "output was made another way (model, prompt, scale, columns, or the shard "
+                                   "changed) instead of refusing.")] = False,
     *, opts: Opts,
 ) -> None:
     """Score images against one prompt, or each against its own metadata prompt, and rank them; or score a
     dataset's samples (webdataset shards, parquet), with `-o DIR/` one parquet per shard, resumable.
 
-    Example: pickrank score --prompt "a red cat on a sofa" sample_images/
-
-    Example: pickrank score 'shards/{00000..00019}.tar' --prompt-from caption -o scores/
+    Examples:
+      $ pickrank score -p "a red cat on a sofa" images/
+      $ pickrank score comfyui_output/            # each image's own prompt
+      $ pickrank score -p "a castle" 'out/**/*.png' --top 5 --html top.html
+      $ find runs -name '*.png' | pickrank score -p "a castle" - -f jsonl
+      $ pickrank score 'shards/{00000..00019}.tar' --prompt-from caption -o scores/
     """
     from pickrank.inputs.sets import sets_for_score
 
@@ -112,16 +122,23 @@ def score(
 
 @with_options(*SCORING)
 def best_of_n(
-    folder: Annotated[str, Arg(help="Folder of candidates; each subfolder with images is a group.")],
-    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="Prompt for every group [default: prompt.txt in "
-                                         "the group, else the first image's metadata prompt].")] = None,
-    top: Annotated[int, Opt(min=1, help="Keep the best K of each group.")] = 1,
-    copy_to: Annotated[Optional[str], Opt(help="Copy the winners into this folder (never overwrites).")] = None,
+    folder: Annotated[str, Arg(metavar="FOLDER", help="Folder of candidates; each subfolder with images is a "
+                                                      "group (the images directly in FOLDER are one too).")],
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT, help="Prompt for every "
+                                         "group [default: prompt.txt in the group, else the first image's "
+                                         "metadata prompt].")] = None,
+    top: Annotated[int, Opt(min=1, metavar="K", panel=OUTPUT, help="Keep the best K of each group.")] = 1,
+    copy_to: Annotated[Optional[str], Opt(metavar="DIR", panel=OUTPUT, help="Copy the winners into DIR/GROUP/ "
+                                          "(never overwrites: NAME-1.png when NAME.png is taken).")] = None,
     *, opts: Opts,
 ) -> None:
     """Keep the best of N candidates in each group of a folder.
 
-    Example: pickrank best-of-n out/ --top 1 --copy-to keep/
+    Examples:
+      $ pickrank best-of-n out/                     # the best of each group
+      $ pickrank best-of-n out/ --top 2 --copy-to keep/
+      $ pickrank best-of-n out/ -p "a castle at dawn" --html best.html
+      $ pickrank best-of-n out/ -f paths -0 | xargs -0 ls -l
     """
     from pickrank.inputs.sets import sets_for_best_of_n
 
@@ -135,13 +152,17 @@ def best_of_n(
 def batch(
     prompts_csv: Annotated[str, Arg(metavar="PROMPTS.csv", help="CSV with a 'prompt' column; optional 'id' and "
                                     "'images' (folder, glob or paths separated by ';').")],
-    paths: Annotated[Optional[list[str]], Arg(help="Images for rows without an 'images' cell.")] = None,
-    top: Annotated[Optional[int], Opt(min=1, help="Show only the best K of each row.")] = None,
+    paths: Annotated[Optional[list[str]], Arg(metavar="PATH", help="Images for rows without an 'images' "
+                                              "cell.")] = None,
+    top: Annotated[Optional[int], Opt(min=1, metavar="K", panel=OUTPUT, help="Show only the best K of each "
+                                      "row.")] = None,
     *, opts: Opts,
 ) -> None:
     """Rank images for every prompt of a CSV; each image is embedded once, each prompt encoded once.
 
-    Example: pickrank batch prompts.csv generations/ -f csv -o scores.csv
+    Examples:
+      $ pickrank batch prompts.csv generations/ -f csv -o scores.csv
+      $ pickrank batch prompts.csv --top 1 --html best.html   # rows name images
     """
     from pickrank.inputs.sets import sets_for_batch
 

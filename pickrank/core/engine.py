@@ -20,20 +20,32 @@ import collections
 import logging
 import math
 import os
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
 from pickrank.core.cache import NullCache
+from pickrank.core.discovery import Discovery
 from pickrank.errors import InputFailed, NonFiniteScores
 from pickrank.inputs.decode import Decoded, ImageSpec
 from pickrank.inputs.files import ReadError, content_key, read_bytes
 from pickrank.inputs.textfile import check_text
 from pickrank.inputs.workers import close_pool, decode_job, decode_many, worker_pool
 from pickrank.options import RunOptions
-from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary, Unreadable
+from pickrank.records import (
+    CandidateSet,
+    Entry,
+    Finished,
+    ImageBytes,
+    Item,
+    Progress,
+    Query,
+    Record,
+    RunSummary,
+    Unreadable,
+)
 from pickrank.signals import signals_deferred
 
 if TYPE_CHECKING:
@@ -153,20 +165,22 @@ class Batcher:
 
 
 class _Decoder:
-    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` jobs in flight, and
-    (when `max_bytes` is set) no more once their files add up to `max_bytes`.
+    """Runs decode jobs in order, in a process pool (workers > 0; a thread pool with `threads`) or inline; at most
+    `window` jobs in flight, and (when `max_bytes` is set) no more once their files add up to `max_bytes`.
 
     Jobs go to the pool in chunks of a few images: one round trip per chunk keeps the main process's share of the
     work (which competes with the workers for the cores) small.
     """
 
     def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, threads: bool = False) -> None:
         self.window, self.max_bytes = max(1, window), max_bytes
         self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool: Executor | None = None
         if workers > 0:
-            self.pool = worker_pool(workers)
+            # Pillow decodes and resizes without the GIL, so threads decode in parallel too.
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="pickrank-decode") if threads \
+                else worker_pool(workers)
         self.queue: collections.deque[tuple[str, Future | list, int, int]] = collections.deque()
         self.pending: list[tuple[str, bytes]] = []
         self.bytes = 0  # of the files in flight
@@ -217,11 +231,13 @@ class Backend(Protocol):
 
     def submit(self, key: str, data: bytes) -> None: ...
 
+    # poll(block=True) returns some finished work (at least one result while any is pending), poll(block=False)
+    # what is ready now (maybe nothing)
     def poll(self, block: bool) -> list[Finished]: ...
 
-    def flush(self) -> None: ...  # poll(block=True) now returns all submitted so far; submits may follow
+    def flush(self) -> None: ...  # polls now return all submitted so far, over as many polls as it takes
 
-    def finish(self) -> None: ...  # no more submits: poll(block=True) now returns what is left
+    def finish(self) -> None: ...  # no more submits: polls now return what is left
 
     def close(self) -> None: ...  # always called, also after an error or Ctrl-C
 
@@ -252,7 +268,7 @@ class LocalBackend:
         deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
         self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
                                 spec=embedder.spec, max_pixels=options.max_pixels,
-                                max_bytes=self.LOADING_BYTES if deeper else None)
+                                max_bytes=self.LOADING_BYTES if deeper else None, threads=options.threads)
         self.batcher = Batcher(embedder)
         self.finished = self.flushing = False
         self.saved_threads: int | None = None
@@ -287,9 +303,10 @@ class LocalBackend:
         self.finished = True
 
     def poll(self, block: bool) -> list[Finished]:
-        """Decode results while the window is full (after flush or finish: all of them), and a batch's embeddings
-        each time one is full and the model is ready (after flush or finish: all the rest). Non-blocking polls
-        return nothing here."""
+        """Decode results while the window is full (after flush or finish: all of them), up to and including one
+        batch's embeddings, once one is full and the model is ready (after flush or finish: the rest, a batch per
+        poll). One model call per poll: the engine takes each batch as it is embedded (its cache and its progress
+        move with it). Non-blocking polls return nothing here."""
         out: list[Finished] = []
         if not block:
             return out
@@ -302,9 +319,11 @@ class LocalBackend:
             self.batcher.add(result)
             if (self.model_ready() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:
                 out.append(self._embed())
-        while drain and self.batcher:
+                return out
+        if drain and self.batcher:
             out.append(self._embed())
-        self.flushing = False  # everything submitted before the flush is in `out`
+            return out
+        self.flushing = False  # everything submitted before the flush has been returned
         return out
 
     def _embed(self) -> Finished:
@@ -457,16 +476,21 @@ class _Pass:
     def __init__(self, engine: Engine, prompts: _Prompts | _PromptStream, memo: _LRU, failed: _LRU) -> None:
         self.engine, self.prompts, self.memo, self.failed = engine, prompts, memo, failed
         self.waiters: dict[str, list[_SetState]] = {}
+        self.pending: dict[str, int] = {}  # images (by name) waiting on each key: done when it resolves
         self.states: collections.deque[_SetState] = collections.deque()
         self.backend: Backend | None = None
 
-    def admit(self, cset: CandidateSet) -> Iterator[Ranking]:
-        """Look up the set's images one by one; yields the rankings that finish meanwhile."""
+    def admit(self, cset: CandidateSet, items: Iterable[Item] | None = None) -> Iterator[Ranking]:
+        """Look up the set's images (`items`, else its paths) one by one; yields the rankings that finish
+        meanwhile."""
         st = _SetState(cset)
         self.states.append(st)
-        if cset.error is None:
+        if cset.error is not None:  # a set that cannot be scored (no prompt, an unlistable folder): one failed input
+            self.engine.summary.images += 1
+            self.engine.summary.failures += 1
+        else:
             seen: set[str] = set()
-            for item in cset.paths:
+            for item in cset.paths if items is None else items:
                 if self.look_up(st, item, seen):
                     self.make_room()
                     yield from self.emit()
@@ -484,22 +508,33 @@ class _Pass:
             self.engine.progress(1)
             return False
         key = entry.key
-        if key in seen:
-            return False  # a copy under another name: scored once, reported for each name
+        if key in seen:  # a copy under another name: scored once, reported for each name
+            self.wait_or_done(key)
+            return False
         seen.add(key)
         if self.known(st, entry):
+            self.engine.progress(1)
             return False
         st.waiting += 1
         if key in self.waiters:
             self.waiters[key].append(st)
+            self.wait_or_done(key)
             return False
         self.waiters[key] = [st]
+        self.pending[key] = 1
         if self.from_cache(key):
             return False
         if self.backend is None:
             self.backend = self.engine.make_backend()
         self.backend.submit(key, data)  # type: ignore[arg-type]
         return True
+
+    def wait_or_done(self, key: str) -> None:
+        """One more image named `key`: done when it resolves (now, if it has)."""
+        if key in self.pending:
+            self.pending[key] += 1
+        else:
+            self.engine.progress(1)
 
     def known(self, st: _SetState, entry: Entry) -> bool:
         """Whether the image was resolved before in this run (embedded, or failed: reported again for this path)."""
@@ -520,7 +555,6 @@ class _Pass:
             return False
         self.engine.summary.cache_hits += 1
         self.resolve(key, self.prompts.to_memo(hit[None])[0])
-        self.engine.progress(1)
         return True
 
     def make_room(self) -> None:
@@ -547,14 +581,13 @@ class _Pass:
             for e in st.entries:
                 if e.key == key:
                     self.fail(e.path, reason or "failed")
+        self.engine.progress(self.pending.pop(key, 0))
 
     def take(self, finished: list[Finished]) -> None:
         """Finished work from the backend: failures reported; embeddings cached (per batch) and memoised."""
-        engine = self.engine
         for f in finished:
             for key, reason in f.failures:
                 self.resolve(key, None, reason)
-                engine.progress(1)
             if f.keys:
                 self.take_embedded(list(f.keys), f.embeddings)
 
@@ -573,7 +606,6 @@ class _Pass:
             else:
                 engine.summary.nonfinite += 1
                 self.resolve(k, None, NONFINITE_EMBEDDING)
-        engine.progress(len(keys))
 
     def emit(self) -> Iterator[Ranking]:
         """The finished sets at the head of the queue, ranked, in order."""
@@ -604,7 +636,8 @@ class Engine:
     Reading, hashing, the cache, scoring and ranking happen here; the misses go to a backend: decode processes and
     this process by default, or what `backend` makes (`pickrank.ray.engine.RayEngine` passes one that runs them on a
     Ray cluster). `warn=False` leaves failed images and truncated prompts to the caller to report (eval does, per
-    pair). `batch_size`: images per model call (--batch-size; None: the embedder's).
+    pair). `batch_size`: images per model call (--batch-size; None: the embedder's). `on_progress` gets a
+    `records.Progress` each time images are resolved (in this thread) and when listing ends (in the listing thread).
     """
 
     # Distinct images and prompts that `rank_stream` remembers across chunks (and calls).
@@ -613,7 +646,7 @@ class Engine:
     OPEN_MEMO = 4096
 
     def __init__(self, embedder: ImageTextEmbedder, cache: NullCache | None = None,
-                 options: RunOptions | None = None, on_progress: Callable[[int], None] | None = None,
+                 options: RunOptions | None = None, on_progress: Callable[[Progress], None] | None = None,
                  backend: Callable[[], Backend] | None = None, warn: bool = True,
                  memo_size: int = STREAM_MEMO, batch_size: int | None = None) -> None:
         self.embedder = embedder
@@ -625,6 +658,8 @@ class Engine:
         self.make_backend = backend or (lambda: LocalBackend(self.embedder, self.options, batch_size=batch_size))
         self.memo_size = memo_size
         self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
+        self.done = 0  # images resolved (embedded, from the cache or the memo, failed), for on_progress
+        self.discovery: Discovery | None = None
 
     def remembered(self) -> tuple[int, int]:
         """How many prompts and images `rank_stream` remembers across calls (each at most memo_size)."""
@@ -634,8 +669,20 @@ class Engine:
         return len(prompts.vectors), len(memo)
 
     def progress(self, n: int) -> None:
-        if self.on_progress:
-            self.on_progress(n)
+        """`n` more images resolved: tell on_progress where the run stands."""
+        self.done += n
+        if self.on_progress is not None and n:
+            self.report()
+
+    def report(self) -> None:
+        """A Progress event to on_progress: "loading" while the model loads, else "embedding"; the total once every
+        image has been listed (that event comes from the listing thread)."""
+        if self.on_progress is None:
+            return
+        d, s = self.discovery, self.summary
+        phase = "embedding" if getattr(self.embedder, "ready", True) else "loading"
+        total = d.found if d is not None and d.finished else None
+        self.on_progress(Progress(phase, self.done, total, s.embedded, s.cache_hits, s.failures))
 
     def fail(self, path: str, reason: str) -> None:
         """An image that failed: counted, warned about (unless the caller reports it), fatal with --on-error fail."""
@@ -647,14 +694,17 @@ class Engine:
 
     def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
-        order."""
+        order. The images are listed in a thread meanwhile (`Discovery`), so the total is known early."""
         sets = list(sets)
         run = _Pass(self, _Prompts(self.embedder, self.summary, sets, self.warn), _LRU(), _LRU())
+        self.discovery = discovery = Discovery(sets, on_finished=self.report)
+        self.report()
         try:
-            for cset in sets:
-                yield from run.admit(cset)
+            for i, cset in enumerate(sets):
+                yield from run.admit(cset, discovery.paths(i))
             yield from run.drain(final=True)
         finally:
+            discovery.close()
             run.close()
         self.check_finite()
 
@@ -701,6 +751,7 @@ class Engine:
             yield from run.drain(final=True)
         finally:
             run.close()
+        self.check_finite()
 
     def unit(self, raw: float) -> float:
         """A raw score in the run's unit (`RunOptions.scale`)."""

@@ -23,7 +23,7 @@ from pickrank.output.guards import check_outputs, guard_inputs
 from pickrank.output.sinks import MetaHandOver, Sink, write_ranking
 from pickrank.output.targets import Output
 from pickrank.output.writers import MetaWriter, choose_format, make_writer, record_fields
-from pickrank.records import CandidateSet, RunSummary
+from pickrank.records import CandidateSet, Progress, RunSummary
 
 if TYPE_CHECKING:
     from pickrank.models.protocol import ImageTextEmbedder
@@ -64,7 +64,7 @@ class Scored:
 
 def make_engine(embedder: ImageTextEmbedder, run: RunOptions, *, cache: NullCache | None = None,
                 engine: EngineOptions | None = None, batch_size: int | None = None,
-                on_progress: Callable[[int], None] | None = None) -> RankingEngine:
+                on_progress: Callable[[Progress], None] | None = None) -> RankingEngine:
     """The local engine, or the Ray one with `engine ray`; both yield the same Rankings."""
     if engine is not None and engine.engine is EngineName.ray:
         from pickrank.ray.engine import RayEngine
@@ -88,16 +88,17 @@ def rankings(engine: RankingEngine, sets: Iterable[CandidateSet], copy_to: str |
 
 
 def score_into(sinks: Sequence[Sink], sets: Iterable[CandidateSet], options: ScoringOptions, *,
-               copy_to: str | None = None, on_progress: Callable[[int], None] | None = None,
+               copy_to: str | None = None, on_progress: Callable[[Progress], None] | None = None,
                on_loaded: Callable[[ImageTextEmbedder], None] | None = None, stream: bool = False) -> Scored:
     """Load the model, score the sets through the cache, hand each ranking to every sink (the provenance first, to
-    those that want it); what was done (also said on the "pickrank" logger). stream: the sets are an open-ended
-    stream (a dataset's), taken one at a time (`Engine.rank_open`)."""
+    those that want it); what was done (also said on the "pickrank" logger). `on_progress` hears where the run
+    stands (a first download, the load, images done of the total) and "writing" before each ranking is written.
+    stream: the sets are an open-ended stream (a dataset's), taken one at a time (`Engine.rank_open`)."""
     if options.engine.engine is EngineName.ray:
         from pickrank.ray.cluster import require_ray
 
         require_ray()  # without the extra: a one-line usage error before the (slow) model load
-    embedder = loading.load_embedder(options.model, on_loaded=on_loaded)
+    embedder = loading.load_embedder(options.model, on_loaded=on_loaded, on_progress=on_progress)
     meta = MetaHandOver(sinks, embedder, lambda: for_run(embedder, options.run.scale, options.cache.cache))
     cache = open_cache(options.cache.cache, enabled=not options.cache.no_cache)
     engine = make_engine(embedder, options.run, cache=cache, engine=options.engine,
@@ -107,6 +108,8 @@ def score_into(sinks: Sequence[Sink], sets: Iterable[CandidateSet], options: Sco
         for ranking in rankings(engine, sets, copy_to, stream):
             meta.give()  # once, before the first records: -f json --with-meta writes the provenance first
             failed += ranking.failed
+            if on_progress is not None:
+                on_progress(Progress("writing"))
             for sink in sinks:
                 write_ranking(sink, ranking.records)
         embedder.result()  # a run that never needed the model still reports a model that failed to load
@@ -119,7 +122,7 @@ def score_into(sinks: Sequence[Sink], sets: Iterable[CandidateSet], options: Sco
     s = engine.summary
     log.info("%d image(s), %d embedded, %d from cache, %d failed, %d ranking(s)", s.images, s.embedded,
              s.cache_hits, s.failures, s.rankings)
-    return Scored(s, failed + s.failures)
+    return Scored(s, failed)
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def open_outputs(kind: str, out: OutputOptions, inputs: Sequence[str], copy_to: 
 
 
 def score_job(job: ScoringJob, options: ScoringOptions, sinks: list[Sink], *,
-              on_progress: Callable[[int], None] | None = None,
+              on_progress: Callable[[Progress], None] | None = None,
               on_loaded: Callable[[ImageTextEmbedder], None] | None = None) -> Scored:
     """A scoring command's run: its outputs opened into `sinks`, then `score_into` them."""
     files = open_outputs(job.kind, options.output, job.inputs, job.copy_to, sinks)

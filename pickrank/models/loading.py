@@ -18,6 +18,7 @@ import numpy as np
 from pickrank.errors import UsageError
 from pickrank.models.source import ModelInfo, ModelSource, inspect_model, resolve_source
 from pickrank.options import ModelOptions
+from pickrank.records import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -96,15 +97,18 @@ class LoadingEmbedder:
 def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
                        batch_size: int | None = None,
                        on_loaded: Callable[["Embedder"], None] | None = None,
-                       alpha: str = "white", decode: str = "exact") -> LoadingEmbedder:
+                       alpha: str = "white", decode: str = "exact",
+                       on_progress: Callable[[Progress], None] | None = None) -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
-    weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread."""
+    weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread,
+    and so does `on_progress` (a first download's bytes, then "loading")."""
     info = inspect_model(source, dtype, alpha, decode)
 
     def load() -> "Embedder":
         from pickrank.models.torch_embedder import Embedder
 
-        embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info)
+        embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info,
+                                 on_progress=on_progress)
         if on_loaded is not None:
             on_loaded(embedder)
         return embedder
@@ -158,10 +162,12 @@ def model_info(options: ModelOptions) -> ModelInfo:
     return inspect_model(source, *choices)
 
 
-def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
+def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None,
+                  on_progress: Callable[[Progress], None] | None = None) -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here) and load it in a thread; the CLI and
     `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`). An ONNX export folder
-    (or --backend onnx) loads on ONNX Runtime."""
+    (or --backend onnx) loads on ONNX Runtime. `on_progress` hears of a first download and of the load (in the
+    loading thread)."""
     from pickrank.models.onnx_embedder import wants_onnx
 
     source = resolve_source(options.model, options.processor, options.revision, options.offline)
@@ -171,4 +177,4 @@ def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None]
     require_torch(f"the torch backend (--model {source.model})")
     return load_in_background(source, device=options.device, dtype=options.dtype.value,
                               batch_size=options.batch_size, on_loaded=on_loaded, alpha=options.alpha.value,
-                              decode=options.decode.value)
+                              decode=options.decode.value, on_progress=on_progress)

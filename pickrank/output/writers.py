@@ -231,7 +231,7 @@ class TableWriter(Writer):
         from rich.markup import escape as markup_escape
         from rich.table import Table
 
-        from pickrank.output.terminal import terminal_safe
+        from pickrank.output.terminal import print_titled, terminal_safe
 
         def escape(text: str) -> str:  # neither rich markup nor terminal control sequences in names and prompts
             return markup_escape(terminal_safe(text))
@@ -245,7 +245,7 @@ class TableWriter(Writer):
         title = title if len(title) < 200 else title[:197] + "..."
         if first.prompt_source not in (None, "option", "csv"):  # a prompt the user did not type: say whence
             title = f"{title}  (prompt from {first.prompt_source})"
-        table = Table(title=escape(title), title_justify="left")
+        table = Table()
         for name, justify in (("rank", "right"), ("score", "right"), ("prob", "right"), ("path", "left")):
             table.add_column(name, justify=justify, overflow="fold")
         for r in records:
@@ -253,7 +253,7 @@ class TableWriter(Writer):
                 table.add_row("-", "-", "-", escape(f"{r.path}  (error: {r.error})"))
             else:
                 table.add_row(str(r.rank), f"{r.score:.3f}", f"{r.prob:.3f}", escape(r.path or ""))
-        self.console.print(table)
+        print_titled(self.console, title, table)
 
 
 def _closed_pipe() -> None:

@@ -4,7 +4,8 @@
     POST /v1/score   {"prompt" | "prompts", "images": [base64 PNG/JPEG/WebP], "scale"?} (JSON), a multipart form
                      (prompt, image..., scale), or a safetensors body (uint8 `images` (N, H, W, 3), or runs of one
                      size as `images.0`, `images.1`, ...; metadata "prompt" or "prompts" (a JSON list), "scale")
-                     -> {"scores": [...], "truncated": [...], "scale": ..., "model": {...}}, in request order
+                     -> {"scores": [...], "truncated": [...], "scale": ..., "model": "NAME@REVISION"}, in request
+                     order; ?meta=1: "model" is the whole provenance (as on /v1/info)
     POST /v1/rank    the same body, one prompt -> {"ranking": [{"index", "score", "prob", "rank"}, best first], ...}
     GET  /healthz    {"status": "ok"} once the model has loaded, 503 (Retry-After) until then; nothing else
     GET  /v1/info    model, versions, limits, default scale;  GET /metrics (Prometheus)
@@ -74,6 +75,19 @@ def cpu_threads(backend: str) -> int | None:
     return torch.get_num_threads()
 
 
+def short_model_id(prov: dict) -> str:
+    """The model as score responses name it: NAME@REVISION (a hub commit's first 12 digits), or for a folder
+    NAME@ the first 12 hex digits of its weights' SHA-256; the whole provenance is on /v1/info."""
+    weights = prov.get("weights") or {}
+    tag = (prov.get("revision") or "")[:12] or str(next(iter(weights.values()), ""))[:12]
+    return f"{prov.get('model')}@{tag}" if tag else str(prov.get("model"))
+
+
+def wants_meta(request: Request) -> bool:
+    """?meta=1 (or true, yes): the response carries the whole provenance, not only the model's short id."""
+    return request.query_params.get("meta", "").lower() in ("1", "true", "yes")
+
+
 def server_info(model: dict, limits: ServeLimits, scale: Scale, ready: bool, threads: int | None = None) -> dict:
     """GET /v1/info: the model's provenance, versions, limits, the default scale and the CPU threads of a model
     call (the one place it is built)."""
@@ -125,6 +139,11 @@ class _Service:
         """The provenance for a response, with the unit its scores are in (a request may ask for another)."""
         prov = await asyncio.to_thread(self.provenance)
         return {**prov, "scale": (scale or self.scale).value} if "scale" in prov else prov
+
+    async def model_for(self, request: Request, scale: Scale) -> dict | str:
+        """What a score or rank response says of the model: its short id, or with ?meta=1 the provenance."""
+        prov = await self.model_info(scale)
+        return prov if wants_meta(request) else short_model_id(prov)
 
     def _provenance_when_loaded(self) -> None:
         """Wait for the load to end, then compute the provenance (a failure is the requests' to report)."""
@@ -235,7 +254,7 @@ class _Service:
         parsed, raw, truncated = await self.raw_scores(request)
         scale = parsed.scale or self.scale
         return {"scores": self.in_scale(raw, scale), "truncated": truncated, "scale": scale.value,
-                "model": await self.model_info(scale)}
+                "model": await self.model_for(request, scale)}
 
     async def rank(self, request: Request) -> dict:
         from pickrank.core.scores import as_array, ranks, softmax_probs
@@ -250,7 +269,7 @@ class _Service:
         order = sorted(range(len(scores)), key=lambda i: rk[i])
         return {"prompt": parsed.prompts[0], "truncated": truncated[0], "scale": scale.value,
                 "ranking": [{"index": i, "score": scores[i], "prob": probs[i], "rank": rk[i]} for i in order],
-                "model": await self.model_info(scale)}
+                "model": await self.model_for(request, scale)}
 
     async def health(self) -> Any:
         """Whether the model is ready, and nothing more: /healthz needs no token."""
@@ -370,4 +389,5 @@ def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, t
     return app
 
 
-__all__ = ["model_provenance", "cpu_threads", "server_info", "error_response", "docs_page", "create_app"]
+__all__ = ["model_provenance", "cpu_threads", "short_model_id", "wants_meta", "server_info", "error_response",
+           "docs_page", "create_app"]

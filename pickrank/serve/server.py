@@ -17,7 +17,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pickrank.errors import UsageError
-from pickrank.options import ModelOptions, Scale
+from pickrank.options import EngineName, EngineOptions, ModelOptions, Scale
 from pickrank.signals import handlers
 
 if TYPE_CHECKING:
@@ -230,5 +230,22 @@ def serve_local(model: ModelOptions, limits: ServeLimits, host: str, port: int, 
     log.info("stopped")
 
 
+def serve_on(engine: EngineOptions, model: ModelOptions, limits: ServeLimits, host: str, port: int, token: str | None,
+             scale: Scale, *, replicas: int | None = None,
+             load: Callable[[ModelOptions], ImageTextEmbedder] | None = None) -> None:
+    """Serve on the engine asked for: in this process (`serve_local`), or on Ray Serve with `replicas`."""
+    if engine.engine is EngineName.ray:
+        from pickrank.ray.cluster import require_ray
+
+        require_ray()  # without the extra: a one-line usage error
+        from pickrank.ray.serve import serve_ray
+
+        serve_ray(model, limits, host, port, token, scale, replicas, engine.ray_address)
+        return
+    if replicas is not None:
+        raise UsageError("--replicas needs --engine ray")
+    serve_local(model, limits, host, port, token, scale, load=load)
+
+
 __all__ = ["is_loopback", "check_token", "check_exposure", "check_limits", "serve_workers", "bind", "url_of", "refuse",
-           "guarded_protocol", "graceful_server", "stop_if_load_fails", "serve_local"]
+           "guarded_protocol", "graceful_server", "stop_if_load_fails", "serve_local", "serve_on"]

@@ -277,16 +277,21 @@ def test_best_of_n_prompt_option_overrides(runner, model_dir, generations):
 
 def test_best_of_n_copy_to_never_overwrites(runner, model_dir, generations, tmp_path):
     keep = tmp_path / "keep"
-    keep.mkdir()
-    (keep / "0.png").write_bytes(b"already here")
+    (keep / "a1111").mkdir(parents=True)
+    for name in ("0.png", "1.png", "2.png", "3.png"):  # whichever wins in group a1111, its name is taken
+        (keep / "a1111" / name).write_bytes(b"already here")
     res = invoke(runner, model_dir, "best-of-n", str(generations), "-p", "x", "--copy-to", str(keep))
     assert res.exit_code == 0, res.output
     recs = jsonl(res.stdout)
     copied = [r["copied_to"] for r in recs]
     assert len(set(copied)) == len(recs) == 5
-    assert (keep / "0.png").read_bytes() == b"already here"
+    assert all((keep / "a1111" / f"{i}.png").read_bytes() == b"already here" for i in range(4))
     for r in recs:
         assert Path(r["copied_to"]).read_bytes() == Path(r["path"]).read_bytes()
+        # each winner keeps its group: KEEP/GROUP/NAME (a free NAME-1 when NAME is taken)
+        assert Path(r["copied_to"]).parent == keep / r["group"]
+    a1111 = next(r for r in recs if r["group"] == "a1111")
+    assert Path(a1111["copied_to"]).name == Path(a1111["path"]).stem + "-1.png"
 
 
 def test_best_of_n_paths_format_for_xargs(runner, model_dir, generations):

@@ -55,8 +55,8 @@ def test_help_names_the_layouts_and_lists_each_shared_option_once(runner, monkey
     assert_shared_options_once(runner, monkeypatch, ("compare",), compare, takes)
     text = runner.invoke(app, ["compare", "--help"]).stdout
     for layout in ("prompts-csv", "paired-folders", "manifest"):
-        assert f"{layout}:" in text
-    assert "Example: pickrank compare" in text
+        assert f"  {layout}  " in text
+    assert "$ pickrank compare" in text
 
 
 def test_identical_systems_win_half_diff_zero_p_one(runner, model_dir, tmp_path):
@@ -220,6 +220,8 @@ def test_html_and_per_prompt_outputs(runner, model_dir, tmp_path):
     assert data["settings"]["all_pairs"] and len(data["best_of_k"]) == 2 and data["best_of_k"][0]["ks"] == [1, 2]
     table = run(runner, str(a), str(b), "--prompts", str(prompts), "--all-pairs", "--best-of-n", model=model_dir)
     assert "win rate of row over column" in table.stdout and "best-of-k win rate" in table.stdout
+    assert table.stdout.count("best-of-k win rate") == 1  # one table, a row per ordered pair
+    assert "mean 95% CI" in table.stdout and "win 95% CI" in table.stdout  # the two intervals named apart
 
 
 def test_a_failed_run_keeps_earlier_outputs(runner, model_dir, tmp_path):

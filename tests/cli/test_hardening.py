@@ -656,7 +656,8 @@ def test_weights_that_fail_to_load_in_the_background_are_one_line(runner, model_
     _one_line_error(res, f"cannot load {broken}")
     assert not out.exists()
     # Every input failing (nothing needs the model) does not hide that the model failed to load.
-    res = runner.invoke(app, ["score", "-p", PROMPT, "--model", str(broken), str(tmp_path / "missing.png")])
+    (tmp_path / "not_an_image.png").write_bytes(b"plain text")
+    res = runner.invoke(app, ["score", "-p", PROMPT, "--model", str(broken), str(tmp_path / "not_an_image.png")])
     assert res.exit_code == 1, res.output
     assert res.stderr.strip().splitlines()[-1].startswith(f"pickrank: error: cannot load {broken}")
     no_traceback(res.stderr)

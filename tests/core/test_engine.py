@@ -69,6 +69,15 @@ def _loading(embedder: Embedder) -> tuple[LoadingEmbedder, Future]:
     return LoadingEmbedder(inspect_model(embedder.source), fut), fut
 
 
+def _drain(backend: LocalBackend) -> list:
+    """Everything a finished backend hands back, poll by poll (a model call's worth each)."""
+    out = []
+    while got := backend.poll(block=True):
+        assert len([f for f in got if f.keys]) <= 1  # one model call per poll: progress moves batch by batch
+        out += got
+    return out
+
+
 def _submit_all(backend: LocalBackend, paths: list[str]) -> list[str]:
     keys = []
     for p in paths:
@@ -103,14 +112,14 @@ def test_decoded_images_wait_for_a_loading_model_then_are_embedded_once(embedder
     assert loader.model_ready() and loader.decoder.window == 8  # the running size once the model is there
     loader.close()
     backend.finish()
-    done = backend.poll(block=True)
+    done = _drain(backend)
     backend.close()
     got = {k: e for f in done for k, e in zip(f.keys, f.embeddings)}
     assert sorted(got) == sorted(keys) and count_embeds == [2, 2, 2]
     ready = LocalBackend(embedder, RunOptions(workers=0), batch_size=2)  # the same batches, model loaded
     _submit_all(ready, paths)
     ready.finish()
-    ref = {k: e for f in ready.poll(block=True) for k, e in zip(f.keys, f.embeddings)}
+    ref = {k: e for f in _drain(ready) for k, e in zip(f.keys, f.embeddings)}
     ready.close()
     assert all((got[k] == ref[k]).all() for k in keys)
 

@@ -343,7 +343,7 @@ def test_serve_runs_an_export_without_torch(export_dir: Path, model_dir: Path, t
     with running_server(export_dir, env=env) as s:
         s.wait_ready()
         body = {"prompts": prompts, "images": [base64.b64encode(f.read_bytes()).decode() for f in files]}
-        got = httpx.post(s.url + "/v1/score", json=body, timeout=60)
+        got = httpx.post(s.url + "/v1/score?meta=1", json=body, timeout=60)  # ?meta=1: the whole provenance
         assert got.status_code == 200, got.text
         assert got.json()["model"]["backend"] == "onnx"
         assert max(abs(a - want[f.name]) for a, f in zip(got.json()["scores"], files)) <= TOL

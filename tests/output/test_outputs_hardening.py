@@ -424,5 +424,6 @@ def test_a_failed_copy_is_that_records_error_and_the_results_are_kept(model_dir,
     assert isinstance(big["score"], float) and big["rank"] == 1  # scored; only the copy failed
     assert f"pickrank: warning: {big['path']}: not copied to {keep}: File too large" in proc.stderr
     assert small["error"] is None and Path(small["copied_to"]).read_bytes() == Path(small["path"]).read_bytes()
-    assert os.listdir(keep) == [os.path.basename(small["path"])]  # no half copy of the big one
+    assert os.listdir(keep / "small") == [os.path.basename(small["path"])]
+    assert os.listdir(keep / "big") == []  # no half copy of the big one
     assert "not copied to" in page.read_text()

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pickrank.analysis.comparison import collect_scores, compare_systems, per_prompt_rows, plan_comparison
+from pickrank.analysis.comparison import (
+    collect_scores,
+    compare_systems,
+    per_prompt_rows,
+    plan_comparison,
+    prompt_scores,
+)
 from pickrank.errors import OutputError
 from pickrank.records import Record
 from pickrank.report.comparison import BAR, HEAT_HIGH, HEAT_LOW, write_html
@@ -69,11 +75,15 @@ def test_page_structure_and_escaping(page):
     assert EVIL not in text and "&lt;script&gt;" in text and EVIL_SYSTEM not in text
     assert not [a for _, a in doc.tags if a.get("id") in ("pwned", "pwned4")]
     assert f"{EVIL} prompt 1" in doc.text and EVIL_SYSTEM in doc.text
-    # Summary: one row per system; charts: one bar per system, whiskers, a 3x3 heat map.
+    # Summary: one row per system; charts: one point per system with its whisker, a dot per prompt and system, a
+    # 3x3 heat map with its legend.
     assert [r["data-system"] for r in doc.find("tr") if r.get("data-system")] == list(table.systems)
-    bars = doc.find("rect", "bar")
-    assert len(bars) == 3 and {b["fill"] for b in bars} == {BAR, "#8e99ad"}
+    points = doc.find("circle", "point")
+    assert len(points) == 3 and {b["fill"] for b in points} == {BAR, "#8e99ad"}
     assert len(doc.find("path", "whisker")) == 3 and len(doc.find("rect", "cell")) == 9
+    scored = sum(v is not None for row in table.prompts for v in prompt_scores(row))
+    assert len(doc.find("circle", "dot")) == scored == 13  # grpo has no prompt 5, dpo's prompt 4 failed
+    assert len(doc.find("g", "legend")) == 1 and len(doc.find("rect", "iqr")) == 3
     # One row per prompt; the winner marked as in the per-prompt results.
     rows = doc.find("div", "prow")
     assert [r["data-id"] for r in rows] == ["1", "2", "3", "4", "5"]
@@ -115,9 +125,9 @@ def test_browser_draws_the_chart_and_sorts(page, tmp_path):
     browse(tmp_path, out.as_uri(), "--window-size=1280,900", f"--screenshot={shot}")
     im = Image.open(shot).convert("RGB")
     bar = tuple(int(BAR[i:i + 2], 16) for i in (1, 3, 5))
-    # The bars are drawn: many pixels of exactly their colour in the upper part of the page, where the charts are.
+    # The points are drawn: pixels of exactly their colour in the upper part of the page, where the charts are.
     colours = dict((c, n) for n, c in im.crop((0, 0, 1280, 700)).getcolors(maxcolors=1 << 20))
-    assert colours.get(bar, 0) > 2000, sorted(colours.items(), key=lambda x: -x[1])[:5]
+    assert colours.get(bar, 0) > 100, sorted(colours.items(), key=lambda x: -x[1])[:5]
     assert colours.get(HEAT_HIGH, 0) > 2000 and colours.get(HEAT_LOW, 0) > 2000  # and the heat map's cells
     dom = browse(tmp_path, out.as_uri(), "--dump-dom")
     doc = Page(dom)

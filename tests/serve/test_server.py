@@ -91,7 +91,7 @@ def test_three_formats_give_the_in_process_scores(server: Server, scorer: PickSc
     assert got["json"] == got["multipart"] == got["safetensors"]
     body = post_json(server.url, prompts, files).json()
     assert body["scale"] == "raw" and body["truncated"] == [False] * 5
-    assert body["model"]["model"] == str(scorer.embedder.source.model) and body["model"]["dtype"] == "float32"
+    assert body["model"].startswith(f"{scorer.embedder.source.model}@")  # a short id; ?meta=1 for the provenance
 
 
 def test_scales_per_request(server: Server, scorer: PickScorer, tmp_path: Path) -> None:
@@ -161,9 +161,17 @@ def test_info_and_responses_carry_the_provenance(server: Server, model_dir: Path
     assert info["weights"] == {"model.safetensors": weights} and info["backend"] == "torch"
     assert info["model"] == os.path.abspath(model_dir) and info["scale"] == "raw"
     assert info["versions"]["pickrank"] and info["preprocessing"]["decode"] == "exact"
-    body = post_json(server.url, "a red cat", drawn(tmp_path, 2), scale="unit26").json()
-    # the same provenance, in the unit this response's scores are in
+    files = drawn(tmp_path, 2)
+    body = httpx.post(server.url + "/v1/score?meta=1", json=as_json("a red cat", files, scale="unit26"),
+                      timeout=60).json()
+    # with ?meta=1, the same provenance, in the unit this response's scores are in
     assert body["model"] == {**info, "scale": "unit26"} and body["scale"] == "unit26"
+    # without it, the model's short id: its folder and its weights' hash
+    short = post_json(server.url, "a red cat", files)
+    assert short.json()["model"] == f"{os.path.abspath(model_dir)}@{weights[:12]}"
+    assert len(short.content) < 200  # two scores: no provenance in every answer
+    rank = httpx.post(server.url + "/v1/rank", json=as_json("a red cat", files), timeout=60).json()
+    assert rank["model"] == short.json()["model"]
 
 
 def test_info_metrics_docs(server: Server) -> None:
@@ -355,7 +363,7 @@ def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
                                         "engine", "scale", "ray_address")]
     assert_shared_options_once(runner, monkeypatch, ("serve",), serve, takes)
     text = runner.invoke(app, ["serve", "--help"]).stdout
-    assert "Example: pickrank serve" in text and "--insecure-no-auth" in text
+    assert "$ pickrank serve" in text and "--insecure-no-auth" in text
 
 
 def test_without_the_serve_extra_a_one_line_hint(model_dir: Path, tmp_path: Path) -> None:

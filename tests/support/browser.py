@@ -38,7 +38,7 @@ class Page(HTMLParser):
         if tag == self._in:
             if tag == "script":
                 self.scripts.append("".join(self._text))
-            else:
+            elif not self.title:  # the document's title (SVG charts have <title>s of their own, later)
                 self.title = "".join(self._text)
             self._in = None
 

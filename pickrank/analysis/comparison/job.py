@@ -27,7 +27,7 @@ from pickrank.output.guards import check_outputs, guard_inputs
 from pickrank.output.sinks import Sink, SinkBase
 from pickrank.output.targets import Output
 from pickrank.output.writers import MetaWriter, format_for_path
-from pickrank.records import Record
+from pickrank.records import Progress, Record
 
 if TYPE_CHECKING:
     from pickrank.core.scoring import Scored, ScoringOptions
@@ -151,7 +151,7 @@ class ComparisonRun:
             sinks.append(meta_out)
             self.taking.append(meta_out)
 
-    def score(self, options: ScoringOptions, *, on_progress: Callable[[int], None] | None = None,
+    def score(self, options: ScoringOptions, *, on_progress: Callable[[Progress], None] | None = None,
               on_loaded: Callable[[ImageTextEmbedder], None] | None = None) -> Scored:
         """Score every image of the plan through the one scoring core; what the scoring did."""
         from pickrank.core.scoring import score_into

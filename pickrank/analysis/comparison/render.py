@@ -41,7 +41,7 @@ def print_table(result: CompareResult, stream: IO[str], *, is_terminal: bool = F
     from rich.markup import escape as markup_escape
     from rich.table import Table
 
-    from pickrank.output.terminal import terminal_safe
+    from pickrank.output.terminal import print_titled, terminal_safe
 
     def esc(text: str) -> str:  # neither rich markup nor terminal control sequences in system names
         return markup_escape(terminal_safe(text))
@@ -49,10 +49,9 @@ def print_table(result: CompareResult, stream: IO[str], *, is_terminal: bool = F
     console = Console(file=stream, force_terminal=is_terminal or None, width=None if is_terminal else 120)
     level = f"{round(result.confidence * 100):g}%"
     base = result.baseline
-    table = Table(title=f"PickScore by system ({result.prompts} prompts, {level} intervals, "
-                        f"{result.bootstrap} bootstrap resamples)", title_justify="left")
-    for name, justify in (("system", "left"), ("mean", "right"), (f"{level} CI", "right"),
-                          (f"win vs {esc(base)}", "right"), (f"{level} CI ", "right"), ("p", "right"),
+    table = Table()
+    for name, justify in (("system", "left"), ("mean", "right"), (f"mean {level} CI", "right"),
+                          (f"win vs {esc(base)}", "right"), (f"win {level} CI", "right"), ("p", "right"),
                           ("prompts", "right"), ("images", "right")):
         table.add_column(name, justify=justify, overflow="fold")
     for s in result.systems:
@@ -61,20 +60,31 @@ def print_table(result: CompareResult, stream: IO[str], *, is_terminal: bool = F
             number(p.win_rate), marked(p.win_low, p.win_high, p.caveat), _p(p.p_value))
         images = f"{s.images}" + (f" ({s.failed} failed)" if s.failed else "")
         table.add_row(esc(s.name), number(s.mean), marked(s.low, s.high, s.caveat), *win, str(s.prompts), images)
-    console.print(table)
+    print_titled(console, f"PickScore by system ({result.prompts} prompts, {level} intervals, "
+                          f"{result.bootstrap} bootstrap resamples)", table)
     note = caveat_note(result)
     if note:
         console.print(note, markup=False, highlight=False)
     if result.all_pairs:
         console.print(_matrix_table(result, esc))
+    if result.best_of_k:
+        print_titled(console, "best-of-k win rate", _curves_table(result, esc))
+
+
+def _curves_table(result: CompareResult, esc: Callable[[str], str]) -> object:
+    """One row per best-of-k curve: the win rate of the best of k samples of a system over one sample of another."""
+    from rich.table import Table
+
+    ks = sorted({k for c in result.best_of_k for k in c.ks})
+    # The description heads the rows' column: a title would wrap to the width of a few narrow k columns.
+    table = Table()
+    table.add_column("best of k samples vs one sample", justify="left", overflow="fold")
+    for k in ks:
+        table.add_column(f"k={k}", justify="right")
     for c in result.best_of_k:
-        # The description is a cell, not the title: a title wraps to the width of a few narrow k columns.
-        curve = Table(title="best-of-k win rate", title_justify="left")
-        curve.add_column("best of k samples vs one sample", justify="left", overflow="fold")
-        for k in c.ks:
-            curve.add_column(f"k={k}", justify="right")
-        curve.add_row(f"{esc(c.system)} vs {esc(c.reference)}", *(number(w) for w in c.win))
-        console.print(curve)
+        win = dict(zip(c.ks, c.win))
+        table.add_row(f"{esc(c.system)} vs {esc(c.reference)}", *(number(win[k]) if k in win else "" for k in ks))
+    return table
 
 
 def _matrix_table(result: CompareResult, esc: Callable[[str], str]) -> object:
