@@ -40,7 +40,7 @@ import torch
 
 from pickrank.core.engine import Batcher, encode_paired, encode_prompts
 from pickrank.core.scores import paired_scores
-from pickrank.errors import ArgumentTypeError, InputFailed, InvalidArgument, UsageError
+from pickrank.errors import ArgumentTypeError, InputFailed, InvalidArgument, NonFiniteScores, UsageError
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, check_geometry, preprocess, to_image
 from pickrank.inputs.files import ReadError
 from pickrank.inputs.textfile import check_text
@@ -371,8 +371,18 @@ class PickScorer:
                 else self.embed_images_on_device(images)
             # clone(): text embeddings come from inference mode, which autograd cannot save for backward
             scores = paired_scores(text.clone().to(image.device), image, self.scale)
-            return (scores / divisor).to(images.device)  # a division by a constant: gradients still flow
-        return paired_scores(text, self.embed_images(images), self.scale) / divisor
+            return self._finite(scores / divisor).to(images.device)  # a division by a constant: gradients flow
+        return self._finite(paired_scores(text, self.embed_images(images), self.scale) / divisor)
+
+    def _finite(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores, or NonFiniteScores naming the model and the images: a NaN reward is an error, never a
+        number a trainer adds up."""
+        bad = (~torch.isfinite(scores.detach())).nonzero().flatten().tolist()
+        if bad:
+            model = self.embedder.describe().get("model", "the model")
+            raise NonFiniteScores(f"{model}: the model gave NaN or infinity for {len(bad)} of {len(scores)} "
+                                  f"image(s) (indices {bad[:8]}{' ...' if len(bad) > 8 else ''})")
+        return scores
 
     def _paired_texts(self, prompts: str | Sequence[str], n: int) -> torch.Tensor:
         """One text embedding per image (N, D): one prompt for all, or one per image, each distinct one encoded once."""

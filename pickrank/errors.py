@@ -38,8 +38,8 @@ class ModelLoadError(PickrankError):
 
 
 class NonFiniteScores(PickrankError):
-    """The model gave NaN or infinity for every image of a run: broken weights, or a precision that overflows
-    (exit 1, after the error records are written)."""
+    """The model gave NaN or infinity: for every image of a run (exit 1, after the error records are written), or
+    for any image `PickScorer.score` was asked for (broken weights, or a precision that overflows)."""
 
 
 class InputFailed(PickrankError):

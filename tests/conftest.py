@@ -8,13 +8,21 @@ import signal
 from pathlib import Path
 from typing import Iterator
 
-import pytest
+# Before torch loads (OpenMP reads it once): the test processes' idle torch threads sleep instead of spinning on
+# the two cores that the other pytest-xdist worker and the CLI subprocesses need (the CLI sets the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pickrank import PickScorer
-from pickrank.devtools import build_model
-from tests.support.images import draw_image
-from tests.support.pairs import PROMPTS as PAIR_PROMPTS
-from tests.support.shared import built_once, run_folder
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pickrank import PickScorer  # noqa: E402
+from pickrank.devtools import build_model  # noqa: E402
+from tests.support.images import draw_image  # noqa: E402
+from tests.support.pairs import PROMPTS as PAIR_PROMPTS  # noqa: E402
+from tests.support.shared import built_once, run_folder  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)  # one core per worker: the in-process tiny models need no more
 
 # A test suite started in the background of a non-interactive shell (`make test &`, nohup) inherits SIGINT
 # ignored, and so would every pickrank it starts: the Ctrl-C tests would see no Ctrl-C. Python's own handler here

@@ -9,16 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Callable, Optional, Sequence
 
 from pickrank.cli.lifecycle import Command, say_loaded
 from pickrank.cli.progress import progress_bar
-from pickrank.cli.shared import INPUT, OUTPUT, SCORING, Arg, Opt, Opts, with_options
+from pickrank.cli.shared import DATASETS, INPUT, OUTPUT, SCORING, Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from pickrank.options import DatasetOptions, PromptFrom
 from pickrank.records import CandidateSet
 
 if TYPE_CHECKING:
     from pickrank.core.datasets import DatasetJob
-
-# The --help panel of the options that say how dataset samples are read.
-DATASETS = "Datasets"
 
 
 def _score_command(kind: str, opts: Opts, make_sets: Callable[[], list[CandidateSet]], copy_to: str | None = None,

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 # (`Opt(..., panel=MODEL)`: in SHARED below, or in a command's own parameters); a test checks that none is left
 # in typer's catch-all "Options" panel.
 INPUT, MODEL, OUTPUT, CACHE, RUN, ENGINE = "Input", "Model", "Output", "Cache", "Run", "Engine"
-STATS, SERVER = "Statistics", "Server"
-PANELS = (INPUT, MODEL, OUTPUT, CACHE, RUN, ENGINE, STATS, SERVER)
+STATS, SERVER, DATASETS, FILTER = "Statistics", "Server", "Datasets", "Filter"
+PANELS = (INPUT, DATASETS, FILTER, MODEL, OUTPUT, CACHE, RUN, ENGINE, STATS, SERVER)
 
 
 def _plain(text: str) -> str:

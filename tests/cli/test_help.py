@@ -16,7 +16,7 @@ from typer.core import TyperArgument, TyperOption
 from pickrank.cli.app import app
 from pickrank.cli.shared import PANELS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def commands() -> list[tuple[str, ...]]:
@@ -67,7 +67,7 @@ def test_every_option_states_its_panel():
 def test_panels_come_in_order(runner):
     text = help_text(runner, ("score",))
     found = [t for t in re.findall(r"╭─ (\w+) ─", text)]
-    assert found == ["Arguments", "Options", "Input", "Model", "Output", "Cache", "Run", "Engine"]
+    assert found == ["Arguments", "Options", "Input", "Datasets", "Model", "Output", "Cache", "Run", "Engine"]
 
 
 def test_numbers_in_help_agree_with_the_benchmarks(runner):

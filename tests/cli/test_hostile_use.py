@@ -29,7 +29,7 @@ from PIL import Image, PngImagePlugin
 
 from pickrank import PickScorer
 from pickrank.cli.app import app
-from pickrank.errors import ArgumentTypeError, InvalidArgument, InvalidText
+from pickrank.errors import ArgumentTypeError, InvalidArgument, InvalidText, NonFiniteScores, PickrankError
 from tests.support.commands import PROMPT, cli, no_traceback, pickrank_cmd, png_chunk
 from tests.support.images import draw_image
 from tests.support.measured import GIB, run_cli
@@ -133,7 +133,8 @@ def test_comfyui_graphs_that_feed_themselves_or_double_are_read_at_once(tmp_path
 
 def test_score_without_prompt_reads_a_self_linked_graph_at_once(model_dir, tmp_path):
     run = run_cli(model_dir, tmp_path, "score", str(self_linked(tmp_path)), timeout=60)
-    assert run.code == 3 and run.records[0]["error"].startswith("no prompt"), run.err
+    # read at once: no image has a prompt, a usage error naming why, before the model loads
+    assert run.code == 2 and "no text encoder reachable" in run.err, run.err
 
 
 # -- prompts that are not text ------------------------------------------------------------------------------
@@ -456,6 +457,18 @@ def test_finite_exact_path_scores_are_unchanged_by_the_checks(scorer, tmp_path):
     ranked = scorer.rank(PROMPT, [str(img)])[0]["score"]
     assert math.isfinite(direct) and direct == pytest.approx(ranked, abs=1e-4)
 
+
+
+def test_the_library_refuses_nan_scores_from_a_broken_model(nan_model, tmp_path):
+    """A reward is never NaN: PickScorer.score raises NonFiniteScores naming the model, on the exact and the
+    tensor paths; rank() keeps its error records."""
+    nan_scorer = PickScorer.from_pretrained(str(nan_model), device="cpu")
+    img = draw_image(tmp_path / "a.png", (64, 48), seed=3)
+    with pytest.raises(NonFiniteScores, match="NaN or infinity for 1 of 1 image"):
+        nan_scorer.score(PROMPT, [str(img)])
+    with pytest.raises(NonFiniteScores, match=str(nan_model)):
+        nan_scorer.score(PROMPT, torch.rand(2, 3, 64, 64), preprocess="torch")
+    assert issubclass(NonFiniteScores, PickrankError)
 
 
 # -- the server bounds the resize too: a thin strip is its request's 413 ----------------------------------------

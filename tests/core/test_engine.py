@@ -33,7 +33,8 @@ def test_many_prompts_use_the_embedding_memo_and_agree(embedder, images):
     few = [r for ranking in Engine(embedder, options=RunOptions(workers=0)).rank(sets_for_score(prompts[7], paths))
            for r in ranking.records]
     got = {r.path: r.score for r in many_recs if r.id == "7"}
-    assert got == pytest.approx({r.path: r.score for r in few}, abs=1e-5)
+    # 40 prompts in one text batch against one: another GEMM shape, equal within the fp32 bound of the project
+    assert got == pytest.approx({r.path: r.score for r in few}, abs=1e-4)
     assert len(many_recs) == 40 * 6
 
 

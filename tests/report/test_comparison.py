@@ -3,7 +3,6 @@ draws the chart, runs only the page's script and sorts the prompt rows."""
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import time
 from pathlib import Path
@@ -12,58 +11,12 @@ import pytest
 from PIL import Image
 
 from pickrank.analysis.comparison import (
-    collect_scores,
-    compare_systems,
     per_prompt_rows,
-    plan_comparison,
     prompt_scores,
 )
 from pickrank.errors import OutputError
-from pickrank.records import Record
 from pickrank.report.comparison import BAR, HEAT_HIGH, HEAT_LOW, write_html
-from tests.support.browser import CHROMIUM_FLAGS, EVIL, Page, check_common, require_chromium
-from tests.support.images import draw_image
-
-EVIL_SYSTEM = '<b id=pwned4>"dpo"</b>'
-
-
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    """A three-system comparison over five prompts (one missing, one failed image), rendered to a page."""
-    root = tmp_path_factory.mktemp("cmp")
-    shared = draw_image(root / "shared.png", (120, 90), seed=99)
-    for s, name in enumerate(("base", "dpo", "grpo")):
-        for i in range(1, 6):
-            if (name, i) == ("grpo", 5):
-                continue  # missing
-            if i == 3:
-                for j in range(2):
-                    draw_image(root / name / "3" / f"{j}.png", (80, 60), seed=10 * s + j)
-            elif (name, i) == ("dpo", 4):
-                (root / name / "4.png").write_bytes(b"not an image")
-            else:
-                draw_image(root / name / f"{i}.png", (100, 80), seed=100 * s + i)
-    (root / "grpo" / "2.png").unlink()
-    (root / "grpo" / "2.png").symlink_to(shared)  # the same image as base's: embedded once
-    (root / "base" / "2.png").unlink()
-    (root / "base" / "2.png").symlink_to(shared)
-    prompts = root / "prompts.csv"
-    with open(prompts, "w", newline="") as f:
-        csv.writer(f).writerows([["prompt"]] + [[f"{EVIL} prompt {i}"] for i in range(1, 6)])
-    plan = plan_comparison([str(root / n) for n in ("base", "dpo", "grpo")], prompts_csv=str(prompts),
-                           names=["base", EVIL_SYSTEM, "grpo"])
-    records = []
-    for slot in plan.slots:
-        for s, imgs in enumerate(slot.images):
-            for j, p in enumerate(imgs):
-                bad = p.endswith("dpo/4.png")
-                records.append(Record(prompt=slot.prompt, path=p, error="not an image" if bad else None,
-                                      score=None if bad else 20.0 + s * 0.4 + ((int(slot.id) * 7 + j) % 5) * 0.3))
-    table = collect_scores(plan, records)
-    result = compare_systems(table, bootstrap=500, all_pairs=True, best_of_n=True)
-    out = root / "compare.html"
-    write_html(str(out), table, result, meta={"model": "tiny", "device": "cpu", "dtype": "float32"}, workers=0)
-    return root, out, table, result
+from tests.support.browser import CHROMIUM_FLAGS, EVIL, EVIL_SYSTEM, Page, check_common, require_chromium
 
 
 def test_page_structure_and_escaping(page):
@@ -126,7 +79,7 @@ def test_browser_draws_the_chart_and_sorts(page, tmp_path):
     im = Image.open(shot).convert("RGB")
     bar = tuple(int(BAR[i:i + 2], 16) for i in (1, 3, 5))
     # The points are drawn: pixels of exactly their colour in the upper part of the page, where the charts are.
-    colours = dict((c, n) for n, c in im.crop((0, 0, 1280, 700)).getcolors(maxcolors=1 << 20))
+    colours = dict((c, n) for n, c in im.crop((0, 0, 1280, 900)).getcolors(maxcolors=1 << 20))
     assert colours.get(bar, 0) > 100, sorted(colours.items(), key=lambda x: -x[1])[:5]
     assert colours.get(HEAT_HIGH, 0) > 2000 and colours.get(HEAT_LOW, 0) > 2000  # and the heat map's cells
     dom = browse(tmp_path, out.as_uri(), "--dump-dom")

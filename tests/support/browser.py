@@ -13,6 +13,7 @@ import pytest
 
 # Would change the title and add an element if it ever ran.
 EVIL = '<script>document.title="pwned";document.body.insertAdjacentHTML("beforeend","<p id=pwned>x</p>")</script>'
+EVIL_SYSTEM = '<b id=pwned4>"dpo"</b>'  # a system name with markup and quotes
 
 
 class Page(HTMLParser):
