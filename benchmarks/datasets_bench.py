@@ -31,7 +31,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402 - the harness: whole-process measurement, models, images
-from bench import BENCH, PICKRANK, REPORT, ROOT, child_env, ensure_images, ensure_model, image_folder, machine, measure, med  # noqa: E402,E501
+from bench import (  # noqa: E402,E501
+    BENCH,
+    PICKRANK,
+    REPORT,
+    ROOT,
+    child_env,
+    ensure_images,
+    ensure_model,
+    image_folder,
+    machine,
+    measure,
+    med,
+)
 
 PROMPT = "a photo of a red cat sitting on a blue sofa in the sun"
 PICKSCORE = Path(os.environ.get("PICKSCORE_ARCH", "/work/notes/models/pickscore"))
