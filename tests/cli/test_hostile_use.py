@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import sqlite3
 import struct
 import subprocess
 import time
@@ -31,6 +30,7 @@ from pickrank import PickScorer
 from pickrank.cli.app import app
 from pickrank.errors import ArgumentTypeError, InvalidArgument, InvalidText, NonFiniteScores, PickrankError
 from tests.support.commands import PROMPT, cli, no_traceback, pickrank_cmd, png_chunk
+from tests.support.databases import foreign_database
 from tests.support.images import draw_image
 from tests.support.measured import GIB, run_cli
 
@@ -297,10 +297,7 @@ def test_the_weight_hash_memo_is_never_written_beside_a_stranger(model_dir, tmp_
     own.mkdir()
     cache = own / "thing"
     if kind == "foreign database":
-        db = sqlite3.connect(cache)
-        db.execute("CREATE TABLE notes (x)")
-        db.commit()
-        db.close()
+        foreign_database(cache)
     elif kind == "folder":
         cache.mkdir()
     else:

@@ -28,6 +28,7 @@ import pytest
 from pickrank.cli.app import app
 from pickrank.core.cache import EmbeddingCache
 from tests.support.commands import jsonl
+from tests.support.databases import foreign_database
 from tests.support.images import draw_image
 
 PROMPT = "a red cat on a blue sofa"
@@ -79,17 +80,7 @@ def header_app_id(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[68:72], "big")
 
 
-def foreign_database(path: Path, journal_mode: str) -> None:
-    """Someone else's SQLite database, with a table and a row."""
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA journal_mode={journal_mode}")
-    db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
-    db.execute("INSERT INTO notes (text) VALUES ('keep me')")
-    db.commit()
-    db.close()
-
-
-# -- item 3: a file that is not pickrank's cache is never moved or written -------------------------------------
+# -- a file that is not pickrank's cache is never moved or written -------------------------------------
 
 NOT_CACHES = {
     "text": lambda p: p.write_text("my notes, not a database\n" * 50),
@@ -168,7 +159,7 @@ def test_new_caches_are_stamped_and_old_unstamped_ones_are_still_used(runner, mo
     assert header_app_id(cache) == APPLICATION_ID  # recognised by its schema, then stamped
 
 
-# -- item 11: an empty --model pattern; a read-only cache ----------------------------------------------------
+# -- an empty --model pattern; a read-only cache ----------------------------------------------------
 
 @pytest.mark.parametrize("pattern", ["", "   "])
 def test_clear_with_an_empty_model_pattern_is_a_usage_error(runner, model_dir, images, tmp_path, pattern):
@@ -224,7 +215,7 @@ def test_an_sqlite_error_in_a_cache_command_is_one_line(tmp_path):
     assert stderr_lines(res.stderr) == [f"pickrank: error: {cache}: database disk image is malformed"]
 
 
-# -- item 13: eval's CSV/JSONL must be UTF-8, checked before the model loads -----------------------------------
+# -- eval's CSV/JSONL must be UTF-8, checked before the model loads -----------------------------------
 
 def eval_rows(tmp_path: Path) -> list[list[str]]:
     a = draw_image(tmp_path / "a.png", (64, 64), seed=1)
@@ -278,7 +269,7 @@ def test_batch_names_the_right_byte_after_a_bom(runner, model_dir, tmp_path):
     assert res.stderr.strip() == f"pickrank: error: {path}: not UTF-8 (line 2, byte 16: b'\\xe9'); save it as UTF-8"
 
 
-# -- item 14: no network, no --model: one line, at once ------------------------------------------------------
+# -- no network, no --model: one line, at once ------------------------------------------------------
 
 def hub_env(tmp_path: Path, endpoint: str, **extra: str) -> dict:
     """A user's environment with an empty hub cache, the network allowed, and the hub at `endpoint`."""
@@ -383,7 +374,7 @@ def test_the_hub_path_still_downloads_and_reports_missing_repos(model_dir, image
         server.server_close()
 
 
-# -- item 15: what "cached scores equal uncached ones" really means ------------------------------------------
+# -- what "cached scores equal uncached ones" really means ------------------------------------------
 
 def test_cached_uncached_batched_and_parallel_scores_agree_within_float32_rounding(runner, model_dir, images,
                                                                                    tmp_path):

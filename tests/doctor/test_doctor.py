@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import shutil
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pickrank.cli.app import app
 from pickrank.core.cache import EmbeddingCache
 from pickrank.doctor import CHECKS
 from tests.support.commands import no_traceback, pickrank_cmd
+from tests.support.databases import foreign_database
 
 NAMES = [name for name, _, _ in CHECKS]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -152,10 +152,7 @@ def _corrupt_cache(path: Path) -> None:
 def test_the_cache_is_only_looked_at(model_dir, tmp_path, kind):
     path = tmp_path / "emb.sqlite3"
     if kind == "not ours":
-        db = sqlite3.connect(path)
-        db.execute("CREATE TABLE notes (x)")
-        db.commit()
-        db.close()
+        foreign_database(path)
     else:
         _corrupt_cache(path)
     before = path.read_bytes()

@@ -59,7 +59,7 @@ def errors(records: list[dict]) -> dict[str, str | None]:
     return {os.path.basename(r["path"]): r["error"] for r in records}
 
 
-# -- item 5: the best-of-n prompt lookup opens files as scoring does ------------------------------------------
+# -- the best-of-n prompt lookup opens files as scoring does ------------------------------------------
 
 def test_best_of_n_prompt_lookup_does_not_hang_on_a_fifo(model_dir, tmp_path):
     group = tmp_path / "group"
@@ -115,7 +115,7 @@ def test_best_of_n_prompt_after_the_image_data_is_read_without_decoding(model_di
     no_traceback(run.err)
 
 
-# -- item 6: files are checked from their first bytes and capped by --max-bytes --------------------------------
+# -- files are checked from their first bytes and capped by --max-bytes --------------------------------
 
 def test_huge_files_are_refused_without_reading_them(model_dir, tmp_path):
     with open(tmp_path / "x.png", "wb") as f:
@@ -171,7 +171,7 @@ def test_max_bytes_option(model_dir, tmp_path):
         assert "--max-bytes" in res.stdout and "512 MiB" in res.stdout, res.stdout
 
 
-# -- item 7: a folder that cannot be read is reported --------------------------------------------------------
+# -- a folder that cannot be read is reported --------------------------------------------------------
 
 def _run_without_permissions(model_dir: Path, tmp_path: Path, *args: str) -> Run:
     """The CLI with file modes applying: as root, without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH."""
@@ -221,7 +221,7 @@ def test_unreadable_folder_is_a_warning_and_an_error_record(model_dir, tmp_path)
         no_traceback(run.err)
 
 
-# -- item 8: control characters never reach the terminal ----------------------------------------------------
+# -- control characters never reach the terminal ----------------------------------------------------
 
 EVIL = "\x1b]0;pwned\x07\x1b[2Jx.png"  # retitles the window, then clears the screen
 BAD = "\x1b[31mred\x9b2Jbad.png"  # colours, and a C1 CSI (U+009B)

@@ -99,7 +99,7 @@ class FifoReader:
         return self.data.decode()
 
 
-# -- item 2: where an output path leads -------------------------------------------------------------------------
+# -- where an output path leads -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", HOWS)
 def test_character_device_is_written_through_and_stays_a_device(how, runner, model_dir, images, tmp_path):
@@ -225,7 +225,7 @@ def test_stdout_style_path_appends_to_what_the_shell_opened(how, model_dir, imag
     check_content(how, text[len("previous line\n"):], images)
 
 
-# -- item 2: an output that is an input, or two outputs in one place ---------------------------------------------
+# -- an output that is an input, or two outputs in one place ---------------------------------------------
 
 @pytest.mark.parametrize("how", ["-o", "--html"])
 def test_output_that_is_a_named_input_image_is_a_usage_error(how, runner, images, tmp_path):
@@ -300,7 +300,7 @@ def test_batch_output_over_its_prompts_csv_and_report_over_its_results_are_usage
     assert saved.read_text() == before
 
 
-# -- item 9: -0 for xargs -0 ---------------------------------------------------------------------------------
+# -- -0 for xargs -0 ---------------------------------------------------------------------------------
 
 ODD_NAMES = ["it's.png", "two\nlines.png", " lead space.png", 'quote".png']
 
@@ -337,7 +337,7 @@ def test_paths_without_null_warn_about_a_newline_in_a_name(runner, model_dir, tm
     assert "has a newline in its name" in res.stderr and "use -0" in res.stderr
 
 
-# -- item 16: the format from -o's extension -----------------------------------------------------------------------
+# -- the format from -o's extension -----------------------------------------------------------------------
 
 def parse_as(fmt: str, text: str) -> list[str]:
     """The paths in text, read as fmt (fails if text is not that format)."""
@@ -364,7 +364,7 @@ def test_format_comes_from_the_output_extension(name, extra, fmt, runner, model_
     assert sorted(parse_as(fmt, target.read_text())) == image_paths(images)
 
 
-# -- item 10: --copy-to ------------------------------------------------------------------------------------------
+# -- --copy-to ------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def groups(tmp_path: Path) -> Path:
