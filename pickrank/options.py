@@ -210,6 +210,9 @@ class RunOptions(_Bundle):
     # Decode in threads of this process instead of worker processes: the library's default, since a process pool
     # re-imports the caller's script (`__main__`) in each worker, which fails without `if __name__ == "__main__":`.
     threads: bool = False
+    # Image statistics computed in the decode workers and kept, with each image's embedding, for the run's caller
+    # (`core.engine.Kept`): compare's signals. Cache entries without statistics are then embedded again.
+    signals: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_error", as_enum(OnError, self.on_error, "--on-error value"))

@@ -9,6 +9,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from pickrank.inputs.imagestats import ImageStats
+
 
 @dataclass(frozen=True)
 class ImageBytes:
@@ -105,11 +107,13 @@ class Entry:
 @dataclass(frozen=True)
 class Finished:
     """What a backend hands back: embedded keys with their (N, D) fp32 embeddings on the CPU (None when there are
-    none), and the keys that failed, with the reason."""
+    none), and the keys that failed, with the reason; with image statistics asked for (`RunOptions.signals`), each
+    embedded key's `ImageStats` in `stats` (in `keys` order)."""
 
     keys: Sequence[str] = ()
     embeddings: "torch.Tensor | np.ndarray | None" = None
     failures: Sequence[tuple[str, str]] = ()
+    stats: "Sequence[ImageStats | None]" = ()
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,18 @@ Fmt = Annotated[Optional[CompareFormat], Opt("--format", "-f", panel=OUTPUT, hel
                 "settings, systems, pairs, model) or csv [default: from -o's extension (.json, .csv), else "
                 "table].")]
 Verbose = Annotated[bool, Opt("--verbose", "-v", panel=RUN, help="Name the prompts left out, per system.")]
+Series = Annotated[bool, Opt("--series", panel=STATS, help="The systems are checkpoints of one run, ordered by the "
+                             "number in their names (step_20 before step_100): win rates against the first and "
+                             "the previous one, signals and flags against the first, charts over the series.")]
+Signals = Annotated[bool, Opt("--signals", panel=STATS, help="Image statistics (saturation, brightness, contrast, "
+                              "colourfulness, sharpness, high-frequency energy) and diversity beside the score, "
+                              "with flags (--series implies it).")]
+Monitor = Annotated[Optional[str], Opt("--monitor-model", metavar="MODEL", panel=STATS, help="A held-out CLIP "
+                    "model (folder or hub id) scored on the same images, as CLIPScore 100*max(cos, 0); flagged "
+                    "when it falls while PickScore rises.")]
+Flags = Annotated[Optional[list[str]], Opt("--flag", metavar="NAME=PCT", panel=STATS, help="A flag's threshold: "
+                  "relative change against the baseline, e.g. saturation=+25, diversity=-30, sharpness=off "
+                  "(repeatable).")]
 
 
 @with_options(ModelOptions, RunOptions, CacheOptions, (OutputOptions, "output", "meta"), EngineOptions,
@@ -56,7 +68,8 @@ Verbose = Annotated[bool, Opt("--verbose", "-v", panel=RUN, help="Name the promp
 def compare(systems: Systems = None, *, prompts: PromptsCsv = None, manifest: Manifest = None, names: Names = None,
             baseline: Baseline = None, all_pairs: AllPairs = False, best_of_n: BestOfN = False,
             bootstrap: Bootstrap = 10_000, seed: Seed = 0, per_prompt: PerPrompt = None, html: Html = None,
-            format: Fmt = None, verbose: Verbose = False, opts: Opts) -> None:
+            format: Fmt = None, verbose: Verbose = False, series: Series = False, signals: Signals = False,
+            monitor_model: Monitor = None, flag: Flags = None, opts: Opts) -> None:
     """Compare text-to-image systems on the same prompts: mean PickScore, win rate, 95% intervals, sign test.
 
     Per system: the mean over prompts (a prompt's score is the mean of its
@@ -77,6 +90,7 @@ def compare(systems: Systems = None, *, prompts: PromptsCsv = None, manifest: Ma
       $ pickrank compare base/ dpo/ --prompts prompts.csv
       $ pickrank compare base/ dpo/ grpo/ --all-pairs --html compare.html
       $ pickrank compare --manifest runs.jsonl --best-of-n -f json
+      $ pickrank compare runs/step_* --prompts prompts.csv --series --html run.html
     """
     with Command(opts.command) as cmd:
         from pickrank.analysis.comparison import LAYOUTS, plan_comparison
@@ -86,13 +100,14 @@ def compare(systems: Systems = None, *, prompts: PromptsCsv = None, manifest: Ma
         run = opts.run
         plan = plan_comparison(systems or (), prompts_csv=prompts, manifest=manifest,
                                names=names.split(",") if names is not None else None, baseline=baseline,
-                               max_pixels=run.max_pixels, max_bytes=run.max_bytes)
+                               max_pixels=run.max_pixels, max_bytes=run.max_bytes, series=series)
         log.info("layout: %s (%s); %d systems, %d prompts, %d distinct image paths; baseline %s", plan.layout,
                  LAYOUTS[plan.layout], len(plan.systems), len(plan.slots), len(plan.image_paths()), plan.baseline)
         comparison = ComparisonRun(plan, CompareOutputs(output=opts.output.output, format=format,
                                                         per_prompt=per_prompt, html=html, meta=opts.output.meta))
         settings = CompareSettings(all_pairs=all_pairs, best_of_n=best_of_n, bootstrap=bootstrap, seed=seed,
-                                   verbose=verbose)
+                                   verbose=verbose, signals=signals, series=series, monitor_model=monitor_model,
+                                   flags=tuple(flag or ()))
         comparison.open([*(systems or ()), *(p for p in (prompts, manifest) if p)], cmd.sinks, settings)
         with progress_bar(opts.command.quiet) as bar:
             scored = comparison.score(opts.scoring(), on_progress=bar, on_loaded=bar.on_loaded(say_loaded))

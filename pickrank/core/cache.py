@@ -37,6 +37,18 @@ _SCHEMA = (
 ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS embeddings_created ON embeddings(created)",
 )
+# Image statistics beside the embeddings (`inputs.imagestats`): a table of its own, so that caches made before it
+# stay readable as they are (an entry without statistics is embedded again only when a run asks for them), and
+# older pickrank versions, which read the embeddings table alone, still read caches that have it.
+_STATS_SCHEMA = """CREATE TABLE IF NOT EXISTS image_stats (
+    key TEXT NOT NULL,          -- as embeddings.key
+    model TEXT NOT NULL,        -- as embeddings.model (it names the preprocessing the statistics were taken after)
+    vals BLOB NOT NULL,         -- float64, little-endian, in imagestats.STAT_NAMES order
+    PRIMARY KEY (key, model)
+) WITHOUT ROWID"""
+# Statistics whose embedding has been deleted (`pickrank cache clear/prune`) go with it.
+_ORPHAN_STATS = ("DELETE FROM image_stats WHERE NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.key = image_stats.key "
+                 "AND e.model = image_stats.model)")
 
 
 class CacheError(PickrankError):
@@ -98,6 +110,12 @@ class NullCache:
         return {}
 
     def put_many(self, items: dict[str, np.ndarray], model: str) -> None:
+        pass
+
+    def get_stats(self, keys: list[str], model: str) -> dict[str, np.ndarray]:
+        return {}
+
+    def put_stats(self, items: dict[str, np.ndarray], model: str) -> None:
         pass
 
     def close(self) -> None:
@@ -215,6 +233,8 @@ class EmbeddingCache(NullCache):
                     db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 for statement in _SCHEMA:
                     db.execute(statement)
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'image_stats'").fetchone():
+            db.execute(_STATS_SCHEMA)
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":  # persistent once set
             db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -322,6 +342,27 @@ class EmbeddingCache(NullCache):
 
     def get_many(self, keys: list[str], model: str) -> dict[str, np.ndarray]:
         """Cached embeddings for those keys that have one under this model fingerprint."""
+        return self._select("SELECT key, vec FROM embeddings", "<f4", keys, model)
+
+    def put_many(self, items: dict[str, np.ndarray], model: str) -> None:
+        """Store embeddings in one transaction, so an interrupted run keeps every finished batch."""
+        now = time.time()
+        self._insert("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)",
+                     [(k, model, int(v.shape[-1]), np.asarray(v, dtype="<f4").tobytes(), now)
+                      for k, v in items.items()])
+
+    def get_stats(self, keys: list[str], model: str) -> dict[str, np.ndarray]:
+        """Cached image statistics for those keys that have them under this model fingerprint ({} from a cache
+        made before they were kept, opened read-only)."""
+        return self._select("SELECT key, vals FROM image_stats", "<f8", keys, model)
+
+    def put_stats(self, items: dict[str, np.ndarray], model: str) -> None:
+        """Store image statistics in one transaction."""
+        self._insert("INSERT OR REPLACE INTO image_stats VALUES (?, ?, ?)",
+                     [(k, model, np.asarray(v, dtype="<f8").tobytes()) for k, v in items.items()])
+
+    def _select(self, query: str, dtype: str, keys: list[str], model: str) -> dict[str, np.ndarray]:
+        """key -> array for the keys `query` (SELECT key, blob FROM table) finds under this model fingerprint."""
         if self._db is None or not keys:
             return {}
         db = self._db
@@ -331,29 +372,27 @@ class EmbeddingCache(NullCache):
             for i in range(0, len(keys), 500):  # SQLite's limit on bound parameters
                 chunk = keys[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                for key, vec in db.execute(
-                        f"SELECT key, vec FROM embeddings WHERE model = ? AND key IN ({marks})", [model, *chunk]):
-                    found[key] = np.frombuffer(vec, dtype="<f4").copy()
+                for key, blob in db.execute(f"{query} WHERE model = ? AND key IN ({marks})", [model, *chunk]):
+                    found[key] = np.frombuffer(blob, dtype=dtype).copy()
 
         try:
             self._retrying(select)
         except sqlite3.Error as e:
-            self._disable(f"{self.path}: {e}")
+            if "no such table" not in str(e):  # a read-only cache from before image_stats: nothing found
+                self._disable(f"{self.path}: {e}")
             return {}
         return found
 
-    def put_many(self, items: dict[str, np.ndarray], model: str) -> None:
-        """Store embeddings in one transaction, so an interrupted run keeps every finished batch."""
-        if self._db is None or self.read_only or not items:
+    def _insert(self, statement: str, rows: list[tuple]) -> None:
+        """Rows inserted in one transaction (nothing in a read-only or disabled cache)."""
+        if self._db is None or self.read_only or not rows:
             return
-        now = time.time()
-        rows = [(k, model, int(v.shape[-1]), np.asarray(v, dtype="<f4").tobytes(), now) for k, v in items.items()]
         db = self._db
 
         def insert() -> None:
             with db:  # BEGIN ... COMMIT (or ROLLBACK on error)
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)", rows)
+                db.executemany(statement, rows)
 
         try:
             self._retrying(insert)
@@ -397,6 +436,7 @@ class EmbeddingCache(NullCache):
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 n = db.execute(sql, params).rowcount
+                db.execute(_ORPHAN_STATS)
             db.execute("VACUUM")
         except sqlite3.Error as e:
             raise CacheError(f"{self.path}: {e}") from None

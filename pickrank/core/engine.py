@@ -22,15 +22,17 @@ import math
 import os
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from pickrank.core.cache import NullCache
 from pickrank.core.discovery import Discovery
+from pickrank.core.kept import Kept
 from pickrank.errors import InputFailed, NonFiniteScores
 from pickrank.inputs.decode import Decoded, ImageSpec
 from pickrank.inputs.files import ReadError, content_key, read_bytes
+from pickrank.inputs.imagestats import STAT_NAMES, ImageStats
 from pickrank.inputs.textfile import check_text
 from pickrank.inputs.workers import close_pool, decode_job, decode_many, worker_pool
 from pickrank.options import RunOptions
@@ -161,7 +163,8 @@ class Batcher:
         """Embed the oldest n images, in one call."""
         batch, self.items = self.items[:n], self.items[n:]
         self.nbytes -= sum(d.pixels.nbytes for d in batch)
-        return Finished([d.key for d in batch], self.embedder.embed_images(np.stack([d.pixels for d in batch])))
+        return Finished([d.key for d in batch], self.embedder.embed_images(np.stack([d.pixels for d in batch])),
+                        stats=tuple(d.stats for d in batch))
 
 
 class _Decoder:
@@ -173,8 +176,8 @@ class _Decoder:
     """
 
     def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4,
-                 max_bytes: int | None = None, threads: bool = False) -> None:
-        self.window, self.max_bytes = max(1, window), max_bytes
+                 max_bytes: int | None = None, threads: bool = False, stats: bool = False) -> None:
+        self.window, self.max_bytes, self.stats = max(1, window), max_bytes, stats
         self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
         self.pool: Executor | None = None
         if workers > 0:
@@ -187,7 +190,7 @@ class _Decoder:
 
     def submit(self, key: str, data: bytes) -> None:
         if self.pool is None:
-            self.queue.append((key, [decode_job(key, data, self.spec, self.max_pixels)], 0, 0))
+            self.queue.append((key, [decode_job(key, data, self.spec, self.max_pixels, self.stats)], 0, 0))
             return
         self.pending.append((key, data))
         self.bytes += len(data)
@@ -197,7 +200,7 @@ class _Decoder:
     def _dispatch(self) -> None:
         if self.pending and self.pool is not None:
             with signals_deferred():
-                fut = self.pool.submit(decode_many, self.pending, self.spec, self.max_pixels)
+                fut = self.pool.submit(decode_many, self.pending, self.spec, self.max_pixels, self.stats)
             self.queue.extend((key, fut, i, len(data)) for i, (key, data) in enumerate(self.pending))
             self.pending = []
 
@@ -268,7 +271,8 @@ class LocalBackend:
         deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
         self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
                                 spec=embedder.spec, max_pixels=options.max_pixels,
-                                max_bytes=self.LOADING_BYTES if deeper else None, threads=options.threads)
+                                max_bytes=self.LOADING_BYTES if deeper else None, threads=options.threads,
+                                stats=options.signals)
         self.batcher = Batcher(embedder)
         self.finished = self.flushing = False
         self.saved_threads: int | None = None
@@ -508,6 +512,8 @@ class _Pass:
             self.engine.progress(1)
             return False
         key = entry.key
+        if self.engine.kept is not None:
+            self.engine.kept.name(entry.path, key)
         if key in seen:  # a copy under another name: scored once, reported for each name
             self.wait_or_done(key)
             return False
@@ -550,9 +556,15 @@ class _Pass:
         return True
 
     def from_cache(self, key: str) -> bool:
-        hit = self.engine.cache.get_many([key], self.engine.embedder.fingerprint).get(key)
+        cache, fingerprint, kept = self.engine.cache, self.engine.embedder.fingerprint, self.engine.kept
+        hit = cache.get_many([key], fingerprint).get(key)
         if hit is None:
             return False
+        if kept is not None:  # an entry cached without its statistics is a miss when they are asked for
+            stats = cache.get_stats([key], fingerprint).get(key)
+            if stats is None or len(stats) != len(STAT_NAMES):
+                return False
+            kept.put(key, hit, ImageStats.from_values(stats))
         self.engine.summary.cache_hits += 1
         self.resolve(key, self.prompts.to_memo(hit[None])[0])
         return True
@@ -589,16 +601,19 @@ class _Pass:
             for key, reason in f.failures:
                 self.resolve(key, None, reason)
             if f.keys:
-                self.take_embedded(list(f.keys), f.embeddings)
+                self.take_embedded(list(f.keys), f.embeddings, f.stats)
 
-    def take_embedded(self, keys: list[str], emb: torch.Tensor | np.ndarray) -> None:
+    def take_embedded(self, keys: list[str], emb: torch.Tensor | np.ndarray,
+                      stats: Sequence[ImageStats | None] = ()) -> None:
         """Embedded images: those with finite embeddings cached (per batch) and memoised, the others failed (a NaN
-        kept in the cache would come back in every later run)."""
+        kept in the cache would come back in every later run); their statistics, when taken, kept beside."""
         engine = self.engine
         engine.summary.embedded += len(keys)
         finite = np.isfinite(np.asarray(emb, dtype=np.float32)).all(axis=-1)
         engine.cache.put_many({k: np.asarray(emb[i]) for i, k in enumerate(keys) if finite[i]},
                               engine.embedder.fingerprint)
+        if engine.kept is not None:
+            keep_stats(engine, keys, emb, finite, stats)
         vecs = self.prompts.to_memo(emb)
         for i, k in enumerate(keys):
             if finite[i]:
@@ -628,6 +643,15 @@ class _Pass:
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
+
+
+def keep_stats(engine: Engine, keys: list[str], emb: torch.Tensor | np.ndarray, finite: np.ndarray,
+               stats: Sequence[ImageStats | None]) -> None:
+    """Embedded images' statistics cached beside their embeddings, both kept for the run's caller."""
+    got = [(i, k, s) for i, (k, s) in enumerate(zip(keys, stats)) if finite[i] and s is not None]
+    engine.cache.put_stats({k: np.asarray(s.values()) for _, k, s in got}, engine.embedder.fingerprint)
+    for i, k, s in got:
+        engine.kept.put(k, np.asarray(emb[i]), s)  # type: ignore[union-attr]
 
 
 class Engine:
@@ -660,6 +684,7 @@ class Engine:
         self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
         self.done = 0  # images resolved (embedded, from the cache or the memo, failed), for on_progress
         self.discovery: Discovery | None = None
+        self.kept = Kept() if self.options.signals else None  # embeddings and image statistics, for the caller
 
     def remembered(self) -> tuple[int, int]:
         """How many prompts and images `rank_stream` remembers across calls (each at most memo_size)."""

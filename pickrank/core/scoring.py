@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequen
 
 from pickrank.core.cache import NullCache, open_cache
 from pickrank.core.engine import Engine, Ranking
+from pickrank.core.kept import Kept
 from pickrank.core.provenance import for_run
 from pickrank.errors import UsageError
 from pickrank.models import loading
@@ -60,6 +61,7 @@ class Scored:
 
     summary: RunSummary
     failed: int
+    kept: Kept | None = None  # with `RunOptions.signals`: each image's embedding and statistics
 
 
 def make_engine(embedder: ImageTextEmbedder, run: RunOptions, *, cache: NullCache | None = None,
@@ -67,6 +69,9 @@ def make_engine(embedder: ImageTextEmbedder, run: RunOptions, *, cache: NullCach
                 on_progress: Callable[[Progress], None] | None = None) -> RankingEngine:
     """The local engine, or the Ray one with `engine ray`; both yield the same Rankings."""
     if engine is not None and engine.engine is EngineName.ray:
+        if run.signals:  # its actors decode and return embeddings alone
+            raise UsageError("image statistics (compare --signals, --series, --monitor-model) are computed by the "
+                             "local engine only: leave out --engine ray")
         from pickrank.ray.engine import RayEngine
 
         if embedder.backend != "torch":  # Ray's actors load the torch model
@@ -122,7 +127,7 @@ def score_into(sinks: Sequence[Sink], sets: Iterable[CandidateSet], options: Sco
     s = engine.summary
     log.info("%d image(s), %d embedded, %d from cache, %d failed, %d ranking(s)", s.images, s.embedded,
              s.cache_hits, s.failures, s.rankings)
-    return Scored(s, failed)
+    return Scored(s, failed, engine.kept if isinstance(engine, Engine) else None)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from PIL import Image, ImageFile
 
 from pickrank.errors import InputFailed, UsageError
 from pickrank.inputs.files import ReadError, TooLarge, read_bytes
+from pickrank.inputs.imagestats import ImageStats, image_stats
 
 # Pillow's own default limit on decoded pixels (about 89.5 megapixels); --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -90,6 +91,11 @@ class Decoded:
 
     key: str
     pixels: np.ndarray
+    stats: ImageStats | None = None  # computed from `pixels` when the run asks for them (`with_stats`)
+
+    def with_stats(self) -> "Decoded":
+        """This image with its statistics (`imagestats.image_stats` of its pixels)."""
+        return Decoded(self.key, self.pixels, image_stats(self.pixels))
 
 
 def to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:

@@ -72,18 +72,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def decode_job(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None) -> Decoded | ReadError:
-    """A worker's unit (no torch imported here, so workers stay small): pixels, or why not as a ReadError
-    (`TooLarge` over max_pixels), returned rather than raised."""
+def decode_job(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None,
+               stats: bool = False) -> Decoded | ReadError:
+    """A worker's unit (no torch imported here, so workers stay small): pixels (with `stats`, and their image
+    statistics), or why not as a ReadError (`TooLarge` over max_pixels), returned rather than raised."""
     try:
-        return decode_and_preprocess(key, data, spec, max_pixels)
+        decoded = decode_and_preprocess(key, data, spec, max_pixels)
+        return decoded.with_stats() if stats else decoded
     except ReadError as e:
         return e.with_traceback(None)  # its frames hold the image's bytes
     except Exception as e:  # a decoder bug must not kill the run: report it like any bad file
         return ReadError(f"cannot decode: {type(e).__name__}: {e}")
 
 
-def decode_many(jobs: list[tuple[str, bytes]], spec: ImageSpec,
-                max_pixels: int | None) -> list[Decoded | ReadError]:
+def decode_many(jobs: list[tuple[str, bytes]], spec: ImageSpec, max_pixels: int | None,
+                stats: bool = False) -> list[Decoded | ReadError]:
     """decode_job over a chunk of images (one round trip to a worker)."""
-    return [decode_job(key, data, spec, max_pixels) for key, data in jobs]
+    return [decode_job(key, data, spec, max_pixels, stats) for key, data in jobs]

@@ -24,6 +24,7 @@ from pickrank.analysis.comparison import (
     winner,
 )
 from pickrank.analysis.comparison.render import caveat_note, marked
+from pickrank.analysis.comparison.watch import Watch
 from pickrank.report.page import (
     HEADER_CSS,
     PageWriter,
@@ -36,6 +37,7 @@ from pickrank.report.page import (
     page_script,
     write_page,
 )
+from pickrank.report.series import SERIES_CSS, write_filmstrips, write_signals
 
 BAR = "#2f6fde"  # the systems' points (the screenshot test looks for it)
 BASE_BAR = "#8e99ad"  # the baseline's
@@ -100,8 +102,10 @@ if(sel&&box){
 
 
 def write_html(path: str, table: ScoreTable, result: CompareResult, *, meta: dict | None = None,
-               title: str | None = None, workers: int | None = None, option: str = "--html") -> None:
-    """Render the comparison page atomically (temp file, then rename); OutputError when it cannot be written."""
+               title: str | None = None, workers: int | None = None, option: str = "--html",
+               watch: Watch | None = None) -> None:
+    """Render the comparison page atomically (temp file, then rename); OutputError when it cannot be written.
+    With `watch`, the signals too (`report.series`): flags, line charts, and for a series the filmstrips."""
     thumbs = Thumbnails(workers)
     for row in table.prompts:
         for samples in row.samples:
@@ -110,7 +114,7 @@ def write_html(path: str, table: ScoreTable, result: CompareResult, *, meta: dic
                     thumbs.add(os.path.realpath(x.path))  # one file under two names is embedded once
     made = thumbs.collect()
     folder = os.path.dirname(os.path.abspath(path))
-    write_page(path, option, lambda out: _Page(table, result, meta or dict(result.model), out, made, folder)
+    write_page(path, option, lambda out: _Page(table, result, meta or dict(result.model), out, made, folder, watch)
                .render(title or "pickrank compare"))
 
 
@@ -280,16 +284,17 @@ def heat_map(result: CompareResult, cell: int = 64) -> str:
 
 class _Page(PageWriter):
     def __init__(self, table: ScoreTable, result: CompareResult, meta: dict, out: IO[str],
-                 thumbs: dict[str, bytes | str], folder: str) -> None:
+                 thumbs: dict[str, bytes | str], folder: str, watch: Watch | None = None) -> None:
         super().__init__(out, thumbs, folder)
-        self.t, self.r, self.meta = table, result, meta
+        self.t, self.r, self.meta, self.watch = table, result, meta, watch
 
     def render(self, title: str) -> None:
         r = self.r
         meta = header_meta(self.meta) + [
             ("prompts", r.prompts), ("systems", len(r.systems)), ("baseline", r.baseline),
             ("bootstrap", r.bootstrap), ("seed", r.seed), ("layout", r.layout)]
-        self.w(page_head(title, "PickScore comparison", _CSS, _JS, meta, self.meta), "<main>\n")
+        css = _CSS if self.watch is None else _CSS + SERIES_CSS
+        self.w(page_head(title, "PickScore comparison", css, _JS, meta, self.meta), "<main>\n")
         self.summary()
         self.w('<div class="charts"><figure id="means">', mean_chart(r),
                f'<figcaption>Mean PickScore per system (a point) with its {round(r.confidence * 100):g}% bootstrap '
@@ -302,8 +307,12 @@ class _Page(PageWriter):
             self.w('<figure id="matrix">', heat_map(r), '<figcaption>Win rate of the row over the column '
                    '(a tie counts one half).</figcaption></figure>')
         self.w("</div>\n")
+        if self.watch is not None:
+            write_signals(self, self.t, r, self.watch)
         self.curves()
         self.left_out()
+        if self.watch is not None and self.watch.series:
+            write_filmstrips(self, self.t)
         self.rows()
         self.w(f"</main>\n<footer>Made by pickrank {esc(__version__)}.</footer>\n<script>{_JS}</script>\n"
                "</body>\n</html>\n")

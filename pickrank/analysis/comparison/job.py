@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from pickrank.analysis.comparison.plan import Comparison
@@ -18,11 +18,14 @@ from pickrank.analysis.comparison.stats import (
     MIN_PROMPTS,
     CompareResult,
     check_bootstrap,
+    ScoreTable,
     collect_scores,
     compare_systems,
 )
+from pickrank.analysis.comparison.watch import SIGNAL_NAMES, Watch, monitor_scores, parse_thresholds, watch_signals
+from pickrank.core.kept import Kept
 from pickrank.errors import UsageError
-from pickrank.options import CompareFormat, Scale
+from pickrank.options import CompareFormat, EngineName, Scale
 from pickrank.output.guards import check_outputs, guard_inputs
 from pickrank.output.sinks import Sink, SinkBase
 from pickrank.output.targets import Output
@@ -56,6 +59,16 @@ class CompareSettings:
     bootstrap: int = DEFAULT_BOOTSTRAP
     seed: int = DEFAULT_SEED
     verbose: bool = False  # name the prompts left out, per system
+    # The signals (`watch`): image statistics and diversity beside the score; a series implies them.
+    signals: bool = False
+    series: bool = False
+    monitor_model: str | None = None  # a held-out CLIP scorer, run on the same images (implies signals)
+    flags: tuple[str, ...] = ()  # --flag NAME=PERCENT: thresholds other than `watch.DEFAULT_THRESHOLDS`
+
+    @property
+    def watching(self) -> bool:
+        """Whether the signals are computed."""
+        return self.signals or self.series or self.monitor_model is not None
 
 
 class Gathered(SinkBase):
@@ -127,6 +140,9 @@ class ComparisonRun:
         self.files: dict[tuple[int, int], str] = {}
         self.main_out: WrittenAtEnd | None = None
         self.rows_out: WrittenAtEnd | None = None
+        self.settings = CompareSettings()
+        self.kept: Kept | None = None  # each image's embedding and statistics, with the signals
+        self.monitor = Gathered()  # the held-out scorer's records
 
     def open(self, inputs: Sequence[str], sinks: list, settings: CompareSettings | None = None) -> None:
         """Check the outputs against each other and the inputs (and that the settings' bootstrap fits in memory),
@@ -135,6 +151,8 @@ class ComparisonRun:
 
         if settings is not None:
             check_bootstrap(settings.bootstrap, statistic_columns(self.plan, settings))
+            parse_thresholds(settings.flags)  # a bad --flag is a usage error before the model loads
+            self.settings = settings
         o = self.outputs
         self.fmt = compare_format(o.format, o.output)
         self.files = check_outputs([("-o", o.output), ("--per-prompt", o.per_prompt), ("--html", o.html),
@@ -153,11 +171,27 @@ class ComparisonRun:
 
     def score(self, options: ScoringOptions, *, on_progress: Callable[[Progress], None] | None = None,
               on_loaded: Callable[[ImageTextEmbedder], None] | None = None) -> Scored:
-        """Score every image of the plan through the one scoring core; what the scoring did."""
+        """Score every image of the plan through the one scoring core (with the signals: their statistics and
+        embeddings kept, then the held-out scorer on the same images); what the scoring did."""
         from pickrank.core.scoring import score_into
 
-        return score_into(self.taking, guard_inputs(self.plan.candidate_sets(), self.files), options,
-                          on_progress=on_progress, on_loaded=on_loaded)
+        settings = self.settings
+        if settings.watching:
+            if options.engine.engine is EngineName.ray:  # before the model loads
+                raise UsageError("--signals, --series and --monitor-model are computed by the local engine only: "
+                                 "leave out --engine ray")
+            options = replace(options, run=replace(options.run, signals=True))
+        scored = score_into(self.taking, guard_inputs(self.plan.candidate_sets(), self.files), options,
+                            on_progress=on_progress, on_loaded=on_loaded)
+        self.kept = scored.kept
+        if settings.monitor_model is not None:
+            log.info("held-out scorer: %s", settings.monitor_model)
+            held_out = replace(options, model=replace(options.model, model=settings.monitor_model, processor=None),
+                               run=replace(options.run, signals=False, scale=Scale.cosine))
+            also = score_into([self.monitor], guard_inputs(self.plan.candidate_sets(), self.files), held_out,
+                              on_progress=on_progress)
+            scored = replace(scored, failed=scored.failed + also.failed)
+        return scored
 
     def write(self, settings: CompareSettings, workers: int | None = None) -> CompareResult:
         """The statistics over the scores, written to the outputs (each then marked complete)."""
@@ -166,34 +200,61 @@ class ComparisonRun:
         table = collect_scores(plan, gathered.records)
         result = compare_systems(table, baseline=plan.baseline, all_pairs=settings.all_pairs,
                                  best_of_n=settings.best_of_n, bootstrap=settings.bootstrap, seed=settings.seed,
-                                 raw_per_unit=gathered.raw_per_unit())
+                                 raw_per_unit=gathered.raw_per_unit(), series=settings.series)
         say_left_out(result, settings.verbose)
         say_unreliable(result)
-        out = self.main_out.out
-        if self.fmt == "json":
-            out.stream.write(json.dumps(to_json(result, model=gathered.meta), ensure_ascii=False) + "\n")
-        elif self.fmt == "csv":
-            write_csv(result, out.stream)
-        else:
-            print_table(result, out.stream, is_terminal=out.is_terminal)
-        self.main_out.done = True
+        watch = self.watch(table, result)
+        self.write_main(result, watch)
         if self.rows_out is not None:
             write_per_prompt(table, self.rows_out.out.stream)
             self.rows_out.done = True
         if self.outputs.html:
             from pickrank.report.comparison import write_html
 
-            write_html(self.outputs.html, table, result, meta=gathered.meta, workers=workers)
+            write_html(self.outputs.html, table, result, meta=gathered.meta, workers=workers, watch=watch)
         return result
+
+    def watch(self, table: ScoreTable, result: CompareResult) -> Watch | None:
+        """The signals of the scored comparison (None when not asked for), its flags said on the logger."""
+        if not self.settings.watching or self.kept is None:
+            return None
+        s = self.settings
+        monitor = monitor_scores(self.monitor.records) if s.monitor_model is not None else None
+        watch = watch_signals(table, result, self.kept, monitor=monitor, monitor_model=s.monitor_model,
+                              thresholds=parse_thresholds(s.flags), series=s.series)
+        for flag in watch.flags:
+            log.warning("flag: %s", flag.text)
+        return watch
+
+    def write_main(self, result: CompareResult, watch: Watch | None) -> None:
+        """The statistics (and signals) to -o in its format, then marked complete."""
+        from pickrank.analysis.comparison.watch_render import print_watch, watch_json
+
+        assert self.main_out is not None, "open() first"
+        out = self.main_out.out
+        if self.fmt == "json":
+            doc = to_json(result, model=self.gathered.meta)
+            if watch is not None:
+                doc["signals"] = watch_json(watch)
+                doc["signals"]["monitor"] = dict(self.monitor.meta) or None
+            out.stream.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            write_csv(result, out.stream, watch)
+        else:
+            print_table(result, out.stream, is_terminal=out.is_terminal)
+            if watch is not None:
+                print_watch(watch, result, out.stream, is_terminal=out.is_terminal)
+        self.main_out.done = True
 
 
 def statistic_columns(plan: Comparison, settings: CompareSettings) -> int:
     """At most how many statistics the bootstrap estimates for this plan: a mean per system, four per pair, and
     with --best-of-n a win rate per k on both sides of each pair."""
     n = len(plan.systems)
-    pairs = n * (n - 1) // 2 if settings.all_pairs else n - 1
+    pairs = n * (n - 1) // 2 if settings.all_pairs else (n - 1) + (max(0, n - 2) if settings.series else 0)
     k = max((len(imgs) for slot in plan.slots for imgs in slot.images), default=0) if settings.best_of_n else 0
-    return n + 4 * pairs + 2 * pairs * k
+    signals = (len(SIGNAL_NAMES) + 2) * n if settings.watching else 0
+    return n + 4 * pairs + 2 * pairs * k + signals
 
 
 def say_unreliable(result: CompareResult) -> None:

@@ -3,6 +3,7 @@ each prompt's images per system (`Slot`s); `Comparison.candidate_sets()` is what
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -83,8 +84,14 @@ def detect_layout(paths: Sequence[str], prompts_csv: str | None = None, manifest
 def plan_comparison(paths: Sequence[str] = (), *, prompts_csv: str | None = None, manifest: str | None = None,
                     names: Sequence[str] | None = None, baseline: str | None = None,
                     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                    max_bytes: int | None = DEFAULT_MAX_BYTES) -> Comparison:
-    """The comparison the arguments describe; UsageError (exit 2) for bad input."""
+                    max_bytes: int | None = DEFAULT_MAX_BYTES, series: bool = False) -> Comparison:
+    """The comparison the arguments describe; UsageError (exit 2) for bad input. `series`: the systems are a
+    run's checkpoints, ordered by the numbers in their names, the first the baseline (`watch.as_series`)."""
+    if series:
+        if baseline is not None:
+            raise UsageError("--series compares each checkpoint with the first: leave out --baseline")
+        return as_series(plan_comparison(expand_globs(paths), prompts_csv=prompts_csv, manifest=manifest,
+                                         names=names, max_pixels=max_pixels, max_bytes=max_bytes))
     layout = detect_layout(paths, prompts_csv, manifest)
     if layout == "manifest":
         systems, slots, excluded = _manifest_plan(manifest or paths[0])
@@ -103,6 +110,25 @@ def plan_comparison(paths: Sequence[str] = (), *, prompts_csv: str | None = None
         raise UsageError("no prompt has images to compare")
     _check_every_system_has_images(systems, slots)
     return Comparison(layout, systems, baseline or systems[0], tuple(slots), tuple(excluded))
+
+
+def expand_globs(paths: Sequence[str]) -> list[str]:
+    """Each argument that is not a path but a glob pattern ('runs/step_*', quoted from the shell) as the folders it
+    matches; the others as they are."""
+    out: list[str] = []
+    for p in paths:
+        magic = glob.has_magic(p) and not os.path.exists(p)
+        out.extend((sorted(m for m in glob.glob(p) if os.path.isdir(m)) if magic else []) or [p])
+    return out
+
+
+def as_series(plan: Comparison) -> Comparison:
+    """The plan with its systems ordered by the numbers in their names (step_20 before step_100), each slot's
+    images with them, the first checkpoint the baseline."""
+    order = sorted(range(len(plan.systems)), key=lambda i: _natural(plan.systems[i]))
+    systems = tuple(plan.systems[i] for i in order)
+    slots = tuple(Slot(s.id, s.prompt, tuple(s.images[i] for i in order)) for s in plan.slots)
+    return Comparison(plan.layout, systems, systems[0], slots, plan.excluded)
 
 
 def _check_every_system_has_images(systems: Sequence[str], slots: Sequence[Slot]) -> None:
@@ -317,4 +343,5 @@ def _manifest_plan(path: str) -> tuple[tuple[str, ...], list[Slot], list[Exclude
     return names, out, excluded
 
 
-__all__ = ["LAYOUTS", "Slot", "Excluded", "Comparison", "detect_layout", "plan_comparison"]
+__all__ = ["LAYOUTS", "Slot", "Excluded", "Comparison", "detect_layout", "plan_comparison", "as_series",
+           "expand_globs"]

@@ -11,6 +11,7 @@ from typing import IO, Callable, Iterator, Sequence
 import numpy as np
 
 from pickrank.analysis.comparison.stats import CompareResult, PromptScores, ScoreTable
+from pickrank.analysis.comparison.watch import Watch
 from pickrank.report.page import interval, number
 
 
@@ -150,15 +151,18 @@ def csv_rows(result: CompareResult) -> Iterator[dict]:
                    "prompts": c.prompts, "win_rate": w, "win_low": lo, "win_high": hi, "interval_caveat": c.caveat}
 
 
-def write_csv(result: CompareResult, stream: IO[str]) -> None:
-    """The CSV form of csv_rows, with a header; text cells that look like formulas escaped."""
+def write_csv(result: CompareResult, stream: IO[str], watch: Watch | None = None) -> None:
+    """The CSV form of csv_rows (and with `watch`, its signal and flag rows in more columns), with a header; text
+    cells that look like formulas escaped."""
+    from pickrank.analysis.comparison.watch_render import WATCH_FIELDS, watch_csv_rows
     from pickrank.output.writers import csv_safe
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_FIELDS)
-    for row in csv_rows(result):
-        w.writerow(["" if row.get(k) is None else csv_safe(row[k]) for k in CSV_FIELDS])
+    fields = CSV_FIELDS if watch is None else CSV_FIELDS + WATCH_FIELDS
+    w.writerow(fields)
+    for row in [*csv_rows(result), *(watch_csv_rows(watch) if watch is not None else ())]:
+        w.writerow(["" if row.get(k) is None else csv_safe(row[k]) for k in fields])
     stream.write(buf.getvalue())
 
 

@@ -182,6 +182,7 @@ class CompareResult:
     layout: str = "scores"
     excluded: tuple[Excluded, ...] = ()
     model: dict = field(default_factory=dict)  # the run's provenance, which the CLI fills (`provenance.Provenance`)
+    series: bool = False  # the systems are checkpoints in order: each is also paired with the one before it
 
     def pair(self, system: str, reference: str) -> PairStats | None:
         """The pair's statistics in either orientation (win rates mirrored), or None when not computed."""
@@ -345,10 +346,12 @@ def check_bootstrap(bootstrap: int, columns: int) -> None:
                          f"give at most {most:,}")
 
 
-def _pairs(systems: Sequence[str], baseline: str, all_pairs: bool) -> list[tuple[int, int]]:
-    """(system, reference) indices: each against the baseline; with all_pairs every pair, the earlier system
-    (baseline first) as reference."""
+def _pairs(systems: Sequence[str], baseline: str, all_pairs: bool, series: bool = False) -> list[tuple[int, int]]:
+    """(system, reference) indices: each against the baseline (a series: also each against the one before it);
+    with all_pairs every pair, the earlier system (baseline first) as reference."""
     order = [systems.index(baseline)] + [i for i in range(len(systems)) if systems[i] != baseline]
+    if series and not all_pairs:
+        return [(j, order[0]) for j in order[1:]] + [(order[i], order[i - 1]) for i in range(2, len(order))]
     if not all_pairs:
         return [(j, order[0]) for j in order[1:]]
     return [(order[j], order[i]) for i in range(len(order)) for j in range(i + 1, len(order))]
@@ -358,13 +361,19 @@ def _opt(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
+# Public names for the signals' statistics (`watch`), which bootstrap their columns the same way.
+Columns = _Columns
+finite_or_none = _opt
+
+
 def compare_systems(table: ScoreTable, *, baseline: str | None = None, all_pairs: bool = False,
             bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE,
-            best_of_n: bool = False, raw_per_unit: float = 1.0) -> CompareResult:
+            best_of_n: bool = False, raw_per_unit: float = 1.0, series: bool = False) -> CompareResult:
     """Every statistic of the comparison: per system, per pair, and (best_of_n) the best-of-k curves.
 
     `raw_per_unit`: what a score in the table's unit is in raw PickScore (`Scale.divisor`; 1 for raw scores), so
-    that the preference probability is PickScore's softmax whatever unit the scores are reported in."""
+    that the preference probability is PickScore's softmax whatever unit the scores are reported in. `series`: the
+    systems are checkpoints in order; each is also paired with the one before it."""
     baseline = baseline or table.baseline
     if baseline not in table.systems:
         raise UsageError(f"--baseline {baseline!r} is not one of the systems: {', '.join(table.systems)}")
@@ -377,7 +386,7 @@ def compare_systems(table: ScoreTable, *, baseline: str | None = None, all_pairs
     valid = [~np.isnan(m) for m in means]
     cols = _Columns(len(table.prompts))
     sys_cols = [cols.add(np.nan_to_num(m), v) for m, v in zip(means, valid)]
-    pairs = _pairs(table.systems, baseline, all_pairs)
+    pairs = _pairs(table.systems, baseline, all_pairs, series)
     pair_cols, curve_cols = [], []
     for a, b in pairs:
         mask = valid[a] & valid[b]
@@ -404,7 +413,7 @@ def compare_systems(table: ScoreTable, *, baseline: str | None = None, all_pairs
                            tuple(_opt(high[c]) for c in cs), interval_caveat(n, bootstrap))
                    for x, y, n, cs in curve_cols)
     return CompareResult(systems, pair_stats, curves, baseline, len(table.prompts), all_pairs, bootstrap, seed,
-                         confidence, table.layout, table.excluded)
+                         confidence, table.layout, table.excluded, series=series)
 
 
 def _system_stats(table: ScoreTable, s: int, est: tuple, bootstrap: int) -> SystemStats:
@@ -431,4 +440,5 @@ def _pair_stats(table: ScoreTable, a: int, b: int, means: list[np.ndarray], samp
 
 __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "DEFAULT_CONFIDENCE", "Sample", "PromptScores", "ScoreTable",
            "collect_scores", "SystemStats", "PairStats", "BestOfK", "CompareResult", "compare_systems", "sign_test",
-           "bootstrap_means", "MIN_PROMPTS", "MIN_BOOTSTRAP", "interval_caveat", "bootstrap_bytes", "check_bootstrap"]
+           "bootstrap_means", "MIN_PROMPTS", "MIN_BOOTSTRAP", "interval_caveat", "bootstrap_bytes", "check_bootstrap",
+           "Columns", "finite_or_none"]

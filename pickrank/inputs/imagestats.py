@@ -1,0 +1,87 @@
+"""Image statistics that hint at reward hacking (oversaturation, glare, blur, grid textures), computed with numpy on
+the preprocessed pixels a decode worker already holds: no second decode, no torch.
+
+They are computed on the model's own input, the uint8 (3, H, W) crop after resize and centre crop (224 x 224 for
+PickScore): its size is bounded whatever the image's, every image is measured at the same scale (sharpness and
+high-frequency energy depend on resolution), and it is exactly what the reward saw. The README ("Watch a training
+run") gives each formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, fields
+
+import numpy as np
+
+# Rec. 601 luma weights, as Pillow's convert("L").
+_LUMA = (0.299, 0.587, 0.114)
+# High-frequency energy counts the spectrum beyond this radial frequency, in cycles per pixel (Nyquist is 0.5).
+HF_CUTOFF = 0.25
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """One image's statistics (README, "Watch a training run"): saturation, brightness and contrast on [0, 1]
+    pixel values; colourfulness and sharpness on 0..255 values, as their usual definitions; hf_energy a share."""
+
+    saturation: float  # mean HSV saturation: (max - min) / max per pixel, 0 where max is 0
+    brightness: float  # mean luma Y = 0.299 R + 0.587 G + 0.114 B
+    contrast: float  # standard deviation of Y (RMS contrast)
+    colourfulness: float  # Hasler and Suesstrunk (2003) M on 0..255 values
+    sharpness: float  # variance of the 4-neighbour Laplacian of Y on 0..255 values (interior pixels)
+    hf_energy: float  # share of Y's spectral power (mean removed) beyond HF_CUTOFF cycles per pixel
+
+    def values(self) -> tuple[float, ...]:
+        """The statistics in `STAT_NAMES` order."""
+        return astuple(self)
+
+    @classmethod
+    def from_values(cls, values: "np.ndarray | tuple[float, ...]") -> ImageStats:
+        """From `values()`' order (what the cache stores)."""
+        return cls(*(float(v) for v in values))
+
+
+STAT_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ImageStats))
+
+
+def image_stats(pixels: np.ndarray) -> ImageStats:
+    """The statistics of uint8 RGB pixels shaped (3, H, W) (a decode worker's `Decoded.pixels`)."""
+    rgb = pixels.astype(np.float64) / 255.0
+    r, g, b = rgb[0], rgb[1], rgb[2]
+    y = _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
+    top, bottom = rgb.max(axis=0), rgb.min(axis=0)
+    sat = np.divide(top - bottom, top, out=np.zeros_like(top), where=top > 0)
+    return ImageStats(saturation=float(sat.mean()), brightness=float(y.mean()), contrast=float(y.std()),
+                      colourfulness=colourfulness(rgb * 255.0), sharpness=laplacian_variance(y * 255.0),
+                      hf_energy=high_frequency_share(y))
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Suesstrunk's M: sqrt(sd(rg)^2 + sd(yb)^2) + 0.3 sqrt(mean(rg)^2 + mean(yb)^2), rg = R - G,
+    yb = (R + G) / 2 - B, of (3, H, W) values."""
+    rg = rgb[0] - rgb[1]
+    yb = 0.5 * (rgb[0] + rgb[1]) - rgb[2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def laplacian_variance(y: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian (up + down + left + right - 4 centre) over the interior pixels."""
+    if y.shape[0] < 3 or y.shape[1] < 3:
+        return 0.0
+    lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4.0 * y[1:-1, 1:-1]
+    return float(lap.var())
+
+
+def high_frequency_share(y: np.ndarray) -> float:
+    """The share of the power spectrum of y (its mean removed) at radial frequencies above HF_CUTOFF cycles per
+    pixel; 0 for a flat image."""
+    power = np.abs(np.fft.fft2(y - y.mean())) ** 2
+    radius = np.hypot(np.fft.fftfreq(y.shape[0])[:, None], np.fft.fftfreq(y.shape[1])[None, :])
+    total = power.sum()
+    if total <= 0:
+        return 0.0
+    return float(power[radius > HF_CUTOFF].sum() / total)
+
+
+__all__ = ["ImageStats", "STAT_NAMES", "HF_CUTOFF", "image_stats", "colourfulness", "laplacian_variance",
+           "high_frequency_share"]

@@ -1,0 +1,76 @@
+"""The image statistics (README, "Watch a training run"): equal to a direct numpy computation on the same
+preprocessed pixels, computed by the decode workers, and known answers on pictures built for them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pickrank.inputs.decode import ImageSpec, decode_and_preprocess, image_pixels
+from pickrank.inputs.imagestats import STAT_NAMES, ImageStats, image_stats
+from pickrank.inputs.workers import decode_job, decode_many
+from tests.support.images import draw_image
+from tests.support.series import base_picture, checkerboard, saturated
+
+
+def direct(pixels: np.ndarray) -> dict[str, float]:
+    """Each statistic written out again, pixel loops replaced by other numpy routes than the module's."""
+    hwc = pixels.transpose(1, 2, 0).astype(np.float64)
+    r, g, b = hwc[..., 0], hwc[..., 1], hwc[..., 2]
+    y = (0.299 * r + 0.587 * g + 0.114 * b)  # 0..255
+    mx, mn = hwc.max(axis=2), hwc.min(axis=2)
+    sat = np.where(mx > 0, (mx - mn) / np.where(mx > 0, mx, 1), 0.0)
+    rg, yb = r - g, (r + g) / 2 - b
+    kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=float)
+    windows = np.lib.stride_tricks.sliding_window_view(y, (3, 3))
+    lap = np.einsum("ijkl,kl->ij", windows, kernel)
+    f = np.fft.fftshift(np.fft.fft2(y / 255 - (y / 255).mean()))
+    h, w = y.shape
+    fy, fx = np.meshgrid(np.fft.fftshift(np.fft.fftfreq(h)), np.fft.fftshift(np.fft.fftfreq(w)), indexing="ij")
+    power = np.abs(f) ** 2
+    return {"saturation": sat.mean(), "brightness": y.mean() / 255, "contrast": (y / 255).std(),
+            "colourfulness": np.sqrt(rg.var() + yb.var()) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2),
+            "sharpness": lap.var(), "hf_energy": power[np.sqrt(fx ** 2 + fy ** 2) > 0.25].sum() / power.sum()}
+
+
+@pytest.mark.parametrize("size", [(300, 200), (97, 400), (224, 224)])
+def test_statistics_equal_numpy_on_the_preprocessed_pixels(tmp_path, size):
+    path = draw_image(tmp_path / "a.png", size, seed=sum(size))
+    data = path.read_bytes()
+    spec = ImageSpec()
+    pixels = image_pixels(str(path), spec)
+    expected = direct(pixels)
+    got = image_stats(pixels)
+    for name in STAT_NAMES:
+        assert getattr(got, name) == pytest.approx(expected[name], rel=1e-9, abs=1e-12), name
+    # the worker's unit computes them from the pixels it decoded, only when asked
+    assert decode_job("k", data, spec, None).stats is None
+    decoded = decode_job("k", data, spec, None, stats=True)
+    assert decoded.stats == got and np.array_equal(decoded.pixels, pixels)
+    assert decode_many([("k", data)], spec, None, True)[0].stats == got
+    assert decode_and_preprocess("k", data, spec).with_stats().stats == got
+    assert ImageStats.from_values(np.asarray(got.values())) == got
+
+
+def test_known_answers():
+    flat = image_stats(np.full((3, 32, 32), 128, np.uint8))
+    assert flat.saturation == flat.contrast == flat.colourfulness == flat.sharpness == flat.hf_energy == 0.0
+    grey = np.indices((64, 64)).sum(axis=0) % 2 * 255
+    board = image_stats(np.stack([grey] * 3).astype(np.uint8))
+    assert board.hf_energy == pytest.approx(1.0) and board.contrast == pytest.approx(0.5)
+    red = np.zeros((3, 8, 8), np.uint8)
+    red[0] = 255
+    assert image_stats(red).saturation == 1.0
+
+
+def _pixels(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+
+
+def test_saturation_rises_and_a_checkerboard_raises_high_frequencies():
+    im = base_picture(3, 0)
+    sats = [image_stats(_pixels(saturated(f)(im, 0, 0))).saturation for f in (1.0, 1.4, 2.2, 3.0)]
+    assert sats == sorted(sats) and sats[-1] > 1.5 * sats[0]
+    plain, textured = image_stats(_pixels(im)), image_stats(_pixels(checkerboard(im, 0, 0)))
+    assert textured.hf_energy > 10 * plain.hf_energy and textured.hf_energy > 0.3
