@@ -16,7 +16,7 @@ from PIL import Image, ImageFile
 
 from pickrank.errors import InputFailed, UsageError
 from pickrank.inputs.files import ReadError, TooLarge, read_bytes
-from pickrank.inputs.imagestats import ImageStats, image_stats
+from pickrank.inputs.imagestats import PATCH, ImageStats, image_stats
 
 # Pillow's own default limit on decoded pixels (about 89.5 megapixels); --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -91,11 +91,7 @@ class Decoded:
 
     key: str
     pixels: np.ndarray
-    stats: ImageStats | None = None  # computed from `pixels` when the run asks for them (`with_stats`)
-
-    def with_stats(self) -> "Decoded":
-        """This image with its statistics (`imagestats.image_stats` of its pixels)."""
-        return Decoded(self.key, self.pixels, image_stats(self.pixels))
+    stats: ImageStats | None = None  # when the run asks for them (`decode_and_preprocess(..., stats=True)`)
 
 
 def to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:
@@ -263,15 +259,26 @@ def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec,
-                          max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
-    """The worker's unit: bytes -> Decoded, or ReadError."""
+def native_patch(image: Image.Image, spec: ImageSpec, size: int = PATCH) -> np.ndarray:
+    """The image's centre, at most size x size, at its own resolution (no resampling), as uint8 (3, h, w) RGB (the
+    spec's transparency handling): where pixel-scale statistics are taken (`imagestats`)."""
+    w, h = image.size
+    pw, ph = min(w, size), min(h, size)
+    left, top = (w - pw) // 2, (h - ph) // 2
+    patch = to_rgb(image.crop((left, top, left + pw, top + ph)), spec.alpha)
+    return np.ascontiguousarray(np.asarray(patch.convert("RGB")).transpose(2, 0, 1))
+
+
+def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                          stats: bool = False) -> Decoded:
+    """The worker's unit: bytes -> Decoded (with `stats`, and its `imagestats.ImageStats`: colours from the
+    preprocessed pixels, sharpness and high frequencies from the decoded image's `native_patch`), or ReadError."""
     image = open_image(data, max_pixels, spec)
     try:
         pixels = preprocess(image, spec, max_pixels)
+        return Decoded(key, pixels, image_stats(pixels, native_patch(image, spec)) if stats else None)
     except (OSError, ValueError) as e:
         raise ReadError(f"cannot decode: {e}") from None
-    return Decoded(key, pixels)
 
 
 def to_image(item: object, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -1,10 +1,11 @@
 """Image statistics that hint at reward hacking (oversaturation, glare, blur, grid textures), computed with numpy on
-the preprocessed pixels a decode worker already holds: no second decode, no torch.
+the pixels a decode worker already holds: no second decode, no torch.
 
-They are computed on the model's own input, the uint8 (3, H, W) crop after resize and centre crop (224 x 224 for
-PickScore): its size is bounded whatever the image's, every image is measured at the same scale (sharpness and
-high-frequency energy depend on resolution), and it is exactly what the reward saw. The README ("Watch a training
-run") gives each formula.
+The colour statistics (saturation, brightness, contrast, colourfulness) are taken on the model's own input, the uint8
+(3, H, W) crop after resize and centre crop (224 x 224 for PickScore): bounded whatever the image's size, and exactly
+what the reward saw. Sharpness and high-frequency energy are taken on a centre patch of the decoded image at its own
+resolution (at most PATCH x PATCH, no resampling): the resize to 224 is a low-pass filter that would wipe out the
+pixel-scale grids and blur they are meant to catch. The README ("Watch a training run") gives each formula.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 
 # Rec. 601 luma weights, as Pillow's convert("L").
 _LUMA = (0.299, 0.587, 0.114)
+# The side of the native-resolution centre patch that sharpness and high-frequency energy are taken on.
+PATCH = 256
 # High-frequency energy counts the spectrum beyond this radial frequency, in cycles per pixel (Nyquist is 0.5).
 HF_CUTOFF = 0.25
 
@@ -28,8 +31,8 @@ class ImageStats:
     brightness: float  # mean luma Y = 0.299 R + 0.587 G + 0.114 B
     contrast: float  # standard deviation of Y (RMS contrast)
     colourfulness: float  # Hasler and Suesstrunk (2003) M on 0..255 values
-    sharpness: float  # variance of the 4-neighbour Laplacian of Y on 0..255 values (interior pixels)
-    hf_energy: float  # share of Y's spectral power (mean removed) beyond HF_CUTOFF cycles per pixel
+    sharpness: float  # variance of the 4-neighbour Laplacian of Y on 0..255 values (interior pixels; native patch)
+    hf_energy: float  # share of Y's spectral power (mean removed) beyond HF_CUTOFF cycles per pixel (native patch)
 
     def values(self) -> tuple[float, ...]:
         """The statistics in `STAT_NAMES` order."""
@@ -44,16 +47,23 @@ class ImageStats:
 STAT_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ImageStats))
 
 
-def image_stats(pixels: np.ndarray) -> ImageStats:
-    """The statistics of uint8 RGB pixels shaped (3, H, W) (a decode worker's `Decoded.pixels`)."""
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Y of (3, H, W) values, in their unit."""
+    return _LUMA[0] * rgb[0] + _LUMA[1] * rgb[1] + _LUMA[2] * rgb[2]
+
+
+def image_stats(pixels: np.ndarray, patch: np.ndarray | None = None) -> ImageStats:
+    """The statistics of uint8 RGB pixels shaped (3, H, W) (a decode worker's `Decoded.pixels`); sharpness and
+    high-frequency energy from `patch` (uint8 (3, h, w): the decoded image's centre at its own resolution), or from
+    `pixels` when there is none."""
     rgb = pixels.astype(np.float64) / 255.0
-    r, g, b = rgb[0], rgb[1], rgb[2]
-    y = _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
+    y = luma(rgb)
     top, bottom = rgb.max(axis=0), rgb.min(axis=0)
     sat = np.divide(top - bottom, top, out=np.zeros_like(top), where=top > 0)
+    fine = y if patch is None else luma(patch.astype(np.float64) / 255.0)
     return ImageStats(saturation=float(sat.mean()), brightness=float(y.mean()), contrast=float(y.std()),
-                      colourfulness=colourfulness(rgb * 255.0), sharpness=laplacian_variance(y * 255.0),
-                      hf_energy=high_frequency_share(y))
+                      colourfulness=colourfulness(rgb * 255.0), sharpness=laplacian_variance(fine * 255.0),
+                      hf_energy=high_frequency_share(fine))
 
 
 def colourfulness(rgb: np.ndarray) -> float:
@@ -83,5 +93,5 @@ def high_frequency_share(y: np.ndarray) -> float:
     return float(power[radius > HF_CUTOFF].sum() / total)
 
 
-__all__ = ["ImageStats", "STAT_NAMES", "HF_CUTOFF", "image_stats", "colourfulness", "laplacian_variance",
+__all__ = ["ImageStats", "STAT_NAMES", "HF_CUTOFF", "PATCH", "luma", "image_stats", "colourfulness", "laplacian_variance",
            "high_frequency_share"]

@@ -77,8 +77,7 @@ def decode_job(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None,
     """A worker's unit (no torch imported here, so workers stay small): pixels (with `stats`, and their image
     statistics), or why not as a ReadError (`TooLarge` over max_pixels), returned rather than raised."""
     try:
-        decoded = decode_and_preprocess(key, data, spec, max_pixels)
-        return decoded.with_stats() if stats else decoded
+        return decode_and_preprocess(key, data, spec, max_pixels, stats)
     except ReadError as e:
         return e.with_traceback(None)  # its frames hold the image's bytes
     except Exception as e:  # a decoder bug must not kill the run: report it like any bad file

@@ -12,8 +12,8 @@ from pickrank.core.cache import EmbeddingCache
 from pickrank.core.engine import Engine
 from pickrank.core.scoring import make_engine
 from pickrank.errors import UsageError
-from pickrank.inputs.decode import image_pixels
-from pickrank.inputs.imagestats import image_stats
+from pickrank.inputs.decode import decode_and_preprocess
+from pickrank.inputs.files import read_bytes
 from pickrank.models.torch_embedder import Embedder, resolve_source
 from pickrank.options import EngineName, EngineOptions, RunOptions
 from pickrank.records import CandidateSet, Query
@@ -47,7 +47,7 @@ def test_statistics_come_from_the_workers_and_the_cache(embedder, images, tmp_pa
     finally:
         cache.close()
     for path in paths:
-        want = image_stats(image_pixels(path, embedder.spec))
+        want = decode_and_preprocess("k", read_bytes(path), embedder.spec, stats=True).stats
         assert first.kept.stats_of(path) == want and again.kept.stats_of(path) == want
         assert np.allclose(first.kept.embedding(path), again.kept.embedding(path))
         assert np.linalg.norm(again.kept.embedding(path)) == pytest.approx(1.0, abs=1e-4)

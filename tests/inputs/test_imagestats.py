@@ -8,25 +8,27 @@ import pytest
 from PIL import Image
 
 from pickrank.inputs.decode import ImageSpec, decode_and_preprocess, image_pixels
-from pickrank.inputs.imagestats import STAT_NAMES, ImageStats, image_stats
+from pickrank.inputs.imagestats import PATCH, STAT_NAMES, ImageStats, image_stats
 from pickrank.inputs.workers import decode_job, decode_many
 from tests.support.images import draw_image
 from tests.support.series import base_picture, checkerboard, saturated
 
 
-def direct(pixels: np.ndarray) -> dict[str, float]:
-    """Each statistic written out again, pixel loops replaced by other numpy routes than the module's."""
+def direct(pixels: np.ndarray, patch: np.ndarray) -> dict[str, float]:
+    """Each statistic written out again by other numpy routes than the module's: colours from the preprocessed
+    pixels, sharpness and high frequencies from the native-resolution patch."""
     hwc = pixels.transpose(1, 2, 0).astype(np.float64)
     r, g, b = hwc[..., 0], hwc[..., 1], hwc[..., 2]
     y = (0.299 * r + 0.587 * g + 0.114 * b)  # 0..255
     mx, mn = hwc.max(axis=2), hwc.min(axis=2)
     sat = np.where(mx > 0, (mx - mn) / np.where(mx > 0, mx, 1), 0.0)
     rg, yb = r - g, (r + g) / 2 - b
+    p = patch.transpose(1, 2, 0).astype(np.float64)
+    fine = 0.299 * p[..., 0] + 0.587 * p[..., 1] + 0.114 * p[..., 2]
     kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=float)
-    windows = np.lib.stride_tricks.sliding_window_view(y, (3, 3))
-    lap = np.einsum("ijkl,kl->ij", windows, kernel)
-    f = np.fft.fftshift(np.fft.fft2(y / 255 - (y / 255).mean()))
-    h, w = y.shape
+    lap = np.einsum("ijkl,kl->ij", np.lib.stride_tricks.sliding_window_view(fine, (3, 3)), kernel)
+    f = np.fft.fftshift(np.fft.fft2(fine / 255 - (fine / 255).mean()))
+    h, w = fine.shape
     fy, fx = np.meshgrid(np.fft.fftshift(np.fft.fftfreq(h)), np.fft.fftshift(np.fft.fftfreq(w)), indexing="ij")
     power = np.abs(f) ** 2
     return {"saturation": sat.mean(), "brightness": y.mean() / 255, "contrast": (y / 255).std(),
@@ -34,14 +36,17 @@ def direct(pixels: np.ndarray) -> dict[str, float]:
             "sharpness": lap.var(), "hf_energy": power[np.sqrt(fx ** 2 + fy ** 2) > 0.25].sum() / power.sum()}
 
 
-@pytest.mark.parametrize("size", [(300, 200), (97, 400), (224, 224)])
-def test_statistics_equal_numpy_on_the_preprocessed_pixels(tmp_path, size):
+@pytest.mark.parametrize("size", [(300, 200), (97, 400), (224, 224), (600, 520)])
+def test_statistics_equal_numpy_on_the_same_pixels(tmp_path, size):
     path = draw_image(tmp_path / "a.png", size, seed=sum(size))
     data = path.read_bytes()
     spec = ImageSpec()
     pixels = image_pixels(str(path), spec)
-    expected = direct(pixels)
-    got = image_stats(pixels)
+    w, h = size
+    left, top = (w - min(w, PATCH)) // 2, (h - min(h, PATCH)) // 2
+    patch = np.asarray(Image.open(path).convert("RGB"))[top:top + min(h, PATCH), left:left + min(w, PATCH)]
+    expected = direct(pixels, patch.transpose(2, 0, 1))
+    got = decode_and_preprocess("k", data, spec, stats=True).stats
     for name in STAT_NAMES:
         assert getattr(got, name) == pytest.approx(expected[name], rel=1e-9, abs=1e-12), name
     # the worker's unit computes them from the pixels it decoded, only when asked
@@ -49,8 +54,10 @@ def test_statistics_equal_numpy_on_the_preprocessed_pixels(tmp_path, size):
     decoded = decode_job("k", data, spec, None, stats=True)
     assert decoded.stats == got and np.array_equal(decoded.pixels, pixels)
     assert decode_many([("k", data)], spec, None, True)[0].stats == got
-    assert decode_and_preprocess("k", data, spec).with_stats().stats == got
     assert ImageStats.from_values(np.asarray(got.values())) == got
+    # without a patch, every statistic comes from the preprocessed pixels
+    alone = direct(pixels, pixels)
+    assert image_stats(pixels).hf_energy == pytest.approx(alone["hf_energy"], rel=1e-9)
 
 
 def test_known_answers():

@@ -49,13 +49,15 @@ def base_picture(p: int, k: int, size: int = 96) -> Image.Image:
     return im
 
 
-def build_series(root: Path, checkpoints: Mapping[str, Transform], prompts: int = 20, samples: int = 2) -> Path:
-    """root/<checkpoint>/<id>/<k>.png for each checkpoint (in the mapping's order), and root/prompts.csv."""
+def build_series(root: Path, checkpoints: Mapping[str, Transform], prompts: int = 20, samples: int = 2,
+                 prompt: str | None = None) -> Path:
+    """root/<checkpoint>/<id>/<k>.png for each checkpoint (in the mapping's order), and root/prompts.csv (every
+    prompt's text `prompt`, or "picture number <id>")."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "prompts.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["id", "prompt"])
-        w.writerows([[str(p), f"picture number {p}"] for p in range(prompts)])
+        w.writerows([[str(p), prompt or f"picture number {p}"] for p in range(prompts)])
     for name, transform in checkpoints.items():
         for p in range(prompts):
             folder = root / name / str(p)
