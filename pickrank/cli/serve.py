@@ -44,6 +44,9 @@ def serve(
     max_connections: Annotated[int, _server("N", "Open connections (the next gets 503 and is closed).", min=1)] = 512,
     grace_s: Annotated[float, _server("S", "After SIGTERM, seconds for the requests received to be answered (503 "
                                       "beyond; bodies still arriving get 503 at once).", min=0)] = 30.0,
+    signals: Annotated[bool, Opt("--signals", panel=SERVER, help="Add each image's statistics (saturation, "
+                                 "brightness, contrast, colourfulness, sharpness, hf_energy) to /v1/score answers "
+                                 "and as histograms to /metrics.")] = False,
     opts: Opts,
 ) -> None:
     """Serve PickScore rewards over HTTP, batched across callers (needs the serve extra of pickrank).
@@ -57,6 +60,7 @@ def serve(
       $ pickrank serve --port 8765 --max-batch 64
       $ pickrank serve --host 0.0.0.0 --token "$PICKRANK_TOKEN"
       $ pickrank serve --engine ray --replicas 4
+      $ pickrank serve --signals
     """
     with Command(opts.command):
         token = token or None  # PICKRANK_TOKEN= set empty is no token
@@ -72,7 +76,8 @@ def serve(
         limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_body_mb=max_body_mb, max_images=max_images, max_pixels=opts.run.max_pixels,
                              workers=serve_workers(opts.run.workers), max_inflight_mb=max_inflight_mb,
-                             read_timeout_s=read_timeout_s, max_connections=max_connections, grace_s=grace_s)
+                             read_timeout_s=read_timeout_s, max_connections=max_connections, grace_s=grace_s,
+                             signals=signals)
         check_limits(limits)
         model = replace(opts.model, batch_size=opts.model.batch_size or max_batch)
         serve_on(opts.engine, model, limits, host, port, token, opts.run.scale, replicas=replicas, load=load_embedder)

@@ -308,6 +308,15 @@ def to_image(item: object, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
                      "arrays or tensors")
 
 
+def image_decoded(key: str, item: object, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  stats: bool = False) -> Decoded:
+    """One image (as `to_image` takes it) by the exact path, as a worker's `Decoded` (with `stats`, its
+    statistics, as `decode_and_preprocess` takes them)."""
+    image = to_image(item, max_pixels)
+    pixels = preprocess(image, spec, max_pixels)
+    return Decoded(key, pixels, image_stats(pixels, native_patch(image, spec)) if stats else None)
+
+
 def image_pixels(item: object, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One image (as `to_image` takes it) by the exact path: the reference's Pillow preprocessing -> uint8 (3, H, W)."""
     return preprocess(to_image(item, max_pixels), spec, max_pixels)

@@ -75,7 +75,7 @@ def line_chart(line: Line, names: Sequence[str], width: int = 340, height: int =
     lo, hi = min(known), max(known)
     pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad
-    left, right, top, bottom = 48, 10, 22, 34
+    left, right, top, bottom = 52, 34, 22, 34  # room for the first and last names under their points
     n = len(names)
 
     def x(i: int) -> float:
@@ -103,7 +103,7 @@ def line_chart(line: Line, names: Sequence[str], width: int = 340, height: int =
     for i, v in pts:
         colour = FLAG if line.flagged[i] else LINE
         parts.append(f'<circle class="pt{" flagged" if line.flagged[i] else ""}" cx="{x(i):.1f}" cy="{y(v):.1f}" '
-                     f'r="4" fill="{colour}"><title>{esc(names[i])}: {v:.4g}</title></circle>')
+                     f'r="{6 if line.flagged[i] else 4}" fill="{colour}"><title>{esc(names[i])}: {v:.4g}</title></circle>')
     for i, name in enumerate(names):
         short = name if len(name) <= 12 else name[:11] + "…"
         parts.append(f'<text x="{x(i):.1f}" y="{height - 16}" font-size="10" text-anchor="middle" '

@@ -37,6 +37,7 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 
 from pickrank import __version__
+from pickrank.inputs.imagestats import STAT_NAMES
 from pickrank.options import Scale
 from pickrank.serve.batching import Decoders, DynamicBatcher
 from pickrank.serve.metrics import Metrics
@@ -113,7 +114,7 @@ class _Service:
                  make_batcher: Callable[..., Any]) -> None:
         self.embedder, self.limits, self.token, self.scale = embedder, limits, token, scale
         self.make_batcher = make_batcher
-        self.metrics = Metrics(limits.max_batch)
+        self.metrics = Metrics(limits.max_batch, signals=limits.signals)
         self.batcher: DynamicBatcher | None = None
         self.decoders: Decoders | None = None
         self.queued = 0  # images accepted and not yet answered
@@ -218,17 +219,18 @@ class _Service:
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
-    async def raw_scores(self, request: Request) -> tuple[ScoreRequest, np.ndarray, list[bool]]:
+    async def raw_scores(self, request: Request) -> tuple[ScoreRequest, np.ndarray, list[bool], list[dict] | None]:
         """Read (its bytes held until answered), parse, admit (queue limit), decode and score one request: raw
-        scores in request order."""
+        scores in request order (and with --signals each image's statistics)."""
         self.check_ready()
         kind = content_kind(request)
         async with self.bodies.read(request) as body:
             parsed = await parse_body(kind, request.headers, body, self.limits)
             return parsed, *await self._queued(parsed)
 
-    async def _queued(self, parsed: ScoreRequest) -> tuple[np.ndarray, list[bool]]:
-        """Admit a parsed request to the queue, decode and score its images."""
+    async def _queued(self, parsed: ScoreRequest) -> tuple[np.ndarray, list[bool], list[dict] | None]:
+        """Admit a parsed request to the queue, decode and score its images (with --signals: and their image
+        statistics, also into /metrics)."""
         n = len(parsed.images)
         if n > self.limits.max_queue:
             raise ApiError(413, f"images: {n} images in one request, more than the queue holds "
@@ -238,28 +240,34 @@ class _Service:
         self.queued += n
         self.metrics.queue.set(self.queued)
         try:
-            pixels = await self.decoders.pixels(parsed.images, self.embedder.spec,  # type: ignore[union-attr]
-                                                self.limits.max_pixels)
-            scores, truncated = await self.batcher.score(pixels, parsed.prompts)  # type: ignore[union-attr]
+            decoded = await self.decoders.decode(parsed.images, self.embedder.spec,  # type: ignore[union-attr]
+                                                 self.limits.max_pixels, self.limits.signals)
+            scores, truncated = await self.batcher.score([d.pixels for d in decoded],  # type: ignore[union-attr]
+                                                         parsed.prompts)
         finally:
             self.queued -= n
             self.metrics.queue.set(self.queued)
         self.metrics.images.inc(n)
-        return scores, truncated
+        if not self.limits.signals:
+            return scores, truncated, None
+        for d in decoded:
+            self.metrics.observe_stats(d.stats)  # type: ignore[arg-type]
+        return scores, truncated, [dict(zip(STAT_NAMES, d.stats.values())) for d in decoded]  # type: ignore[union-attr]
 
     def in_scale(self, raw: np.ndarray, scale: Scale) -> list[float]:
         return [scale.convert(float(r), self.embedder.scale) for r in raw]
 
     async def score(self, request: Request) -> dict:
-        parsed, raw, truncated = await self.raw_scores(request)
+        parsed, raw, truncated, stats = await self.raw_scores(request)
         scale = parsed.scale or self.scale
-        return {"scores": self.in_scale(raw, scale), "truncated": truncated, "scale": scale.value,
+        signals = {} if stats is None else {"signals": stats}  # serve --signals: per image, in request order
+        return {"scores": self.in_scale(raw, scale), "truncated": truncated, "scale": scale.value, **signals,
                 "model": await self.model_for(request, scale)}
 
     async def rank(self, request: Request) -> dict:
         from pickrank.core.scores import as_array, ranks, softmax_probs
 
-        parsed, raw, truncated = await self.raw_scores(request)
+        parsed, raw, truncated, _ = await self.raw_scores(request)
         if len(set(parsed.prompts)) > 1:
             raise ApiError(400, "prompts: a ranking is over one prompt: give 'prompt' (or equal prompts)")
         scale = parsed.scale or self.scale

@@ -26,13 +26,14 @@ log = logging.getLogger("pickrank")
 _DECODE_CHUNK = 4  # encoded images per round trip to a decode worker
 
 
-def array_pixels(key: str, image: np.ndarray, spec: ImageSpec, max_pixels: int | None) -> Decoded | ReadError:
-    """A pixel array preprocessed (`decode.image_pixels`, its resize bounded by max_pixels as an encoded image's
-    is), or why not as a ReadError (`TooLarge`: a 413), returned rather than raised."""
-    from pickrank.inputs.decode import image_pixels
+def array_pixels(key: str, image: np.ndarray, spec: ImageSpec, max_pixels: int | None,
+                 stats: bool = False) -> Decoded | ReadError:
+    """A pixel array preprocessed (`decode.image_decoded`, its resize bounded by max_pixels as an encoded image's
+    is; with `stats`, its statistics), or why not as a ReadError (`TooLarge`: a 413), returned rather than raised."""
+    from pickrank.inputs.decode import image_decoded
 
     try:
-        return Decoded(key, image_pixels(image, spec, max_pixels))
+        return image_decoded(key, image, spec, max_pixels, stats)
     except ReadError as e:
         return e
 
@@ -45,15 +46,16 @@ class Decoders:
         self.pool = worker_pool(workers) if workers > 0 else None
         self.threads = ThreadPoolExecutor(max(2, workers), thread_name_prefix="pickrank-decode")
 
-    async def pixels(self, images: list[bytes | np.ndarray], spec: ImageSpec,
-                     max_pixels: int | None) -> list[np.ndarray]:
-        """Preprocessed uint8 (3, H, W) pixels per image, in order; a 422 (413 over max_pixels) naming the failed."""
+    async def decode(self, images: list[bytes | np.ndarray], spec: ImageSpec, max_pixels: int | None,
+                     stats: bool = False) -> list[Decoded]:
+        """Each image decoded (preprocessed uint8 (3, H, W) pixels; with `stats`, their statistics), in order; a 422
+        (413 over max_pixels) naming the failed."""
         loop = asyncio.get_running_loop()
         encoded = [(str(i), im) for i, im in enumerate(images) if isinstance(im, bytes)]
         chunks = [encoded[i:i + _DECODE_CHUNK] for i in range(0, len(encoded), _DECODE_CHUNK)]
         pool: Executor = self.pool or self.threads
-        futures = [asyncio.wrap_future(pool.submit(decode_many, c, spec, max_pixels)) for c in chunks]
-        arrays = {i: loop.run_in_executor(self.threads, array_pixels, str(i), im, spec, max_pixels)
+        futures = [asyncio.wrap_future(pool.submit(decode_many, c, spec, max_pixels, stats)) for c in chunks]
+        arrays = {i: loop.run_in_executor(self.threads, array_pixels, str(i), im, spec, max_pixels, stats)
                   for i, im in enumerate(images) if not isinstance(im, bytes)}
         results: dict[int, Decoded | ReadError] = {}
         for chunk, out in zip(chunks, await asyncio.gather(*futures)):
@@ -63,7 +65,7 @@ class Decoders:
         if failed:
             status = 413 if any(isinstance(r, TooLarge) for _, r in failed) else 422
             raise ApiError(status, "; ".join(f"images[{i}]: {r}" for i, r in failed[:8]))
-        return [results[i].pixels for i in range(len(images))]  # type: ignore[union-attr]
+        return [results[i] for i in range(len(images))]  # type: ignore[misc]
 
     def close(self) -> None:
         if self.pool is not None:

@@ -39,6 +39,7 @@ class ServeLimits:
     read_timeout_s: float = 60.0  # to send a request's headers, and again its body; beyond: 408
     max_connections: int = 512  # open connections; beyond: 503 and closed
     grace_s: float = 30.0  # after a stop signal, for requests in flight; then 503
+    signals: bool = False  # image statistics in each /v1/score answer and as /metrics histograms
 
     @property
     def max_body_bytes(self) -> int:

@@ -374,3 +374,9 @@ def test_without_the_serve_extra_a_one_line_hint(model_dir: Path, tmp_path: Path
                           timeout=60, env=env)
     assert done.returncode == 2 and "pip install 'pickrank[serve]'" in done.stderr, done.stderr
     no_traceback(done.stderr)
+
+
+def test_no_signals_unless_asked(server, tmp_path):
+    response = post_json(server.url, "a red cat", drawn(tmp_path, 2, seed=5))
+    assert set(response.json()) == {"scores", "truncated", "scale", "model"}
+    assert "pickrank_image_" not in httpx.get(server.url + "/metrics", timeout=30).text

@@ -222,8 +222,9 @@ class ComparisonRun:
         monitor = monitor_scores(self.monitor.records) if s.monitor_model is not None else None
         watch = watch_signals(table, result, self.kept, monitor=monitor, monitor_model=s.monitor_model,
                               thresholds=parse_thresholds(s.flags), series=s.series)
-        for flag in watch.flags:
-            log.warning("flag: %s", flag.text)
+        if self.fmt != "table":  # the table says them itself
+            for flag in watch.flags:
+                log.warning("flag: %s", flag.text)
         return watch
 
     def write_main(self, result: CompareResult, watch: Watch | None) -> None:
