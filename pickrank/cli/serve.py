@@ -16,6 +16,11 @@ def _server(metavar: str, help: str, **kw: Any) -> Any:  # noqa: A002 - typer's 
     return Opt(metavar=metavar, panel=SERVER, help=help, **kw)
 
 
+Signals = Annotated[bool, Opt("--signals", panel=SERVER, help="Add each image's statistics (saturation, brightness, "
+                              "contrast, colourfulness, sharpness, hf_energy) to /v1/score answers and as "
+                              "histograms to /metrics.")]
+
+
 @with_options(ModelOptions, (RunOptions, "workers", "max_pixels", "scale"), (EngineOptions, "engine", "ray_address"),
               CommandOptions)
 def serve(
@@ -44,9 +49,7 @@ def serve(
     max_connections: Annotated[int, _server("N", "Open connections (the next gets 503 and is closed).", min=1)] = 512,
     grace_s: Annotated[float, _server("S", "After SIGTERM, seconds for the requests received to be answered (503 "
                                       "beyond; bodies still arriving get 503 at once).", min=0)] = 30.0,
-    signals: Annotated[bool, Opt("--signals", panel=SERVER, help="Add each image's statistics (saturation, "
-                                 "brightness, contrast, colourfulness, sharpness, hf_energy) to /v1/score answers "
-                                 "and as histograms to /metrics.")] = False,
+    signals: Signals = False,
     opts: Opts,
 ) -> None:
     """Serve PickScore rewards over HTTP, batched across callers (needs the serve extra of pickrank).
@@ -73,11 +76,10 @@ def serve(
         except ImportError as e:  # the serve extra is not installed
             raise UsageError(f"pickrank serve needs the serve extra: pip install 'pickrank[serve]' ({e})") from None
 
-        limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                             max_body_mb=max_body_mb, max_images=max_images, max_pixels=opts.run.max_pixels,
+        limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_body_mb=max_body_mb,
+                             max_images=max_images, max_pixels=opts.run.max_pixels, signals=signals,
                              workers=serve_workers(opts.run.workers), max_inflight_mb=max_inflight_mb,
-                             read_timeout_s=read_timeout_s, max_connections=max_connections, grace_s=grace_s,
-                             signals=signals)
+                             read_timeout_s=read_timeout_s, max_connections=max_connections, grace_s=grace_s)
         check_limits(limits)
         model = replace(opts.model, batch_size=opts.model.batch_size or max_batch)
         serve_on(opts.engine, model, limits, host, port, token, opts.run.scale, replicas=replicas, load=load_embedder)

@@ -93,5 +93,5 @@ def high_frequency_share(y: np.ndarray) -> float:
     return float(power[radius > HF_CUTOFF].sum() / total)
 
 
-__all__ = ["ImageStats", "STAT_NAMES", "HF_CUTOFF", "PATCH", "luma", "image_stats", "colourfulness", "laplacian_variance",
-           "high_frequency_share"]
+__all__ = ["ImageStats", "STAT_NAMES", "HF_CUTOFF", "PATCH", "luma", "image_stats", "colourfulness",
+           "laplacian_variance", "high_frequency_share"]

@@ -101,9 +101,10 @@ def line_chart(line: Line, names: Sequence[str], width: int = 340, height: int =
         parts.append(f'<polyline class="series" points="{" ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in pts)}" '
                      f'fill="none" stroke="{LINE}" stroke-width="2"/>')
     for i, v in pts:
-        colour = FLAG if line.flagged[i] else LINE
-        parts.append(f'<circle class="pt{" flagged" if line.flagged[i] else ""}" cx="{x(i):.1f}" cy="{y(v):.1f}" '
-                     f'r="{6 if line.flagged[i] else 4}" fill="{colour}"><title>{esc(names[i])}: {v:.4g}</title></circle>')
+        flagged = line.flagged[i]
+        parts.append(f'<circle class="pt{" flagged" if flagged else ""}" cx="{x(i):.1f}" cy="{y(v):.1f}" '
+                     f'r="{6 if flagged else 4}" fill="{FLAG if flagged else LINE}"><title>{esc(names[i])}: '
+                     f'{v:.4g}</title></circle>')
     for i, name in enumerate(names):
         short = name if len(name) <= 12 else name[:11] + "…"
         parts.append(f'<text x="{x(i):.1f}" y="{height - 16}" font-size="10" text-anchor="middle" '

@@ -9,8 +9,6 @@ measures the frame's layout once it has loaded and writes that into its own DOM,
 
 from __future__ import annotations
 
-import html
-import json
 import re
 from pathlib import Path
 
@@ -18,39 +16,21 @@ import pytest
 
 from pickrank.records import Record
 from pickrank.report.gallery import HtmlReport
-from tests.support.browser import Page, chromium, require_chromium
+from tests.support.browser import measure_in_frame, require_chromium
 from tests.support.images import draw_image
 
 MEASURE = """
-var f=document.getElementById("f");
-f.addEventListener("load",function(){
-var d=f.contentDocument,root=d.documentElement;
-function box(e){var r=e.getBoundingClientRect();return [r.left,r.top,r.width,r.height];}
-function all(sel){return Array.prototype.map.call(d.querySelectorAll(sel),box);}
-function texts(sel){return Array.prototype.map.call(d.querySelectorAll(sel),function(t){return t.textContent;});}
-document.body.setAttribute("data-measure",JSON.stringify({
-  ready:root.getAttribute("data-ready"), overflow:root.scrollWidth-root.clientWidth, width:root.clientWidth,
   points:all("svg.means circle.point"), whiskers:all("svg.means path.whisker"), ticks:texts("svg.means text"),
   means:all("svg.means"), legend:all("svg.heat g.legend"), dots:all("svg.dist circle.dot"),
   thumbs:all(".thumbs a"), thumbImgs:all(".thumbs img"), cards:all(".card a.th"), strips:all("svg.strip"),
-  stripDots:all("svg.strip circle"), names:texts(".card .name")}));
-});
-"""
+  stripDots:all("svg.strip circle"), names:texts(".card .name")"""
 
 WIDTHS = (1400, 420)
 
 
 def measure(tmp_path: Path, page_file: Path, width: int) -> dict:
     """The layout of `page_file` in a frame `width` px wide, as the harness measured it."""
-    page_html = html.escape(page_file.read_text(encoding="utf-8"), quote=True)
-    harness = page_file.with_name(f"harness-{width}-{page_file.name}")
-    harness.write_text(f'<!DOCTYPE html><html><body style="margin:0"><iframe id="f" style="border:0;width:{width}px;'
-                       f'height:1000px" srcdoc="{page_html}"></iframe><script>{MEASURE}</script></body></html>',
-                       encoding="utf-8")
-    dom = chromium(tmp_path, harness, f"--window-size={width + 100},1100", "--dump-dom")
-    measured = json.loads(Page(dom).find("body")[0]["data-measure"])
-    assert measured["ready"] == "1"  # the page's own script ran (its CSP allows it)
-    return measured
+    return measure_in_frame(tmp_path, page_file, width, MEASURE)
 
 
 def inside(inner: list[float], outer: list[float]) -> bool:

@@ -4,9 +4,6 @@ and a phone's width."""
 
 from __future__ import annotations
 
-import html
-import json
-
 import numpy as np
 import pytest
 
@@ -17,7 +14,7 @@ from pickrank.core.kept import Kept
 from pickrank.inputs.decode import ImageSpec, decode_and_preprocess
 from pickrank.report.comparison import write_html
 from pickrank.report.series import BAND, FLAG, LINE
-from tests.support.browser import EVIL_SYSTEM, Page, check_common, chromium, require_chromium
+from tests.support.browser import EVIL_SYSTEM, Page, check_common, measure_in_frame, require_chromium
 from tests.support.series import base_picture, saturated
 
 STEPS = ("step_0", "step_20", "step_100", EVIL_SYSTEM)
@@ -68,32 +65,17 @@ def test_the_page_has_the_charts_flags_and_filmstrips(series_page):
 
 
 MEASURE = """
-var f=document.getElementById("f");
-f.addEventListener("load",function(){
-var d=f.contentDocument,root=d.documentElement;
-function box(e){var r=e.getBoundingClientRect();return [r.left,r.top,r.width,r.height];}
-function all(sel){return Array.prototype.map.call(d.querySelectorAll(sel),box);}
-document.body.setAttribute("data-measure",JSON.stringify({
-  ready:root.getAttribute("data-ready"), overflow:root.scrollWidth-root.clientWidth, width:root.clientWidth,
   lines:all("svg.line"), bands:all("svg.line polygon.band"), series:all("svg.line polyline.series"),
   points:all("svg.line circle.pt"), flagged:all("svg.line circle.flagged"), film:all(".film figure img"),
-  flags:all("#flags li")}));
-});
-"""
+  flags:all("#flags li")"""
 
 
 @pytest.mark.parametrize("width", (1400, 420))
 def test_the_series_page_in_chromium(series_page, tmp_path, width):
     require_chromium()
     out, watch = series_page
-    page_html = html.escape(out.read_text(encoding="utf-8"), quote=True)
-    harness = tmp_path / "harness.html"
-    harness.write_text(f'<!DOCTYPE html><html><body style="margin:0"><iframe id="f" style="border:0;width:{width}px;'
-                       f'height:1000px" srcdoc="{page_html}"></iframe><script>{MEASURE}</script></body></html>',
-                       encoding="utf-8")
-    dom = chromium(tmp_path, harness, f"--window-size={width + 100},1100", "--dump-dom")
-    m = json.loads(Page(dom).find("body")[0]["data-measure"])
-    assert m["ready"] == "1" and m["overflow"] <= 0
+    m = measure_in_frame(tmp_path, out, width, MEASURE)
+    assert m["overflow"] <= 0
     assert len(m["lines"]) == 2 + len(SIGNAL_NAMES)
     for chart in m["lines"]:
         assert chart[2] > 250 and chart[0] >= 0 and chart[0] + chart[2] <= width

@@ -112,3 +112,36 @@ def chromium(tmp_path: Path, page: Path, *args: str) -> str:
                           capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+# The harness around a page laid out in a frame: `fields` (JavaScript object members over `d`, the page's document,
+# with `box`, `all` and `texts` to hand) are measured once the frame has loaded, with what every test checks.
+_FRAME_MEASURE = """
+var f=document.getElementById("f");
+f.addEventListener("load",function(){
+var d=f.contentDocument,root=d.documentElement;
+function box(e){var r=e.getBoundingClientRect();return [r.left,r.top,r.width,r.height];}
+function all(sel){return Array.prototype.map.call(d.querySelectorAll(sel),box);}
+function texts(sel){return Array.prototype.map.call(d.querySelectorAll(sel),function(t){return t.textContent;});}
+document.body.setAttribute("data-measure",JSON.stringify({
+  ready:root.getAttribute("data-ready"), overflow:root.scrollWidth-root.clientWidth, width:root.clientWidth,
+  FIELDS}));
+});
+"""
+
+
+def measure_in_frame(tmp_path: Path, page_file: Path, width: int, fields: str) -> dict:
+    """The layout of `page_file` in a frame `width` px wide (Chromium's window is never narrower than 500 px), as
+    the harness measured `fields`; the page's own script must have run (its CSP allows it)."""
+    import html
+    import json
+
+    page_html = html.escape(page_file.read_text(encoding="utf-8"), quote=True)
+    harness = page_file.with_name(f"harness-{width}-{page_file.name}")
+    harness.write_text(f'<!DOCTYPE html><html><body style="margin:0"><iframe id="f" style="border:0;width:{width}px;'
+                       f'height:1000px" srcdoc="{page_html}"></iframe><script>'
+                       f'{_FRAME_MEASURE.replace("FIELDS", fields)}</script></body></html>', encoding="utf-8")
+    dom = chromium(tmp_path, harness, f"--window-size={width + 100},1100", "--dump-dom")
+    measured = json.loads(Page(dom).find("body")[0]["data-measure"])
+    assert measured["ready"] == "1"
+    return measured

@@ -33,13 +33,13 @@ def watch_json(watch: Watch) -> dict:
 def series_rows(result: CompareResult) -> list[tuple[str, str, str]]:
     """Per system: its name, win rate against the first and against the one before it (a series' figures)."""
     names = [s.name for s in result.systems]
-    rows = []
-    for i, name in enumerate(names):
-        first = result.pair(name, names[0]) if i else None
-        prev = result.pair(name, names[i - 1]) if i else None
-        rows.append((name, "" if first is None else f"{number(first.win_rate)} {interval(first.win_low, first.win_high)}",
-                     "" if prev is None else f"{number(prev.win_rate)} {interval(prev.win_low, prev.win_high)}"))
-    return rows
+
+    def win(name: str, reference: str) -> str:
+        p = result.pair(name, reference)
+        return "" if p is None else f"{number(p.win_rate)} {interval(p.win_low, p.win_high)}"
+
+    return [(name, win(name, names[0]) if i else "", win(name, names[i - 1]) if i else "")
+            for i, name in enumerate(names)]
 
 
 def _cell(e: Estimate | None, ref: Estimate | None, digits: int = 3) -> str:
