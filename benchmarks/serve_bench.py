@@ -80,11 +80,11 @@ def in_process(model: str, prompt: str, pngs: list[bytes], arrays: list[np.ndarr
 
 @contextlib.contextmanager
 def server(model: str, engine: str, max_batch: int, max_wait_ms: float, device: str,
-           workers: int | None) -> Iterator[str]:
-    """`pickrank serve --port 0` in a subprocess, ready; its URL. Stopped with SIGTERM."""
+           workers: int | None, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """`pickrank serve --port 0` (and `extra` options) in a subprocess, ready; its URL. Stopped with SIGTERM."""
     cmd = [sys.executable, "-m", "pickrank", "serve", "--model", model, "--port", "0", "--engine", engine,
            "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--device", device,
-           "--max-queue", "100000", "--quiet"]
+           "--max-queue", "100000", "--quiet", *extra]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from pickrank.errors import PickrankError, UsageError
+from pickrank.inputs.imagestats import STATS_VERSION
 
 log = logging.getLogger("pickrank")
 
@@ -43,6 +44,7 @@ _SCHEMA = (
 _STATS_SCHEMA = """CREATE TABLE IF NOT EXISTS image_stats (
     key TEXT NOT NULL,          -- as embeddings.key
     model TEXT NOT NULL,        -- as embeddings.model (it names the preprocessing the statistics were taken after)
+    version TEXT NOT NULL,      -- imagestats.STATS_VERSION: entries of other definitions are taken again
     vals BLOB NOT NULL,         -- float64, little-endian, in imagestats.STAT_NAMES order
     PRIMARY KEY (key, model)
 ) WITHOUT ROWID"""
@@ -342,7 +344,7 @@ class EmbeddingCache(NullCache):
 
     def get_many(self, keys: list[str], model: str) -> dict[str, np.ndarray]:
         """Cached embeddings for those keys that have one under this model fingerprint."""
-        return self._select("SELECT key, vec FROM embeddings", "<f4", keys, model)
+        return self._select("SELECT key, vec FROM embeddings WHERE", "<f4", keys, model)
 
     def put_many(self, items: dict[str, np.ndarray], model: str) -> None:
         """Store embeddings in one transaction, so an interrupted run keeps every finished batch."""
@@ -352,17 +354,19 @@ class EmbeddingCache(NullCache):
                       for k, v in items.items()])
 
     def get_stats(self, keys: list[str], model: str) -> dict[str, np.ndarray]:
-        """Cached image statistics for those keys that have them under this model fingerprint ({} from a cache
-        made before they were kept, opened read-only)."""
-        return self._select("SELECT key, vals FROM image_stats", "<f8", keys, model)
+        """Cached image statistics (of this version of their definitions) for those keys that have them under this
+        model fingerprint ({} from a cache made before they were kept, opened read-only)."""
+        return self._select(f"SELECT key, vals FROM image_stats WHERE version = '{STATS_VERSION}' AND", "<f8",
+                            keys, model)
 
     def put_stats(self, items: dict[str, np.ndarray], model: str) -> None:
         """Store image statistics in one transaction."""
-        self._insert("INSERT OR REPLACE INTO image_stats VALUES (?, ?, ?)",
-                     [(k, model, np.asarray(v, dtype="<f8").tobytes()) for k, v in items.items()])
+        self._insert("INSERT OR REPLACE INTO image_stats VALUES (?, ?, ?, ?)",
+                     [(k, model, STATS_VERSION, np.asarray(v, dtype="<f8").tobytes()) for k, v in items.items()])
 
     def _select(self, query: str, dtype: str, keys: list[str], model: str) -> dict[str, np.ndarray]:
-        """key -> array for the keys `query` (SELECT key, blob FROM table) finds under this model fingerprint."""
+        """key -> array for the keys `query` (SELECT key, blob FROM table WHERE [condition AND]) finds under this
+        model fingerprint."""
         if self._db is None or not keys:
             return {}
         db = self._db
@@ -372,7 +376,7 @@ class EmbeddingCache(NullCache):
             for i in range(0, len(keys), 500):  # SQLite's limit on bound parameters
                 chunk = keys[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                for key, blob in db.execute(f"{query} WHERE model = ? AND key IN ({marks})", [model, *chunk]):
+                for key, blob in db.execute(f"{query} model = ? AND key IN ({marks})", [model, *chunk]):
                     found[key] = np.frombuffer(blob, dtype=dtype).copy()
 
         try:

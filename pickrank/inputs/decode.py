@@ -260,13 +260,12 @@ def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:
 
 
 def native_patch(image: Image.Image, spec: ImageSpec, size: int = PATCH) -> np.ndarray:
-    """The image's centre, at most size x size, at its own resolution (no resampling), as uint8 (3, h, w) RGB (the
+    """The image's centre, at most size x size, at its own resolution (no resampling), as uint8 (h, w, 3) RGB (the
     spec's transparency handling): where pixel-scale statistics are taken (`imagestats`)."""
     w, h = image.size
     pw, ph = min(w, size), min(h, size)
     left, top = (w - pw) // 2, (h - ph) // 2
-    patch = to_rgb(image.crop((left, top, left + pw, top + ph)), spec.alpha)
-    return np.ascontiguousarray(np.asarray(patch.convert("RGB")).transpose(2, 0, 1))
+    return np.asarray(to_rgb(image.crop((left, top, left + pw, top + ph)), spec.alpha).convert("RGB"))
 
 
 def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS,

@@ -10,14 +10,17 @@ pixel-scale grids and blur they are meant to catch. The README ("Watch a trainin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import astuple, dataclass, fields
 
 import numpy as np
 
 # Rec. 601 luma weights, as Pillow's convert("L").
 _LUMA = (0.299, 0.587, 0.114)
+# Names the statistics' definitions where the cache keeps them: change it with any formula, PATCH or HF_CUTOFF.
+STATS_VERSION = "1"
 # The side of the native-resolution centre patch that sharpness and high-frequency energy are taken on.
-PATCH = 256
+PATCH = 128
 # High-frequency energy counts the spectrum beyond this radial frequency, in cycles per pixel (Nyquist is 0.5).
 HF_CUTOFF = 0.25
 
@@ -28,8 +31,8 @@ class ImageStats:
     pixel values; colourfulness and sharpness on 0..255 values, as their usual definitions; hf_energy a share."""
 
     saturation: float  # mean HSV saturation: (max - min) / max per pixel, 0 where max is 0
-    brightness: float  # mean luma Y = 0.299 R + 0.587 G + 0.114 B
-    contrast: float  # standard deviation of Y (RMS contrast)
+    brightness: float  # mean luma Y = 0.299 R + 0.587 G + 0.114 B, on [0, 1]
+    contrast: float  # standard deviation of Y on [0, 1] (RMS contrast)
     colourfulness: float  # Hasler and Suesstrunk (2003) M on 0..255 values
     sharpness: float  # variance of the 4-neighbour Laplacian of Y on 0..255 values (interior pixels; native patch)
     hf_energy: float  # share of Y's spectral power (mean removed) beyond HF_CUTOFF cycles per pixel (native patch)
@@ -54,16 +57,16 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 def image_stats(pixels: np.ndarray, patch: np.ndarray | None = None) -> ImageStats:
     """The statistics of uint8 RGB pixels shaped (3, H, W) (a decode worker's `Decoded.pixels`); sharpness and
-    high-frequency energy from `patch` (uint8 (3, h, w): the decoded image's centre at its own resolution), or from
-    `pixels` when there is none."""
-    rgb = pixels.astype(np.float64) / 255.0
-    y = luma(rgb)
-    top, bottom = rgb.max(axis=0), rgb.min(axis=0)
+    high-frequency energy from `patch` (uint8 (h, w, 3): the decoded image's centre at its own resolution), or from
+    `pixels` when there is none. Computed in float32 (the statistics are hints, not scores)."""
+    rgb = pixels.astype(np.float32)
+    top, bottom = pixels.max(axis=0).astype(np.float32), pixels.min(axis=0).astype(np.float32)
     sat = np.divide(top - bottom, top, out=np.zeros_like(top), where=top > 0)
-    fine = y if patch is None else luma(patch.astype(np.float64) / 255.0)
-    return ImageStats(saturation=float(sat.mean()), brightness=float(y.mean()), contrast=float(y.std()),
-                      colourfulness=colourfulness(rgb * 255.0), sharpness=laplacian_variance(fine * 255.0),
-                      hf_energy=high_frequency_share(fine))
+    y = luma(rgb)
+    fine = y if patch is None else patch.astype(np.float32) @ np.asarray(_LUMA, dtype=np.float32)
+    return ImageStats(saturation=float(sat.mean()), brightness=float(y.mean()) / 255.0,
+                      contrast=float(y.std()) / 255.0, colourfulness=colourfulness(rgb),
+                      sharpness=laplacian_variance(fine), hf_energy=high_frequency_share(fine))
 
 
 def colourfulness(rgb: np.ndarray) -> float:
@@ -82,16 +85,28 @@ def laplacian_variance(y: np.ndarray) -> float:
     return float(lap.var())
 
 
+@functools.lru_cache(maxsize=16)
+def _spectrum_weights(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """For rfft2 of an h x w image: how often each column stands in the full spectrum (1 or 2: the columns
+    rfft2 leaves out mirror those it keeps), and which frequencies lie beyond HF_CUTOFF."""
+    fx = np.fft.rfftfreq(w)
+    count = np.full(fx.size, 2.0, dtype=np.float32)
+    count[0] = 1.0
+    if w % 2 == 0:
+        count[-1] = 1.0  # Nyquist: its own mirror
+    high = np.hypot(np.fft.fftfreq(h)[:, None], fx[None, :]) > HF_CUTOFF
+    return count, high
+
+
 def high_frequency_share(y: np.ndarray) -> float:
     """The share of the power spectrum of y (its mean removed) at radial frequencies above HF_CUTOFF cycles per
     pixel; 0 for a flat image."""
-    power = np.abs(np.fft.fft2(y - y.mean())) ** 2
-    radius = np.hypot(np.fft.fftfreq(y.shape[0])[:, None], np.fft.fftfreq(y.shape[1])[None, :])
-    total = power.sum()
+    power = np.abs(np.fft.rfft2(y - y.mean())) ** 2 * _spectrum_weights(*y.shape)[0]
+    total = float(power.sum())
     if total <= 0:
         return 0.0
-    return float(power[radius > HF_CUTOFF].sum() / total)
+    return float(power[_spectrum_weights(*y.shape)[1]].sum()) / total
 
 
-__all__ = ["ImageStats", "STAT_NAMES", "HF_CUTOFF", "PATCH", "luma", "image_stats", "colourfulness",
+__all__ = ["ImageStats", "STAT_NAMES", "STATS_VERSION", "HF_CUTOFF", "PATCH", "luma", "image_stats", "colourfulness",
            "laplacian_variance", "high_frequency_share"]

@@ -78,3 +78,21 @@ def test_a_read_only_cache_from_before_the_statistics_is_read_as_it_is(embedder,
 def test_the_ray_engine_refuses_statistics(embedder):
     with pytest.raises(UsageError, match="local engine only"):
         make_engine(embedder, RunOptions(signals=True), engine=EngineOptions(engine=EngineName.ray))
+
+
+def test_statistics_of_another_definition_are_taken_again(embedder, images, tmp_path):
+    paths = image_paths(images)[:2]
+    path = tmp_path / "c.sqlite3"
+    cache = EmbeddingCache(path)
+    try:
+        _run(embedder, paths, cache, signals=True)
+        cache.close()
+        db = sqlite3.connect(path)
+        db.execute("UPDATE image_stats SET version = 'older'")  # as statistics of an earlier definition
+        db.commit()
+        db.close()
+        cache = EmbeddingCache(path)
+        assert _run(embedder, paths, cache, signals=True).summary.embedded == len(paths)
+        assert _run(embedder, paths, cache, signals=True).summary.cache_hits == len(paths)
+    finally:
+        cache.close()

@@ -38,7 +38,10 @@ def direct(pixels: np.ndarray, patch: np.ndarray) -> dict[str, float]:
 
 @pytest.mark.parametrize("size", [(300, 200), (97, 400), (224, 224), (600, 520)])
 def test_statistics_equal_numpy_on_the_same_pixels(tmp_path, size):
-    path = draw_image(tmp_path / "a.png", size, seed=sum(size))
+    drawn = np.asarray(Image.open(draw_image(tmp_path / "a.png", size, seed=sum(size))).convert("RGB"))
+    noise = np.random.default_rng(0).integers(-20, 21, drawn.shape)  # texture everywhere, the centre included
+    path = tmp_path / "b.png"
+    Image.fromarray(np.clip(drawn + noise, 0, 255).astype(np.uint8)).save(path)
     data = path.read_bytes()
     spec = ImageSpec()
     pixels = image_pixels(str(path), spec)
@@ -48,7 +51,7 @@ def test_statistics_equal_numpy_on_the_same_pixels(tmp_path, size):
     expected = direct(pixels, patch.transpose(2, 0, 1))
     got = decode_and_preprocess("k", data, spec, stats=True).stats
     for name in STAT_NAMES:
-        assert getattr(got, name) == pytest.approx(expected[name], rel=1e-9, abs=1e-12), name
+        assert getattr(got, name) == pytest.approx(expected[name], rel=1e-5, abs=1e-9), name  # float32
     # the worker's unit computes them from the pixels it decoded, only when asked
     assert decode_job("k", data, spec, None).stats is None
     decoded = decode_job("k", data, spec, None, stats=True)
@@ -57,7 +60,7 @@ def test_statistics_equal_numpy_on_the_same_pixels(tmp_path, size):
     assert ImageStats.from_values(np.asarray(got.values())) == got
     # without a patch, every statistic comes from the preprocessed pixels
     alone = direct(pixels, pixels)
-    assert image_stats(pixels).hf_energy == pytest.approx(alone["hf_energy"], rel=1e-9)
+    assert image_stats(pixels).hf_energy == pytest.approx(alone["hf_energy"], rel=1e-5)
 
 
 def test_known_answers():
