@@ -101,7 +101,8 @@ def bench_serve(args: argparse.Namespace) -> None:
     for name, vals in got.items():
         q = statistics.quantiles(vals, n=10)
         print(f"  {name:15s} p50 {statistics.median(vals) * 1000:.1f} ms, p90 {q[8] * 1000:.1f} ms")
-    print(f"  p50 ratio with/without: {statistics.median(got['with --signals']) / statistics.median(got['without']):.3f}")
+    ratio = statistics.median(got["with --signals"]) / statistics.median(got["without"])
+    print(f"  p50 ratio with/without: {ratio:.3f}")
 
 
 def main() -> int:

@@ -60,7 +60,7 @@ def print_watch(watch: Watch, result: CompareResult, stream: IO[str], *, is_term
     def esc(text: str) -> str:
         return markup_escape(terminal_safe(text))
 
-    console = Console(file=stream, force_terminal=is_terminal or None, width=None if is_terminal else 160)
+    console = Console(file=stream, force_terminal=is_terminal or None, width=None if is_terminal else 120)
     if watch.series:
         table = Table()
         for name in ("checkpoint", "win vs first", "win vs previous"):
@@ -68,18 +68,17 @@ def print_watch(watch: Watch, result: CompareResult, stream: IO[str], *, is_term
         for row in series_rows(result):
             table.add_row(esc(row[0]), row[1], row[2])
         print_titled(console, "series: win rate against the first checkpoint and the one before", table)
+    # One row per signal, a column per system: a series of checkpoints reads left to right.
     table = Table()
-    names = [*SIGNAL_NAMES, "diversity_all"] + ([MONITOR] if watch.monitor_model else [])
-    table.add_column("system", justify="left", overflow="fold")
-    for n in names:
-        table.add_column(n, justify="right", overflow="fold")
-    base = watch.system(watch.baseline)
+    table.add_column("signal", justify="left", overflow="fold")
     for s in watch.systems:
-        cells = [_cell(s.get(n), None if s is base else base.get(n)) for n in SIGNAL_NAMES]
-        cells.append(number(s.diversity_all))
-        if watch.monitor_model:
-            cells.append(_cell(s.monitor, None if s is base else base.monitor))
-        table.add_row(esc(s.name), *cells)
+        table.add_column(esc(s.name), justify="right", overflow="fold")
+    base = watch.system(watch.baseline)
+    for n in SIGNAL_NAMES:
+        table.add_row(n, *(_cell(s.get(n), None if s is base else base.get(n)) for s in watch.systems))
+    table.add_row("diversity_all", *(number(s.diversity_all) for s in watch.systems))
+    if watch.monitor_model:
+        table.add_row(MONITOR, *(_cell(s.monitor, None if s is base else base.monitor) for s in watch.systems))
     print_titled(console, f"signals (mean over prompts; change vs {esc(result.baseline)})", table)
     if watch.flags:
         for f in watch.flags:
