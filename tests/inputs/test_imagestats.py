@@ -8,16 +8,16 @@ import pytest
 from PIL import Image
 
 from pickrank.inputs.decode import ImageSpec, decode_and_preprocess, image_pixels
-from pickrank.inputs.imagestats import PATCH, STAT_NAMES, ImageStats, image_stats
+from pickrank.inputs.imagestats import PATCH, STAT_NAMES, STRIDE, ImageStats, image_stats
 from pickrank.inputs.workers import decode_job, decode_many
 from tests.support.images import draw_image
 from tests.support.series import base_picture, checkerboard, saturated
 
 
 def direct(pixels: np.ndarray, patch: np.ndarray) -> dict[str, float]:
-    """Each statistic written out again by other numpy routes than the module's: colours from the preprocessed
-    pixels, sharpness and high frequencies from the native-resolution patch."""
-    hwc = pixels.transpose(1, 2, 0).astype(np.float64)
+    """Each statistic written out again by other numpy routes than the module's: colours from every other
+    preprocessed pixel, sharpness and high frequencies from the native-resolution patch."""
+    hwc = pixels.transpose(1, 2, 0).astype(np.float64)[::STRIDE, ::STRIDE]
     r, g, b = hwc[..., 0], hwc[..., 1], hwc[..., 2]
     y = (0.299 * r + 0.587 * g + 0.114 * b)  # 0..255
     mx, mn = hwc.max(axis=2), hwc.min(axis=2)
@@ -66,9 +66,10 @@ def test_statistics_equal_numpy_on_the_same_pixels(tmp_path, size):
 def test_known_answers():
     flat = image_stats(np.full((3, 32, 32), 128, np.uint8))
     assert flat.saturation == flat.contrast == flat.colourfulness == flat.sharpness == flat.hf_energy == 0.0
-    grey = np.indices((64, 64)).sum(axis=0) % 2 * 255
+    grey = (np.indices((64, 64)) // 2).sum(axis=0) % 2 * 255  # squares of 2 x 2 pixels
     board = image_stats(np.stack([grey] * 3).astype(np.uint8))
     assert board.hf_energy == pytest.approx(1.0) and board.contrast == pytest.approx(0.5)
+    assert board.sharpness > 1e4 and board.brightness == pytest.approx(0.5)
     red = np.zeros((3, 8, 8), np.uint8)
     red[0] = 255
     assert image_stats(red).saturation == 1.0
