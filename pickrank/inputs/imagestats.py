@@ -12,7 +12,7 @@ pixel-scale grids and blur they are meant to catch. The README ("Watch a trainin
 from __future__ import annotations
 
 import functools
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class ImageStats:
 
     def values(self) -> tuple[float, ...]:
         """The statistics in `STAT_NAMES` order."""
-        return astuple(self)
+        return (self.saturation, self.brightness, self.contrast, self.colourfulness, self.sharpness, self.hf_energy)
 
     @classmethod
     def from_values(cls, values: "np.ndarray | tuple[float, ...]") -> ImageStats:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -123,31 +123,50 @@ def mean_cosine_distance(emb: np.ndarray) -> float | None:
     return float(1.0 - (s @ s - n) / (n * (n - 1)))
 
 
+def _group_means(prompt_of: list[int], values: list, n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt (0..n-1) the mean of its rows of `values` (n, width), and which prompts have any."""
+    counts = np.bincount(np.asarray(prompt_of, dtype=np.int64), minlength=n)
+    sums = np.zeros((n, width))
+    if prompt_of:
+        np.add.at(sums, np.asarray(prompt_of), np.asarray(values, dtype=np.float64).reshape(-1, width))
+    has = counts > 0
+    return sums / np.maximum(counts, 1)[:, None], has
+
+
 class _Samples:
-    """A system's per-prompt sample arrays: statistics (k, 6), embeddings (k, D) and held-out scores (k,)."""
+    """A system's per-prompt figures: the mean of each statistic and of the held-out score over its samples (with
+    which prompts have them), and its samples' embeddings per prompt (for diversity)."""
 
     def __init__(self, table: ScoreTable, kept: Kept, monitor: Mapping[str, float] | None, s: int) -> None:
-        self.stats: list[np.ndarray] = []
+        n = len(table.prompts)
+        stat_at, stats, mon_at, mon = [], [], [], []
         self.emb: list[np.ndarray] = []
-        self.monitor: list[np.ndarray] = []
-        for row in table.prompts:
-            paths = [x.path for x in row.samples[s] if x.score is not None and x.path is not None]
-            found = [(kept.stats_of(p), kept.embedding(p)) for p in paths]
-            self.stats.append(np.array([st.values() for st, _ in found if st is not None]).reshape(-1,
-                                                                                                len(STAT_NAMES)))
-            self.emb.append(np.array([e for _, e in found if e is not None]))
-            vals = [monitor.get(p) for p in paths] if monitor is not None else []
-            self.monitor.append(np.array([v for v in vals if v is not None], dtype=float))
+        for i, row in enumerate(table.prompts):
+            embs = []
+            for x in row.samples[s]:
+                if x.score is None or x.path is None:
+                    continue
+                st, e = kept.stats_of(x.path), kept.embedding(x.path)
+                if st is not None:
+                    stat_at.append(i)
+                    stats.append(st.values())
+                if e is not None:
+                    embs.append(e)
+                v = monitor.get(os.path.normpath(x.path)) if monitor is not None else None
+                if v is not None:
+                    mon_at.append(i)
+                    mon.append(v)
+            self.emb.append(np.array(embs))
+        self.stats, self.has_stats = _group_means(stat_at, stats, n, len(STAT_NAMES))
+        self.monitor, self.has_monitor = _group_means(mon_at, mon, n, 1)
+        self.monitor = self.monitor[:, 0]
+        diversity = [mean_cosine_distance(e) for e in self.emb]
+        self.diversity = np.array([0.0 if d is None else d for d in diversity])
+        self.has_diversity = np.array([d is not None for d in diversity])
 
-    def per_prompt(self, values: Callable[[int], float | None]) -> tuple[np.ndarray, np.ndarray]:
-        """(value, counts) per prompt from values(prompt index) (None: the prompt does not count)."""
-        got = [values(i) for i in range(len(self.stats))]
-        mask = np.array([v is not None for v in got])
-        return np.array([0.0 if v is None else v for v in got]), mask
-
-
-def _stat_mean(arr: np.ndarray, j: int) -> float | None:
-    return float(arr[:, j].mean()) if len(arr) else None
+    def all_embeddings(self) -> np.ndarray:
+        """Every sample's embedding, all prompts together."""
+        return np.concatenate([e for e in self.emb if len(e)]) if any(len(e) for e in self.emb) else np.empty(0)
 
 
 def watch_signals(table: ScoreTable, result: CompareResult, kept: Kept, *,
@@ -157,24 +176,16 @@ def watch_signals(table: ScoreTable, result: CompareResult, kept: Kept, *,
     flags against the baseline. `monitor`: the held-out scorer's score per image path (CLIPScore)."""
     thresholds = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     samples = [_Samples(table, kept, monitor, s) for s in range(len(table.systems))]
-    base = table.systems.index(result.baseline)
+    b = samples[table.systems.index(result.baseline)]
     cols = Columns(len(table.prompts))
     index: list[dict[str, int]] = []
     for sm in samples:
-        at: dict[str, int] = {}
-        for j, name in enumerate(STAT_NAMES):
-            at[name] = cols.add(*sm.per_prompt(lambda i, j=j, sm=sm: _stat_mean(sm.stats[i], j)))
-        at["diversity"] = cols.add(*sm.per_prompt(lambda i, sm=sm: mean_cosine_distance(sm.emb[i])))
+        at = {name: cols.add(sm.stats[:, j], sm.has_stats) for j, name in enumerate(STAT_NAMES)}
+        at["diversity"] = cols.add(sm.diversity, sm.has_diversity)
         if monitor is not None:
-            at[MONITOR] = cols.add(*sm.per_prompt(lambda i, sm=sm: float(sm.monitor[i].mean())
-                                                  if len(sm.monitor[i]) else None))
+            at[MONITOR] = cols.add(sm.monitor, sm.has_monitor)
+            at["monitor_diff"] = cols.add(sm.monitor - b.monitor, sm.has_monitor & b.has_monitor)
         index.append(at)
-    if monitor is not None:
-        b = samples[base]
-        for sm, at in zip(samples, index):
-            at["monitor_diff"] = cols.add(*sm.per_prompt(
-                lambda i, sm=sm: float(sm.monitor[i].mean() - b.monitor[i].mean())
-                if len(sm.monitor[i]) and len(b.monitor[i]) else None))
     point, low, high = cols.estimates(result.bootstrap, result.seed, result.confidence or DEFAULT_CONFIDENCE)
     counts = [int(m.sum()) for m in cols.masks]
 
@@ -182,8 +193,7 @@ def watch_signals(table: ScoreTable, result: CompareResult, kept: Kept, *,
         return Estimate(finite_or_none(point[c]), finite_or_none(low[c]), finite_or_none(high[c]), counts[c])
 
     systems = tuple(SystemSignals(
-        name, tuple((n, est(at[n])) for n in SIGNAL_NAMES),
-        mean_cosine_distance(np.concatenate([e for e in sm.emb if len(e)])) if any(len(e) for e in sm.emb) else None,
+        name, tuple((n, est(at[n])) for n in SIGNAL_NAMES), mean_cosine_distance(sm.all_embeddings()),
         est(at[MONITOR]) if MONITOR in at else None, est(at["monitor_diff"]) if "monitor_diff" in at else None)
         for name, sm, at in zip(table.systems, samples, index))
     flags = tuple(raise_flags(systems, result, thresholds))
