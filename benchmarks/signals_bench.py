@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/signals_bench.py --model .bench/tiny-clip --images 2000 --rounds 3
 
 compare: two systems of --images/2 JPEGs 512x512 each (one per prompt, a prompts CSV), `pickrank compare A B
---prompts CSV --no-cache -f json` without and with `--signals`, rounds alternating; wall and CPU seconds of the
-process tree (os.wait4), the median of each, and the ratio. serve: one client sending --requests requests of 4
-PNGs 512x512 (JSON, base64) to `pickrank serve` without and with `--signals`, in turn; p50 and p90 latency.
+--prompts CSV --no-cache -f json` without and with `--signals`, alternating (which goes first alternates each
+round too); wall and CPU seconds of the process tree (os.wait4), the median of each, and the ratio. serve: one
+client sending --requests requests of 4 PNGs 512x512 (JSON, base64) to `pickrank serve` without and with
+`--signals`, in turn; p50 and p90 latency.
 Figures go to stdout; nothing is written to BENCHMARKS.md.
 """
 
@@ -67,9 +68,9 @@ def bench_compare(args: argparse.Namespace) -> None:
     base = [sys.executable, "-m", "pickrank", "compare", str(folder / "a"), str(folder / "b"), "--prompts",
             str(prompts), "--model", args.model, "--no-cache", "-q", "-f", "json", "-o", str(folder / "out.json")]
     runs: dict[str, list[tuple[float, float]]] = {"without": [], "with --signals": []}
-    for _ in range(args.rounds):
-        runs["without"].append(timed(base))
-        runs["with --signals"].append(timed(base + ["--signals"]))
+    for r in range(args.rounds):  # which goes first alternates too: neither always follows the other
+        for name in (("without", "with --signals") if r % 2 == 0 else ("with --signals", "without")):
+            runs[name].append(timed(base + (["--signals"] if name != "without" else [])))
     medians = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
     print(f"compare, {args.images} images (2 systems x {args.images // 2} prompts), {args.rounds} rounds")
     for k, v in runs.items():

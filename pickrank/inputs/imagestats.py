@@ -67,7 +67,7 @@ def image_stats(pixels: np.ndarray, patch: np.ndarray | None = None) -> ImageSta
     grid = pixels[:, ::STRIDE, ::STRIDE]
     rgb = grid.astype(np.float32)
     top, bottom = grid.max(axis=0).astype(np.float32), grid.min(axis=0).astype(np.float32)
-    sat = np.divide(top - bottom, top, out=np.zeros_like(top), where=top > 0)
+    sat = (top - bottom) / np.maximum(top, 1.0)  # 0 where top is 0 (then bottom is too)
     y = luma(rgb)
     # luma, not a matrix product: no BLAS call, no threads beside the other workers
     fine = luma((pixels if patch is None else patch.transpose(2, 0, 1)).astype(np.float32))
@@ -94,25 +94,26 @@ def laplacian_variance(y: np.ndarray) -> float:
 
 @functools.lru_cache(maxsize=16)
 def _spectrum_weights(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """For rfft2 of an h x w image: how often each column stands in the full spectrum (1 or 2: the columns
-    rfft2 leaves out mirror those it keeps), and which frequencies lie beyond HF_CUTOFF."""
+    """For rfft2 of an h x w image, flattened: how often each coefficient stands in the full spectrum (1 or 2: the
+    columns rfft2 leaves out mirror those it keeps), and the same where the frequency lies beyond HF_CUTOFF (else
+    0)."""
     fx = np.fft.rfftfreq(w)
-    count = np.full(fx.size, 2.0, dtype=np.float32)
-    count[0] = 1.0
+    count = np.full((h, fx.size), 2.0)
+    count[:, 0] = 1.0
     if w % 2 == 0:
-        count[-1] = 1.0  # Nyquist: its own mirror
+        count[:, -1] = 1.0  # Nyquist: its own mirror
     high = np.hypot(np.fft.fftfreq(h)[:, None], fx[None, :]) > HF_CUTOFF
-    return count, high
+    return count.ravel(), (count * high).ravel()
 
 
 def high_frequency_share(y: np.ndarray) -> float:
     """The share of the power spectrum of y (its mean removed) at radial frequencies above HF_CUTOFF cycles per
     pixel; 0 for a flat image."""
-    power = np.abs(np.fft.rfft2(y - y.mean())) ** 2 * _spectrum_weights(*y.shape)[0]
-    total = float(power.sum())
-    if total <= 0:
-        return 0.0
-    return float(power[_spectrum_weights(*y.shape)[1]].sum()) / total
+    c = np.fft.rfft2(y - y.mean()).ravel()
+    power = c.real * c.real + c.imag * c.imag
+    count, high = _spectrum_weights(*y.shape)
+    total = float(power @ count)
+    return float(power @ high) / total if total > 0 else 0.0
 
 
 __all__ = ["ImageStats", "STAT_NAMES", "STATS_VERSION", "STRIDE", "HF_CUTOFF", "PATCH", "luma", "image_stats", "colourfulness",
