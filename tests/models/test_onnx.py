@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.commands import jsonl, no_traceback, pickrank_cmd
+from tests.support.commands import Completed, invoke, jsonl, no_traceback, pickrank_cmd
 from tests.support.images import draw_image
 from tests.support.shared import built_once
 
@@ -36,8 +36,11 @@ sys.meta_path.insert(0, _Blocked())
 '''
 
 
-def run(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    """The real CLI in a child process (this checkout's code)."""
+def run(*args: str, env: dict | None = None, timeout: int = 180) -> Completed | subprocess.CompletedProcess:
+    """The real CLI: in this process, or in a child process (this checkout's code) where `env` sets what is read
+    at start-up (PYTHONPATH, XDG_CACHE_HOME)."""
+    if not set(env or {}) - {"PICKRANK_CACHE", "HF_HUB_OFFLINE"}:
+        return invoke(*args, env=env)
     base = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(pickrank_cmd(*args), capture_output=True, text=True, env={**base, **(env or {})},
                           timeout=timeout)
