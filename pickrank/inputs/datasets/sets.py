@@ -12,7 +12,7 @@ import collections
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pickrank.errors import InputFailed
 from pickrank.inputs.datasets.parquet import Layout, layout, open_parquet, parquet_samples
@@ -87,12 +87,17 @@ def shard_samples(shard: Shard, reading: Reading, damage: list[str]) -> Iterator
         damage.append(str(e))
 
 
+# What reads a shard's samples (`shard_samples`, or its stand-in that takes them from Ray Data).
+SampleReader = Callable[[Shard, Reading, list[str]], Iterator[Sample]]
+
+
 class DatasetSets:
     """Iterable over the run's candidate sets; `parts` holds, in order, what each set handed out stands for (the
     consumer pops one per ranking)."""
 
-    def __init__(self, shards: list[Shard], reading: Reading) -> None:
+    def __init__(self, shards: list[Shard], reading: Reading, read: SampleReader | None = None) -> None:
         self.shards, self.reading = shards, reading
+        self.read: SampleReader = read or shard_samples  # what reads a shard's samples: here, or on Ray
         self.parts: collections.deque[Part] = collections.deque()
 
     def __iter__(self) -> Iterator[CandidateSet]:
@@ -105,7 +110,7 @@ class DatasetSets:
 
     def _shard(self, shard: Shard) -> Iterator[CandidateSet]:
         damage: list[str] = []
-        samples = shard_samples(shard, self.reading, damage)
+        samples = self.read(shard, self.reading, damage)
         if self.reading.prompt is not None:
             part = Part(shard, "samples")
             query = Query(prompt=self.reading.prompt, prompt_source="option")
