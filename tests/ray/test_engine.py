@@ -166,16 +166,30 @@ def test_actor_plan(resources, actors, expect):
     assert cpus_left >= 1  # room for at least one decode task, or the pipeline would stall
 
 
-def test_dataset_shards_match_local(ray_cluster, runner, model_dir, tmp_path):
-    """Webdataset shards, each sample against its caption, with a damaged shard among them: Ray's records are the
-    local engine's, shard by shard."""
+def test_dataset_shards_match_local(ray_cluster, runner, model_dir, tmp_path, monkeypatch):
+    """Webdataset shards, each sample against its caption, with a shard cut short and one that is no tar among
+    them: Ray's records are the local engine's, shard by shard, and the shards were read on Ray Data's tasks, not
+    by the driver."""
+    import pickrank.core.datasets
     from tests.support.shards import build_shards
 
-    build_shards(tmp_path / "shards", n_shards=2, per_shard=3)
-    (tmp_path / "shards" / "00002.tar").write_bytes(b"not a tar")
+    built = build_shards(tmp_path / "shards", n_shards=3, per_shard=3)
+    cut = built.shards[2].read_bytes()
+    built.shards[2].write_bytes(cut[:len(cut) // 2])  # its first sample(s) are scored, then a record of the damage
+    (tmp_path / "shards" / "00003.tar").write_bytes(b"not a tar")
+    read_here: list[str] = []
+    local_reader = pickrank.core.datasets.shard_samples
+
+    def counting(shard, reading, damage):
+        read_here.append(shard.path)
+        return local_reader(shard, reading, damage)
+
+    monkeypatch.setattr(pickrank.core.datasets, "shard_samples", counting)
     local, ray = run_both(runner, model_dir, "score", str(tmp_path / "shards"), "--prompt-from", "caption")
     assert local.exit_code == 3, local.output
     assert ray.exit_code == 3, ray.output
+    assert len(read_here) == 4  # the local run's four shards; the Ray run read none in this process
     recs = jsonl(ray.stdout)
     assert_same_records(jsonl(local.stdout), recs)
-    assert len(recs) == 7 and "not a readable tar" in recs[-1]["error"]
+    assert "not a readable tar" in recs[-1]["error"]
+    assert any("truncated" in (r["error"] or "") and "00002.tar" in (r["shard"] or "") for r in recs)

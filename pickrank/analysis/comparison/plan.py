@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from pickrank.errors import UsageError
+from pickrank.inputs.datasets.paths import is_dataset_arg
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.discover import is_image_name
 from pickrank.inputs.files import DEFAULT_MAX_BYTES
@@ -85,6 +86,7 @@ def plan_comparison(paths: Sequence[str] = (), *, prompts_csv: str | None = None
                     max_pixels: int | None = DEFAULT_MAX_PIXELS,
                     max_bytes: int | None = DEFAULT_MAX_BYTES) -> Comparison:
     """The comparison the arguments describe; UsageError (exit 2) for bad input."""
+    _refuse_shards(paths)
     layout = detect_layout(paths, prompts_csv, manifest)
     if layout == "manifest":
         systems, slots, excluded = _manifest_plan(manifest or paths[0])
@@ -111,6 +113,15 @@ def _check_every_system_has_images(systems: Sequence[str], slots: Sequence[Slot]
     for i, name in enumerate(systems):
         if not any(slot.images[i] for slot in slots):
             raise UsageError(f"system {name!r} has no images to compare (in the prompts the comparison keeps)")
+
+
+def _refuse_shards(paths: Sequence[str]) -> None:
+    """Dataset shards are a usage error: systems are paired by image file names, which a shard's samples lack (a
+    tar is read in order, not looked up by key)."""
+    for p in paths:
+        if is_dataset_arg(p):
+            raise UsageError(f"{p}: compare pairs image files across system folders and reads no dataset shards; "
+                             "score each system's shards with pickrank score -p TEXT or --prompt-from caption")
 
 
 def _check_folders(paths: Sequence[str]) -> None:
