@@ -26,6 +26,8 @@ from pickrank.options import DType, Format, ModelOptions, OnError, RunOptions
 from tests.support.help import assert_shared_options_once
 from tests.support.pairs import write_csv
 
+DATASET = ["image_key", "caption_key", "image_column", "caption_column", "key_column"]
+
 # Each command, its function, and the shared options it takes (as on the command line).
 COMMANDS = {
     ("score",): (score, list(SHARED)),
@@ -34,8 +36,8 @@ COMMANDS = {
     ("eval",): (eval_, ["model", "processor", "revision", "offline", "device", "dtype", "alpha", "backend",
                             "decode", "batch_size", "quiet", "max_pixels", "debug", "scale", "with_meta", "meta"]),
     ("export", "onnx"): (export_onnx, ["model", "processor", "revision", "offline", "quiet", "debug"]),
-    ("compare",): (compare, [n for n in SHARED if n not in ("format", "html", "null", "with_meta")]),
-    ("prompts",): (prompts, ["format", "output", "quiet", "max_pixels", "max_bytes", "debug"]),
+    ("compare",): (compare, [n for n in SHARED if n not in ("format", "html", "null", "with_meta", *DATASET)]),
+    ("prompts",): (prompts, ["format", "output", "quiet", "max_pixels", "max_bytes", "debug", *DATASET]),
     ("report",): (report, ["quiet", "debug"]),
     ("cache", "info"): (cache_info, ["cache", "debug"]),
     ("cache", "clear"): (cache_clear, ["cache", "debug"]),

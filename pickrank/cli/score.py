@@ -79,18 +79,6 @@ def score(
                                            "its own caption. Images (samples of a shard) with the same prompt form "
                                            "one ranking.")] = None,
     top: Annotated[Optional[int], Opt(min=1, metavar="K", panel=OUTPUT, help="Show only the best K.")] = None,
-    image_key: Annotated[Optional[str], Opt(metavar="EXT", panel=DATASETS, help="Webdataset: the image member's "
-                                            "extension [default: the first of jpg, jpeg, png, webp].")] = None,
-    caption_key: Annotated[str, Opt(metavar="EXT", panel=DATASETS,
-                                    help="Webdataset: the caption member's extension.")] = "txt",
-    image_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the column of image "
-                                               "bytes (binary, or a struct with bytes) [default: jpg, image, ... or "
-                                               "the one binary column].")] = None,
-    caption_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the caption column "
-                                                 "[default: caption, txt, text or prompt].")] = None,
-    key_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the key column "
-                                             "[default: key, __key__, id, image_id or uid; else the row "
-                                             "number].")] = None,
     overwrite: Annotated[bool, Opt("--overwrite", panel=DATASETS, help="-o DIR/: score again the shards whose "
                                    "output was made another way (model, prompt, scale, columns, or the shard "
                                    "changed) instead of refusing.")] = False,
@@ -109,7 +97,7 @@ def score(
     from pickrank.inputs.sets import sets_for_score
 
     run = replace(opts.run, top=top)
-    dataset = DatasetOptions(image_key, caption_key, image_column, caption_column, key_column)
+    dataset = opts.dataset or DatasetOptions()
 
     def sets() -> list[CandidateSet]:
         return sets_for_score(prompt, paths, sys.stdin, run.max_pixels, run.max_bytes)
@@ -150,7 +138,8 @@ def best_of_n(
     run = replace(opts.run, top=top)
     files_only = "--copy-to" if copy_to else _files_only(opts)
     _score_command("best-of-n", replace(opts, run=run),
-                   lambda: sets_for_best_of_n(folder, prompt, run.max_pixels, run.max_bytes, files_only),
+                   lambda: sets_for_best_of_n(folder, prompt, run.max_pixels, run.max_bytes, files_only,
+                                              opts.dataset or DatasetOptions()),
                    copy_to=copy_to, inputs=[folder])
 
 
@@ -174,5 +163,6 @@ def batch(
     from pickrank.inputs.sets import sets_for_batch
 
     _score_command("batch", replace(opts, run=replace(opts.run, top=top)),
-                   lambda: sets_for_batch(prompts_csv, paths or [], sys.stdin, opts.run.max_bytes, _files_only(opts)),
+                   lambda: sets_for_batch(prompts_csv, paths or [], sys.stdin, opts.run.max_bytes, _files_only(opts),
+                                          opts.dataset or DatasetOptions()),
                    inputs=[prompts_csv, *(paths or [])])

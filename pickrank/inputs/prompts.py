@@ -9,16 +9,17 @@ from pickrank.errors import NoImages
 from pickrank.inputs.datasets.items import NamedSample, expand_inputs
 from pickrank.inputs.metadata import prompt_from_image
 from pickrank.inputs.sets import prompt_txt
+from pickrank.options import DatasetOptions
 
 
 def prompt_rows(args: list[str], stdin: TextIO | None = None, max_pixels: int | None = None,
-                max_bytes: int | None = None) -> Iterator[dict]:
+                max_bytes: int | None = None, options: DatasetOptions = DatasetOptions()) -> Iterator[dict]:
     """One row per image the arguments name (expanded as `score` does): path, prompt, source, reason. An image
     without one whose folder has a prompt.txt says so: best-of-n scores that folder's group with it. A dataset
-    shard's samples are rows too, each with its caption (`caption_row`)."""
+    shard's samples are rows too, each with its caption (`caption_row`), its parts where `options` says."""
     found_any = False
     with_txt: dict[str, bool] = {}  # folder -> whether it has a usable prompt.txt
-    for path in expand_inputs(args, stdin, max_bytes):
+    for path in expand_inputs(args, stdin, max_bytes, options=options):
         found_any = True
         if isinstance(path, NamedSample):
             yield caption_row(path)

@@ -24,6 +24,7 @@ from pickrank.inputs.discover import expand, first_visit, is_glob, is_image_name
 from pickrank.inputs.files import DEFAULT_MAX_BYTES
 from pickrank.inputs.metadata import FoundPrompt, prompt_from_image
 from pickrank.inputs.textfile import check_text, read_utf8
+from pickrank.options import DatasetOptions
 from pickrank.records import CandidateSet, Item, Query
 
 log = logging.getLogger("pickrank")
@@ -170,20 +171,20 @@ def _unreadable_set(folder: str, e: OSError) -> CandidateSet:
 
 
 def sets_for_best_of_n(folder: str, prompt: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                       max_bytes: int | None = DEFAULT_MAX_BYTES, files_only: str | None = None
-                       ) -> list[CandidateSet]:
+                       max_bytes: int | None = DEFAULT_MAX_BYTES, files_only: str | None = None,
+                       options: DatasetOptions = DatasetOptions()) -> list[CandidateSet]:
     """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own; when
     FOLDER names dataset shards, each shard is a group (`shard_groups`).
 
     max_pixels and max_bytes apply to the images whose metadata is read for a group's prompt, as when scoring.
     A folder that cannot be listed is an error record, in its place. files_only: the option that needs image files
-    (--copy-to, --html), which refuses shards.
+    (--copy-to, --html), which refuses shards; options: where a shard sample's parts are.
     """
     if prompt is not None:
         check_prompt(prompt)
     if is_dataset_arg(folder):
         refuse_shards(folder, files_only)
-        return _checked_groups(shard_groups(folder, prompt, max_bytes), folder)
+        return _checked_groups(shard_groups(folder, prompt, max_bytes, options), folder)
     if not os.path.isdir(folder):
         raise UsageError(f"{folder}: not a folder")
     sets: list[CandidateSet] = []
@@ -217,10 +218,11 @@ def sets_for_best_of_n(folder: str, prompt: str | None = None, max_pixels: int |
     return _checked_groups(sets, folder)
 
 
-def shard_groups(arg: str, prompt: str | None, max_bytes: int | None) -> list[CandidateSet]:
+def shard_groups(arg: str, prompt: str | None, max_bytes: int | None,
+                 options: DatasetOptions = DatasetOptions()) -> list[CandidateSet]:
     """best-of-n over dataset shards: each shard is a group named by its file, scored against --prompt, else the
     first caption found in it (as a folder's group takes its first image's metadata prompt)."""
-    plan, reading = dataset_shards([arg], max_bytes)
+    plan, reading = dataset_shards([arg], max_bytes, options=options)
     sets = []
     for shard in plan[0]:  # type: ignore[union-attr]
         text, source = (prompt, "option") if prompt else (_first_caption(named_samples(shard, reading)), "caption")
@@ -296,10 +298,11 @@ def _row_images(spec: str, base: str) -> list[str]:
 
 
 def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None, max_bytes: int | None = None,
-                   files_only: str | None = None) -> list[CandidateSet]:
+                   files_only: str | None = None, options: DatasetOptions = DatasetOptions()
+                   ) -> list[CandidateSet]:
     """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images. PATHs
     and `images` cells may name dataset shards, whose samples are read in memory within max_bytes; files_only:
-    the option that needs image files (--html), which refuses them."""
+    the option that needs image files (--html), which refuses them; options: where a sample's parts are."""
     rows = read_prompts_csv(csv_path)
     base = os.path.dirname(csv_path)
     check_named_paths(args)
@@ -330,12 +333,12 @@ def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None, 
     sets: list[CandidateSet] = []
     for spec in order:
         if spec is None:
-            first, paths = peek(expand_items(args, stdin, max_bytes, files_only))
+            first, paths = peek(expand_items(args, stdin, max_bytes, files_only, options))
             if first is None:
                 raise NoImages(f"no images found in {' '.join(args)}")
             sets.append(CandidateSet(queries=tuple(shared_queries), paths=paths))
         else:
-            first, paths = peek(_cell_items(_row_images(spec, base), max_bytes, files_only))
+            first, paths = peek(_cell_items(_row_images(spec, base), max_bytes, files_only, options))
             if first is None:
                 log.warning("%s: images %r match no file (row %s)", csv_path, spec,
                             ", ".join(q.id or "?" for q in own[spec]))
@@ -346,9 +349,10 @@ def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None, 
     return sets
 
 
-def _cell_items(paths: list[str], max_bytes: int | None, files_only: str | None) -> Iterator[Item]:
+def _cell_items(paths: list[str], max_bytes: int | None, files_only: str | None,
+                options: DatasetOptions) -> Iterator[Item]:
     """A row's images (shards' samples too); a pattern of shards that matches none is a row with no images."""
     try:
-        return expand_items(paths, None, max_bytes, files_only)
+        return expand_items(paths, None, max_bytes, files_only, options)
     except NoImages:
         return iter(())

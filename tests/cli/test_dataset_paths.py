@@ -131,3 +131,32 @@ def test_an_output_over_a_shard_that_a_glob_names_is_refused(runner, model_dir, 
     res = cli(runner, model_dir, "batch", str(csv), str(tmp_path / "*.parquet"), "-o", str(shard))
     assert res.exit_code == 2 and "is also an input" in res.output, res.output
     assert shard.read_bytes() == (root / "table.parquet").read_bytes()
+
+
+def test_where_a_samples_parts_are_is_settable_on_every_command_that_reads_shards(runner, model_dir, data,
+                                                                                 file_scores, tmp_path):
+    """--image-key, --caption-key and the --*-column options work on batch, best-of-n and prompts as on score: a
+    webdataset whose images are `.pic` members with `.desc` captions, and a parquet of unusual column names."""
+    root, built = data
+    keys = sorted(k for k in built.images if k.startswith("00000"))
+    odd_tar = write_tar(tmp_path / "odd.tar", [e for k in keys for e in ((f"{k}.pic", built.images[k]),
+                                                                         (f"{k}.desc", built.captions[k].encode()))])
+    odd_pq = write_parquet(tmp_path / "odd.parquet", {"name": keys, "pixels": [built.images[k] for k in keys],
+                                                      "words": [built.captions[k] for k in keys]})
+    keyed = ["--image-key", "pic", "--caption-key", "desc"]
+    columns = ["--image-column", "pixels", "--caption-column", "words", "--key-column", "name"]
+    best = cli(runner, model_dir, "best-of-n", str(odd_tar), *keyed, "--top", "4", "-f", "jsonl")
+    assert best.exit_code == 0, best.output
+    assert {r["prompt"] for r in jsonl(best.stdout)} == {built.captions[keys[0]]}  # the first caption, from .desc
+    csv = tmp_path / "prompts.csv"
+    csv.write_text(f"prompt\n{PROMPT}\n")
+    for path, extra in ((odd_tar, keyed), (odd_pq, columns)):
+        res = cli(runner, model_dir, "batch", str(csv), str(path), *extra, "-f", "jsonl")
+        assert res.exit_code == 0, res.output
+        recs = jsonl(res.stdout)
+        assert sorted(key_of(r["path"]) for r in recs) == keys
+        assert all(r["score"] == pytest.approx(file_scores[key_of(r["path"])], abs=1e-5) for r in recs)
+        rows = jsonl(runner.invoke(app, ["prompts", str(path), *extra, "-f", "jsonl"]).stdout)
+        assert {key_of(r["path"]): r["prompt"] for r in rows} == {k: built.captions[k] for k in keys}
+    res = cli(runner, model_dir, "batch", str(csv), str(odd_pq), "--image-column", "nope", "-f", "jsonl")
+    assert res.exit_code == 2 and "nope" in res.output, res.output  # a missing column: before the model loads

@@ -37,8 +37,8 @@ def refuse_shards(arg: str, files_only: str | None) -> None:
                          "file of their own (keep samples with pickrank filter --reshard)")
 
 
-def dataset_shards(args: Sequence[str], max_bytes: int | None = None,
-                   files_only: str | None = None) -> tuple[list[list[Shard] | str], Reading]:
+def dataset_shards(args: Sequence[str], max_bytes: int | None = None, files_only: str | None = None,
+                   options: DatasetOptions = DatasetOptions()) -> tuple[list[list[Shard] | str], Reading]:
     """Each argument as its shards (a dataset argument) or as it is (images), and how shards are read: parquet
     columns are checked now, before the model loads, as `score` does."""
     plan: list[list[Shard] | str] = []
@@ -51,7 +51,6 @@ def dataset_shards(args: Sequence[str], max_bytes: int | None = None,
     shards = [s for p in plan if isinstance(p, list) for s in p]
     if any(s.kind == "parquet" for s in shards):
         require_pyarrow("reading parquet shards")
-    options = DatasetOptions()
     return plan, Reading(options, prompt="", max_bytes=max_bytes,
                          layouts=check_layouts(shards, options, by_caption=False))
 
@@ -72,9 +71,10 @@ def shard_items(shard: Shard, reading: Reading) -> Iterator[Item]:
 
 
 def expand_inputs(args: Sequence[str], stdin: TextIO | None = None, max_bytes: int | None = None,
-                  files_only: str | None = None) -> Iterator[Input]:
-    """The arguments' images and shard samples, in argument order (checked now; read lazily)."""
-    plan, reading = dataset_shards(args, max_bytes, files_only)
+                  files_only: str | None = None, options: DatasetOptions = DatasetOptions()) -> Iterator[Input]:
+    """The arguments' images and shard samples, in argument order (checked now; read lazily); `options` says where
+    a sample's parts are."""
+    plan, reading = dataset_shards(args, max_bytes, files_only, options)
 
     def inputs() -> Iterator[Input]:
         images: list[str] = []  # consecutive image arguments are expanded together: each image once
@@ -92,7 +92,7 @@ def expand_inputs(args: Sequence[str], stdin: TextIO | None = None, max_bytes: i
 
 
 def expand_items(args: Sequence[str], stdin: TextIO | None = None, max_bytes: int | None = None,
-                 files_only: str | None = None) -> Iterator[Item]:
+                 files_only: str | None = None, options: DatasetOptions = DatasetOptions()) -> Iterator[Item]:
     """`expand_inputs` as the engine's items: image paths, and samples in memory."""
     return (x if isinstance(x, str) else to_item(x.sample, x.name, need_caption=False)
-            for x in expand_inputs(args, stdin, max_bytes, files_only))
+            for x in expand_inputs(args, stdin, max_bytes, files_only, options))
