@@ -31,11 +31,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def run_both(runner, model_dir, *args: str, extra: tuple[str, ...] = ("--no-cache",)):
-    """The same command with --engine local and --engine ray: (exit codes, record lists, ray stderr)."""
+def run_both(runner, model_dir, *args: str, extra: tuple[str, ...] = ("--no-cache",), actors: int = 1):
+    """The same command with --engine local and --engine ray (`actors` embedding actors: each is a process that
+    imports torch and loads the model, so one where the test is not about sharing work): both results."""
     out = {}
     for engine in ("local", "ray"):
-        eng = ["--engine", engine] + (["--ray-actors", "2"] if engine == "ray" else [])
+        eng = ["--engine", engine] + (["--ray-actors", str(actors)] if engine == "ray" else [])
         res = runner.invoke(app, [*args, "--model", str(model_dir), "-f", "jsonl", *extra, *eng])
         out[engine] = res
     return out["local"], out["ray"]
@@ -62,7 +63,7 @@ def mixed(images):
 
 
 def test_score_matches_local_with_an_unreadable_image(ray_cluster, runner, model_dir, mixed):
-    local, ray = run_both(runner, model_dir, "score", "-p", "a red cat on a blue sofa", str(mixed))
+    local, ray = run_both(runner, model_dir, "score", "-p", "a red cat on a blue sofa", str(mixed), actors=2)
     assert local.exit_code == 3, local.output
     assert ray.exit_code == 3, ray.output
     recs = jsonl(ray.stdout)
@@ -82,7 +83,7 @@ def test_best_of_n_matches_local(ray_cluster, runner, model_dir, tmp_path):
             draw_image(root / g / f"{i}.png", (90 + 7 * i, 120), seed=hash((g, i)) % 1000)
         (root / g / "prompt.txt").write_text(f"prompt of {g}")
     (root / "g2" / "bad.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    local, ray = run_both(runner, model_dir, "best-of-n", str(root), "--top", "2")
+    local, ray = run_both(runner, model_dir, "best-of-n", str(root), "--top", "2", actors=2)
     assert local.exit_code == ray.exit_code == 3, ray.output
     recs = jsonl(ray.stdout)
     assert_same_records(jsonl(local.stdout), recs)
@@ -122,7 +123,7 @@ def test_ray_fills_the_cache_the_local_engine_reads(ray_cluster, runner, model_d
 
 def test_on_error_fail_stops_the_ray_run(ray_cluster, runner, model_dir, mixed):
     res = runner.invoke(app, ["score", "-p", "x", str(mixed), "--model", str(model_dir), "--no-cache",
-                              "--engine", "ray", "--on-error", "fail"])
+                              "--engine", "ray", "--ray-actors", "1", "--on-error", "fail"])
     assert res.exit_code == 1
     assert "broken.png" in res.stderr
 
