@@ -173,6 +173,9 @@ class ModelOptions(_Bundle):
     backend: BackendName | None = None  # None: onnx when `model` is an ONNX export folder, else torch
     # Part of the preprocessing (as alpha), hence of the cache fingerprint: here, where the fingerprint is made.
     decode: Decode = Decode.exact
+    # A preference head file (`pickrank tune`): every score goes through it, after the embeddings (not part of the
+    # cache fingerprint: embeddings are PickScore's with or without it).
+    head: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", as_enum(DType, self.dtype, "dtype"))

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from pickrank import __version__
-from pickrank.cli import cache, compare, doctor, evaluate, export, prompts, report, score, serve
+from pickrank.cli import cache, compare, doctor, evaluate, export, label, prompts, report, score, serve, tune
 from pickrank.errors import EXIT_USAGE, UsageError
 from pickrank.signals import STOP_SIGNALS, set_handlers
 
@@ -58,6 +58,8 @@ cache_app.command("clear")(cache.cache_clear)
 cache_app.command("prune")(cache.cache_prune)
 app.command("report")(report.report)
 app.command("eval")(evaluate.eval_)
+app.command("label")(label.label)
+app.command("tune")(tune.tune)
 app.command("compare")(compare.compare)
 app.command("serve")(serve.serve)
 app.command("doctor")(doctor.doctor)

@@ -123,6 +123,10 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
     "meta": (OutputOptions, Annotated[Optional[str], Opt(
         "--meta", metavar="FILE", help="Also write the run's provenance to FILE as JSON (beside any format; "
                                        "atomically, as -o).")], None),
+    "head": (ModelOptions, Annotated[Optional[str], Opt(
+        "--head", metavar="FILE", help="A preference head made by `pickrank tune` (safetensors): scores, prob and "
+                                       "ranks become PickScore tuned to your labels; refused on another base "
+                                       "model.")], None),
 }
 
 

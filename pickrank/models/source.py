@@ -12,6 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pickrank.errors import ModelLoadError
 from pickrank.inputs.decode import ImageSpec
@@ -28,6 +29,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("added_tokens.json", "merges.txt", "special_tokens_map.json", "tokenizer.json",
                    "tokenizer_config.json", "vocab.json")
 WEIGHTS_INDEX = "model.safetensors.index.json"
+
+if TYPE_CHECKING:
+    from pickrank.core.scores import ScoreHead
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,7 @@ class ModelInfo:
     revision: str | None  # the hub commit, None for a local folder
     dtype: str
     backend: str = "torch"  # what runs the model: "torch", or "onnx" (an export folder; numpy arrays, no torch)
+    head: ScoreHead | None = None  # the preference head applied after the embeddings (--head); None: PickScore
 
 
 def run_fingerprint(ident: str, dtype: str, spec: ImageSpec) -> str:

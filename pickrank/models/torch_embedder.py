@@ -172,6 +172,7 @@ class Embedder:
 
     ready = True  # as `loading.LoadingEmbedder.ready`: an Embedder is loaded
     backend = "torch"  # what runs the model (the provenance says it); embeddings are torch tensors (ONNX: numpy)
+    head = None  # the preference head (`ModelInfo.head`, set by `load`); None: PickScore itself
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
                  dtype: torch.dtype, fingerprint: str, source: ModelSource,
@@ -213,8 +214,10 @@ class Embedder:
                                                       trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(load_error_text(source.processor, e, source.offline)) from e
-        return cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
-                   batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
+        embedder = cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
+                       batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
+        embedder.head = info.head
+        return embedder
 
     def error(self) -> None:
         """Why the load failed: an Embedder has loaded (as `loading.LoadingEmbedder.error`)."""
