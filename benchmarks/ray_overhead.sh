@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Overhead of --engine ray against --engine local (issue 8): whole-process wall time, 3 alternating runs each.
+# Overhead of --engine ray against --engine local: whole-process wall time, 3 alternating runs each.
 # Tiny random CLIP and 2,000 512x512 JPEGs from .bench/ (made by `benchmarks/bench.py --prepare`), --no-cache.
 set -u
 cd "$(dirname "$0")/.."

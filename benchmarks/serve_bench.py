@@ -182,6 +182,7 @@ def main() -> int:
     base, expected = in_process(args.model, prompt, pngs, arrays, args.max_batch, args.device)
     report = {"settings": vars(args), "in_process_images_per_s": base, "formats": {}}
     with server(args.model, args.engine, args.max_batch, args.max_wait_ms, args.device, args.workers) as url:
+        report["server_cpu_threads"] = httpx.get(url + "/v1/info", timeout=30).json().get("cpu_threads")
         for fmt in args.formats.split(","):
             load(url, fmt, prompt, pngs, arrays, min(args.clients, 4), args.images, 1)  # warm-up
             r = load(url, fmt, prompt, pngs, arrays, args.clients, args.images, args.rounds)
@@ -190,7 +191,7 @@ def main() -> int:
             report["formats"][fmt] = r
     print(f"{args.engine} server, {args.clients} clients x {args.images} images x {args.rounds} rounds, "
           f"{args.size}x{args.size}, --max-batch {args.max_batch}, --max-wait-ms {args.max_wait_ms:g}, "
-          f"model {args.model}")
+          f"model {args.model}, the server's model calls on {report['server_cpu_threads']} CPU thread(s)")
     print(f"{'format':<12} {'server img/s':>12} {'in-proc img/s':>13} {'ratio':>6} {'mean batch':>10} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'max |diff|':>10}")
     for fmt, r in report["formats"].items():

@@ -32,6 +32,7 @@ Three image paths:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -39,8 +40,10 @@ import torch
 
 from pickrank.core.engine import Batcher, encode_paired, encode_prompts
 from pickrank.core.scores import paired_scores
-from pickrank.errors import UsageError
-from pickrank.inputs.decode import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, preprocess, resize_crop_geometry, to_image
+from pickrank.errors import ArgumentTypeError, InputFailed, InvalidArgument, NonFiniteScores, UsageError
+from pickrank.inputs.decode import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, check_geometry, preprocess, to_image
+from pickrank.inputs.files import ReadError
+from pickrank.inputs.textfile import check_text
 from pickrank.models import loading
 from pickrank.models.torch_embedder import Embedder, features
 from pickrank.options import Alpha, DType, ModelOptions, Scale, as_enum
@@ -48,13 +51,28 @@ from pickrank.options import Alpha, DType, ModelOptions, Scale, as_enum
 ImageInput = Any  # a path, a PIL image, a uint8 HWC numpy array, or a CHW tensor
 
 
-def tensor_to_pil(x: torch.Tensor):
+def check_float_images(x: torch.Tensor, where: str = "images") -> None:
+    """A float image tensor must be finite (InvalidArgument otherwise); values outside [0, 1] are warned about, on
+    every path alike: the exact path clamps them when it quantises, the torch paths take them as they are."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    d = x.detach()
+    if not bool(torch.isfinite(d).all()):
+        raise InvalidArgument(f"{where}: the image tensor holds NaN or infinity")
+    lo, hi = float(d.min()), float(d.max())
+    if lo < 0 or hi > 1:
+        warnings.warn(f"{where}: float image values lie in [{lo:.4g}, {hi:.4g}], outside [0, 1]: the exact path "
+                      "clamps them to [0, 1], the torch paths take them as they are", UserWarning, stacklevel=4)
+
+
+def tensor_to_pil(x: torch.Tensor, where: str = "images"):
     """One CHW image tensor -> PIL RGB. Floats are in [0, 1] and quantised as ``(x*255).round().clamp(0,255)``."""
     from PIL import Image
 
     if x.ndim != 3 or x.shape[0] not in (1, 3):
         raise UsageError(f"an image tensor must be shaped (3, H, W) (or (N, 3, H, W) for a batch), got "
                          f"{tuple(x.shape)}")
+    check_float_images(x, where)
     x = x.detach()
     if x.is_floating_point():
         x = (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
@@ -64,17 +82,48 @@ def tensor_to_pil(x: torch.Tensor):
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)  # (H, W) -> L, (H, W, 3) -> RGB
 
 
-def to_pil(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+def to_pil(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, where: str = "images"):
     """A path, PIL image, uint8 numpy array (HWC or HW) or CHW tensor -> PIL image; unreadable files raise
     InputFailed naming the file."""
     if isinstance(item, torch.Tensor):
-        return tensor_to_pil(item)
+        return tensor_to_pil(item, where)
     return to_image(item, max_pixels)
 
 
-def exact_pixels(item: ImageInput, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One image by the exact path: to_pil, then the reference's Pillow preprocessing -> uint8 (3, H, W)."""
-    return preprocess(to_pil(item, max_pixels), spec)
+def exact_pixels(item: ImageInput, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 where: str = "images") -> np.ndarray:
+    """One image by the exact path: to_pil, then the reference's Pillow preprocessing -> uint8 (3, H, W). An image
+    that cannot be preprocessed (no pixels, a resize over max_pixels) is InputFailed naming a file, else an
+    InvalidArgument naming `where`."""
+    image = to_pil(item, max_pixels, where)
+    try:
+        return preprocess(image, spec, max_pixels)
+    except ReadError as e:
+        if isinstance(item, (str, os.PathLike)):
+            raise InputFailed(f"{os.fspath(item)}: {e}") from None
+        raise InvalidArgument(f"{where}: {e}") from None
+
+
+def prompt_list(prompts: Any, n: int | None, name: str = "prompts") -> list[str]:
+    """The prompts as a list: a string is one prompt for each of n images (one, when n is None), else a sequence of
+    strings (n of them, unless n is None); each checked as every prompt is (`textfile.check_text`).
+    ArgumentTypeError for anything but text (None, a number, bytes), InvalidArgument for text no tokenizer takes or
+    a count that does not match; `name` is the argument's, in the messages."""
+    if isinstance(prompts, str):
+        return [check_text(prompts, name)] * (1 if n is None else n)
+    if isinstance(prompts, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"{name}: bytes are not text: decode them first (for example data.decode('utf-8'))")
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise ArgumentTypeError(f"{name}: a string or a list of strings, got {type(prompts).__name__}") from None
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise ArgumentTypeError(f"{name}[{i}]: a string, got {type(p).__name__}")
+        check_text(p, f"{name}[{i}]")
+    if n is not None and len(items) != n:
+        raise InvalidArgument(f"{len(items)} prompts for {n} images: give one prompt, or one per image")
+    return items
 
 
 def as_image_list(images: Any) -> list:
@@ -86,12 +135,13 @@ def as_image_list(images: Any) -> list:
     return list(images)
 
 
-def torch_preprocess(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+def torch_preprocess(x: torch.Tensor, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Differentiable preprocessing of float images (N, 3, H, W) in [0, 1] -> model input, as the spec says.
 
     Bicubic resize with antialias of the shortest side (or to the fixed size), centre crop (zero padding when the
     image is smaller than the crop, as transformers does), rescale and normalise with the processor's mean/std.
-    Unlike the exact path nothing is rounded to uint8 in between.
+    Unlike the exact path nothing is rounded to uint8 in between. Images without pixels, or whose resize has more
+    than max_pixels pixels, are an InvalidArgument (as on the exact path).
     """
     import torch.nn.functional as F
 
@@ -99,7 +149,10 @@ def torch_preprocess(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
         raise UsageError(f"differentiable scoring needs a float tensor shaped (N, 3, H, W) in [0, 1], got "
                          f"{x.dtype} {tuple(x.shape)}")
     x = x.float()
-    geo = resize_crop_geometry(x.shape[-1], x.shape[-2], spec)
+    try:
+        geo = check_geometry(x.shape[-1], x.shape[-2], spec, max_pixels)
+    except ReadError as e:
+        raise InvalidArgument(f"images: {e}") from None
     if geo.resize is not None:
         # Pillow clamps the resized pixels to the valid range; so do we (gradients vanish only on overshoot).
         w, h = geo.resize
@@ -125,6 +178,21 @@ def _check_preprocess(name: str) -> str:
     return name
 
 
+class RankedRecords(list):
+    """`PickScorer.rank`'s records: a plain list of dicts that a notebook shows as a small HTML table."""
+
+    def _repr_html_(self) -> str:
+        from pickrank.report.page import esc, number
+
+        rows = "".join(
+            f"<tr><td>{esc(r.get('rank') or '-')}</td><td>{number(r.get('score'))}</td><td>{number(r.get('prob'))}"
+            f"</td><td>{esc(r.get('path') or '')}{esc(' (error: ' + r['error'] + ')') if r.get('error') else ''}"
+            "</td></tr>" for r in self)
+        caption = esc(self[0].get("prompt") or "") if self else "no images"
+        return (f"<table><caption>{caption}</caption><thead><tr><th>rank</th><th>score</th><th>prob</th>"
+                f"<th>path</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 class PickScorer:
     """PickScore_v1 for Python code: scores, rankings and embeddings, on one device and dtype.
 
@@ -143,7 +211,7 @@ class PickScorer:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, processor: str | None = None, device: str = "auto",
-                        dtype: DType | str = "fp32", revision: str | None = None, offline: bool = False,
+                        dtype: DType | str | torch.dtype = "fp32", revision: str | None = None, offline: bool = False,
                         batch_size: int | None = None, differentiable: bool = False,
                         max_pixels: int | None = DEFAULT_MAX_PIXELS, *, alpha: Alpha | str = "white",
                         preprocess: str = "exact", scale: Scale | str = "raw",
@@ -152,7 +220,8 @@ class PickScorer:
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
         The model arguments build a `pickrank.options.ModelOptions`, the object `pickrank score --dtype ...` builds,
-        and load through the same function; or give `options` (a ModelOptions) instead of them.
+        and load through the same function; or give `options` (a ModelOptions) instead of them. `dtype`: "fp32" (the
+        reference), "fp16" or "bf16", or a torch dtype (torch.bfloat16) or its name ("bfloat16", "float16", "half").
         `alpha`: "white" (transparency composited onto white) or "drop" (the alpha channel discarded), as --alpha.
         `differentiable=True` makes `score` take the differentiable path for float tensors by default;
         `preprocess="torch"` makes it take the batched on-device path for image tensors (see the module docstring).
@@ -172,6 +241,16 @@ class PickScorer:
         embedder = loading_embedder.result()
         return cls(embedder, differentiable=differentiable, max_pixels=max_pixels, preprocess=preprocess,
                    score_scale=scale)
+
+    def __call__(self, prompts: str | Sequence[str], images: Any, **kwargs: Any) -> torch.Tensor:
+        """`scorer(prompts, images)` is `scorer.score(prompts, images)` (same keyword arguments)."""
+        return self.score(prompts, images, **kwargs)
+
+    def to(self, device: str | torch.device) -> "PickScorer":
+        """Move the model to `device` ("cuda", "cuda:1", "cpu", "mps", a torch.device); returns the scorer. The
+        dtype stays, and must run there (fp16 is refused on the CPU)."""
+        self.embedder.to(device)
+        return self
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -200,7 +279,7 @@ class PickScorer:
     # -- embeddings -------------------------------------------------------------------------------------
     def embed_texts(self, texts: str | Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings (N, D), fp32 on the CPU; prompts over 77 tokens are truncated (a warning)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = prompt_list(texts, None, "texts")
         if not texts:
             return torch.empty(0, 0)
         return encode_prompts(self.embedder, texts)[0]
@@ -210,7 +289,7 @@ class PickScorer:
         items = as_image_list(images)
         if not items:
             return np.empty((0, 3, 0, 0), dtype=np.uint8)
-        return np.stack([exact_pixels(it, self.spec, self.max_pixels) for it in items])
+        return np.stack([exact_pixels(it, self.spec, self.max_pixels, f"images[{i}]") for i, it in enumerate(items)])
 
     def embed_images(self, images: Any) -> torch.Tensor:
         """L2-normalised image embeddings (N, D), fp32 on the CPU, by the exact path.
@@ -221,7 +300,7 @@ class PickScorer:
         batcher, out = Batcher(self.embedder), []
         step = max(1, self.embedder.batch_size)
         for i, item in enumerate(as_image_list(images)):
-            batcher.add(Decoded(str(i), exact_pixels(item, self.spec, self.max_pixels)))
+            batcher.add(Decoded(str(i), exact_pixels(item, self.spec, self.max_pixels, f"images[{i}]")))
             if len(batcher) >= step:
                 out.append(batcher.embed(step).embeddings)
         if batcher:
@@ -250,10 +329,11 @@ class PickScorer:
         if hasattr(model, "vision"):
             model.vision  # noqa: B018 - PickScoreTowers loads the vision tower on first use
         model.requires_grad_(False)  # a reward model: gradients go to the pixels, never to its weights
+        check_float_images(images)
         out = []
         step = max(1, self.embedder.batch_size)
         for i in range(0, images.shape[0], step):
-            x = torch_preprocess(images[i:i + step].to(self.device), self.spec).to(self.embedder.dtype)
+            x = torch_preprocess(images[i:i + step].to(self.device), self.spec, self.max_pixels).to(self.embedder.dtype)
             feats = features(model.get_image_features(pixel_values=x)).float()
             out.append(torch.nn.functional.normalize(feats, dim=-1))
         return torch.cat(out)
@@ -294,27 +374,38 @@ class PickScorer:
                 else self.embed_images_on_device(images)
             # clone(): text embeddings come from inference mode, which autograd cannot save for backward
             scores = paired_scores(text.clone().to(image.device), image, self.scale, self.embedder.head)
-            return (scores / divisor).to(images.device)  # a division by a constant: gradients still flow
-        return paired_scores(text, self.embed_images(images), self.scale, self.embedder.head) / divisor
+            return self._finite(scores / divisor).to(images.device)  # a division by a constant: gradients flow
+        scores = paired_scores(text, self.embed_images(images), self.scale, self.embedder.head)
+        return self._finite(scores / divisor)
+
+    def _finite(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores, or NonFiniteScores naming the model and the images: a NaN reward is an error, never a
+        number a trainer adds up."""
+        bad = (~torch.isfinite(scores.detach())).nonzero().flatten().tolist()
+        if bad:
+            model = self.embedder.describe().get("model", "the model")
+            raise NonFiniteScores(f"{model}: the model gave NaN or infinity for {len(bad)} of {len(scores)} "
+                                  f"image(s) (indices {bad[:8]}{' ...' if len(bad) > 8 else ''})")
+        return scores
 
     def _paired_texts(self, prompts: str | Sequence[str], n: int) -> torch.Tensor:
         """One text embedding per image (N, D): one prompt for all, or one per image, each distinct one encoded once."""
-        if isinstance(prompts, str):
-            prompts = [prompts] * n
-        else:
-            prompts = list(prompts)
-            if len(prompts) != n:
-                raise UsageError(f"{len(prompts)} prompts for {n} images: give one prompt, or one per image")
+        prompts = prompt_list(prompts, n)
         if n == 0:
             return torch.empty(0, 0)
         return encode_paired(self.embedder, prompts)[0]
 
     def rank(self, prompt: str, paths: Iterable[str | os.PathLike], top: int | None = None,
-             workers: int | None = None) -> list[dict]:
+             workers: int | None = None, processes: bool = False) -> list[dict]:
         """Rank image files for one prompt: the CLI's records (prompt, prompt_source, path, score, prob, rank,
         truncated, error), best first, then the files that failed (with `error`). Folders and globs expand as on the
         command line; the embedding cache is not used. Scores are identical to `pickrank score --no-cache`'s with the
-        same batch size (batches of another size change the last float digits, in the CLI as well)."""
+        same batch size (batches of another size change the last float digits, in the CLI as well).
+
+        Images are decoded in `workers` threads (default: one per CPU, at most 8; 0: in this thread), which works
+        in a script, a notebook or a REPL as it is. `processes=True` decodes in worker processes instead, as the
+        CLI does (more throughput on many cores); like any process pool it needs the script's code under
+        `if __name__ == "__main__":`, since each worker re-imports the script."""
         from pickrank.core.scoring import make_engine, rankings
         from pickrank.errors import NoImages
         from pickrank.inputs.sets import sets_for_score
@@ -322,14 +413,16 @@ class PickScorer:
         from pickrank.output.writers import record_fields
 
         if not isinstance(prompt, str):
-            raise UsageError(f"the prompt must be a string, got {type(prompt).__name__}")
+            raise ArgumentTypeError(f"prompt: a string, got {type(prompt).__name__}")
+        check_text(prompt, "prompt")
         args = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        run = RunOptions(top=top, workers=workers, max_pixels=self.max_pixels, scale=self.score_scale)
+        run = RunOptions(top=top, workers=workers, max_pixels=self.max_pixels, scale=self.score_scale,
+                         threads=not processes)
         try:
             sets = sets_for_score(prompt, [os.fspath(p) for p in args], max_pixels=run.max_pixels,
                                   max_bytes=run.max_bytes)
         except NoImages:
             return []
         fields = record_fields("score")
-        return [r.to_dict(fields) for ranking in rankings(make_engine(self.embedder, run), sets)
-                for r in ranking.records]
+        return RankedRecords(r.to_dict(fields) for ranking in rankings(make_engine(self.embedder, run), sets)
+                             for r in ranking.records)

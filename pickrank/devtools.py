@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 # LAION CLIP-ViT-H-14's preprocessor_config.json, which PickScore_v1 is used with.
 LAION_PREPROCESSOR_CONFIG: dict = {
@@ -130,6 +131,126 @@ def build_model(folder: str | Path, arch: dict | None = None, seed: int = 0) -> 
 
 
 ARCHS: dict[str, dict] = {"tiny": TINY_ARCH, "pickscore": PICKSCORE_ARCH}
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit LocalHub says every file is at
+
+
+class LocalHub:
+    """A stand-in for the Hugging Face hub on 127.0.0.1, for tests and benchmarks that cannot reach the real one:
+    every repo id is `folder`, served as the hub serves a model without Xet storage (HEAD and GET on
+    /<repo>/resolve/<revision>/<file>, with the ETag, size and commit headers huggingface_hub reads). Point
+    HF_ENDPOINT at `url`; `asked` lists the requests ("GET /org/repo/resolve/main/file")."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder, self.asked = Path(folder), []  # type: list[str]
+        self.etags: dict[str, str] = {}
+
+    def __enter__(self) -> "LocalHub":
+        import http.server
+        import threading
+
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                hub.answer(self, body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                hub.answer(self, body=True)
+
+            def log_message(self, *args: object) -> None:
+                """Quiet."""
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, name="local-hub", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def etag(self, path: Path) -> str:
+        """The file's SHA-256, as the hub's ETag for an LFS file; hashed once (the hub answers at once: a
+        benchmark calls this for the big files before its clock starts)."""
+        import hashlib
+
+        key = str(path.resolve())
+        if key not in self.etags:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            self.etags[key] = digest.hexdigest()
+        return self.etags[key]
+
+    def answer(self, request: Any, body: bool) -> None:
+        """One request: the file's headers (and bytes, streamed), or 404 for a file the folder lacks."""
+        self.asked.append(f"{request.command} {request.path}")
+        parts = request.path.split("?")[0].strip("/").split("/")
+        path = self.folder / "/".join(parts[4:]) if len(parts) >= 5 and parts[2] == "resolve" else None
+        if path is None or not path.is_file():
+            request.send_response(404)
+            request.send_header("X-Error-Code", "EntryNotFound")
+            request.send_header("Content-Length", "0")
+            request.end_headers()
+            return
+        request.send_response(200)
+        request.send_header("Content-Length", str(path.stat().st_size))
+        request.send_header("ETag", f'"{self.etag(path)}"')
+        request.send_header("X-Repo-Commit", HUB_COMMIT)
+        request.end_headers()
+        if body:
+            try:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        request.wfile.write(block)
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: its own business
+                pass
+
+
+def run_in_pty(argv: list[str], env: dict[str, str], cwd: str | Path, cols: int = 100, timeout: float = 180,
+               typed: str | None = None, stamps: list | None = None) -> tuple[int, str]:
+    """Run `argv` in a pseudo-terminal `cols` wide, as a person at a terminal would (stdout and stderr both the
+    terminal; with `typed`, stdin too, and `typed` is what they type): (exit code, everything it wrote, escapes
+    included). `stamps` gets (seconds since the start, text) for each piece of output as it came. POSIX only."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL if typed is None else slave, stdout=slave, stderr=slave,
+                            env={**env, "COLUMNS": str(cols)}, cwd=cwd, close_fds=True)
+    os.close(slave)
+    if typed is not None:
+        os.write(master, typed.encode())
+    out = b""
+    try:
+        while select.select([master], [], [], timeout)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if stamps is not None:
+                stamps.append((time.monotonic() - start, chunk.decode("utf-8", "replace")))
+        else:
+            raise TimeoutError(f"no output for {timeout} s: {out[-500:]!r}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    return proc.returncode, out.decode("utf-8", "replace")
 
 
 def main(argv: list[str] | None = None) -> int:

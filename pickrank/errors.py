@@ -28,12 +28,32 @@ class NoImages(UsageError):
     """The arguments name no image at all (exit 2)."""
 
 
+class InvalidText(UsageError, ValueError):
+    """A prompt that is not valid text: a lone surrogate (bytes that were not UTF-8) or a NUL (exit 2; a
+    ValueError to the library's callers, a 400 from the server)."""
+
+
 class ModelLoadError(PickrankError):
     """The model or processor cannot be loaded (missing, not CLIP, unsafe format, offline)."""
 
 
+class NonFiniteScores(PickrankError):
+    """The model gave NaN or infinity: for every image of a run (exit 1, after the error records are written), or
+    for any image `PickScorer.score` was asked for (broken weights, or a precision that overflows)."""
+
+
 class InputFailed(PickrankError):
     """An input failed and `--on-error fail` asked to stop (exit 1)."""
+
+
+class InvalidArgument(UsageError, ValueError):
+    """A library argument of the right type whose value cannot be used (an image without pixels, a tensor holding
+    NaN): a ValueError to the library's callers, exit 2 on the command line."""
+
+
+class ArgumentTypeError(UsageError, TypeError):
+    """A library argument of a type pickrank does not take (a prompt that is None, bytes or a number): a TypeError
+    to the library's callers."""
 
 
 class OutputError(PickrankError):

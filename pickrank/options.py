@@ -26,6 +26,16 @@ class DType(str, Enum):
         """The torch dtype's name without "torch." (what `str(torch_dtype)` and `Embedder.describe()` say)."""
         return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.value]
 
+    @classmethod
+    def parse(cls, value: object) -> "DType":
+        """A member from itself, its name (fp32, fp16, bf16), a torch dtype (torch.bfloat16) or a usual name of one
+        ("float32", "float", "float16", "half", "bfloat16"); anything else is a usage error naming the choices."""
+        if isinstance(value, cls):
+            return value
+        name = str(value).lower().removeprefix("torch.")
+        aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+        return as_enum(cls, aliases.get(name, name), "dtype")
+
 
 class Format(str, Enum):
     """Every output format: the one list (the scoring commands write all of them; other commands some: `subset`)."""
@@ -35,6 +45,7 @@ class Format(str, Enum):
     jsonl = "jsonl"
     csv = "csv"
     paths = "paths"
+    parquet = "parquet"
 
 
 def subset(name: str, *members: str) -> Any:
@@ -59,9 +70,11 @@ class Alpha(str, Enum):
 
 
 class PromptFrom(str, Enum):
-    """Where `pickrank score` takes its prompt from without --prompt: each image's own metadata."""
+    """Where `pickrank score` takes its prompt from without --prompt: each image's own metadata, or each dataset
+    sample's own caption."""
 
     metadata = "metadata"
+    caption = "caption"
 
 
 class OnError(str, Enum):
@@ -178,7 +191,7 @@ class ModelOptions(_Bundle):
     head: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", as_enum(DType, self.dtype, "dtype"))
+        object.__setattr__(self, "dtype", DType.parse(self.dtype))
         object.__setattr__(self, "alpha", as_enum(Alpha, self.alpha, "--alpha value"))
         object.__setattr__(self, "decode", as_enum(Decode, self.decode, "--decode value"))
         if self.backend is not None:
@@ -189,7 +202,7 @@ class ModelOptions(_Bundle):
 class RunOptions(_Bundle):
     """How a run behaves, independent of what it scores (the engine's options)."""
 
-    workers: int | None = None  # decode processes; None: one per CPU, at most 8
+    workers: int | None = None  # decode processes (threads with `threads`); None: one per CPU, at most 8
     top: int | None = None
     on_error: OnError = OnError.continue_
     max_pixels: int | None = field(default_factory=_default_max_pixels)  # None: no limit
@@ -197,6 +210,9 @@ class RunOptions(_Bundle):
     # The unit of the scores the engine reports (prob and ranks come from raw scores, so they never change). Here,
     # not in OutputOptions: the Engine, which every command and PickScorer.rank score through, reads RunOptions.
     scale: Scale = Scale.raw
+    # Decode in threads of this process instead of worker processes: the library's default, since a process pool
+    # re-imports the caller's script (`__main__`) in each worker, which fails without `if __name__ == "__main__":`.
+    threads: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_error", as_enum(OnError, self.on_error, "--on-error value"))
@@ -245,6 +261,24 @@ class EngineOptions(_Bundle):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine", as_enum(EngineName, self.engine, "engine"))
+
+
+@dataclass(frozen=True)
+class DatasetOptions(_Bundle):
+    """Where a dataset sample's parts are: its webdataset members (by extension) or its parquet columns (by name).
+    None: found from the usual names."""
+
+    image_key: str | None = None  # None: the first of jpg, jpeg, png, webp a sample has
+    caption_key: str = "txt"
+    image_column: str | None = None  # None: jpg, image, png, ... or the one binary column
+    caption_column: str | None = None  # None: caption, text, txt, prompt
+    key_column: str | None = None  # None: key, __key__, id, uid; else the row number
+
+    def __post_init__(self) -> None:
+        for name in ("image_key", "caption_key"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, value.lower().lstrip("."))
 
 
 @dataclass(frozen=True)

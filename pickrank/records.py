@@ -18,8 +18,17 @@ class ImageBytes:
     data: bytes
 
 
-# What a candidate set lists: image paths, or images in memory.
-Item = Union[str, ImageBytes]
+@dataclass(frozen=True)
+class Unreadable:
+    """A dataset sample found unusable while its shard was read (over --max-bytes, not an image, no caption, an
+    unsafe member): an error record under `name`, nothing to decode."""
+
+    name: str
+    error: str
+
+
+# What a candidate set lists: image paths, images in memory, or samples already known to be unusable.
+Item = Union[str, ImageBytes, Unreadable]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,10 @@ class Record:
     truncated: bool = False
     copied_to: str | None = None
     prompt_source: str | None = None  # the query's: option, prompt.txt, csv or a metadata format
+    # A dataset sample's: its key in its shard, its 128-bit uid when it has one, and the shard it came from.
+    key: str | None = None
+    uid: str | None = None
+    shard: str | None = None
 
     def to_dict(self, fields: tuple[str, ...]) -> dict:
         """The record as a dict with exactly `fields`, in that order."""
@@ -76,6 +89,8 @@ class RunSummary:
     failures: int = 0
     rankings: int = 0
     truncated: int = 0  # prompts cut at 77 tokens (each time one is encoded)
+    scored: int = 0  # finite scores given (records ranked)
+    nonfinite: int = 0  # embeddings or scores that came out NaN or infinite: error records, never ranks
 
 
 @dataclass(frozen=True)
@@ -95,3 +110,21 @@ class Finished:
     keys: Sequence[str] = ()
     embeddings: "torch.Tensor | np.ndarray | None" = None
     failures: Sequence[tuple[str, str]] = ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, as the engine and the model loader report it (the CLI draws it as one bar).
+
+    phase: "discovering" (finding the images), "downloading" (the model's weights: `done` and `total` in bytes,
+    `detail` the file), "loading" (the model), "embedding" (images: `done` of `total`, None while discovery still
+    runs), "writing" (outputs; the bar steps aside), "done".
+    """
+
+    phase: str
+    done: int = 0
+    total: int | None = None
+    embedded: int = 0  # images that went through the model
+    cached: int = 0  # images answered by the embedding cache
+    failed: int = 0  # images (or sets) that could not be scored
+    detail: str = ""

@@ -15,8 +15,7 @@ from pickrank.api import torch_preprocess
 from pickrank.cli.app import app
 from pickrank.errors import InputFailed, UsageError
 from pickrank.inputs.decode import ImageSpec, preprocess
-
-from .conftest import draw_image, image_paths
+from tests.support.images import draw_image, image_paths
 
 PROMPT = "a red cat on a blue sofa"
 

@@ -4,9 +4,7 @@ devtools' argument parsing."""
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 import subprocess
 import sys
 
@@ -25,8 +23,8 @@ from pickrank.cli.shared import SHARED
 from pickrank.errors import UsageError
 from pickrank.models import loading
 from pickrank.options import DType, Format, ModelOptions, OnError, RunOptions
-
-from .test_eval import pairs_data, write_csv  # noqa: F401 - pairs_data is a fixture
+from tests.support.help import assert_shared_options_once
+from tests.support.pairs import write_csv
 
 # Each command, its function, and the shared options it takes (as on the command line).
 COMMANDS = {
@@ -44,9 +42,6 @@ COMMANDS = {
     ("cache", "prune"): (cache_prune, ["cache", "debug"]),
 }
 
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @pytest.fixture
@@ -90,8 +85,9 @@ def test_api_takes_the_options_object_itself(model_dir, recorded):
 def test_option_values_are_checked_in_one_place():
     assert ModelOptions.from_values(dtype="bf16") == ModelOptions(dtype=DType.bf16)
     assert RunOptions.from_values(on_error="fail").on_error is OnError.fail == "fail"
-    with pytest.raises(UsageError, match="unknown dtype 'float32': use fp32, fp16 or bf16"):
-        ModelOptions.from_values(dtype="float32")
+    assert ModelOptions.from_values(dtype="float32") == ModelOptions(dtype=DType.fp32)  # torch's usual names too
+    with pytest.raises(UsageError, match="unknown dtype 'float64': use fp32, fp16 or bf16"):
+        ModelOptions.from_values(dtype="float64")
     with pytest.raises(TypeError, match="dtypes"):
         ModelOptions.from_values(dtypes="fp32")
     # None means "the default" for the limits, on the command line and in the library alike
@@ -120,17 +116,7 @@ def test_dtype_and_format_names_come_from_one_list():
 @pytest.mark.parametrize("command", list(COMMANDS), ids=" ".join)
 def test_shared_options_are_listed_once_and_commands_declare_only_their_own(runner, monkeypatch, command):
     func, takes = COMMANDS[command]
-    monkeypatch.setenv("COLUMNS", "250")  # no wrapped lines
-    res = runner.invoke(app, [*command, "--help"])
-    assert res.exit_code == 0, res.output
-    own = inspect.signature(func.__wrapped__).parameters
-    for name in SHARED:
-        if name in own:
-            continue  # the command's own option of that name (eval's -f/-o, report's -o, cache clear's --model)
-        n = len(re.findall(rf"(?<![\w-]){re.escape(flag(name))}(?![\w-])", res.stdout))
-        assert n == (1 if name in takes else 0), (name, res.stdout)
-    assert "opts" in own and not (set(own) & set(takes)), own  # the shared ones come from the table only
-    assert list(inspect.signature(func).parameters)[-len(takes):] == takes  # what Typer sees, in table order
+    assert_shared_options_once(runner, monkeypatch, command, func, takes)
 
 
 def test_help_shows_brackets_as_written(runner, monkeypatch):
@@ -139,11 +125,11 @@ def test_help_shows_brackets_as_written(runner, monkeypatch):
         assert "pip install 'pickrank[ray]'" in runner.invoke(app, [command, "--help"]).stdout
     text = runner.invoke(app, ["eval", "--help"]).stdout
     assert "pip install 'pickrank[eval]'" in text
-    assert "<= this [default: 0, or chosen with --validation]." in text
+    assert "<= T [default: 0, or chosen with --validation]." in text
     assert "[default: yuvalkirstain/PickScore_v1]" in text and "\\[" not in text
 
 
-def test_eval_takes_f_json_and_keeps_json_as_its_alias(runner, model_dir, pairs_data, tmp_path):  # noqa: F811
+def test_eval_takes_f_json_and_keeps_json_as_its_alias(runner, model_dir, pairs_data, tmp_path):
     folder, rows = pairs_data
     data = write_csv(folder / "pairs.csv", rows, [r["best"] for r in rows])
     args = ["eval", data, "--model", str(model_dir), "--bootstrap", "50", "-q"]

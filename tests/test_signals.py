@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image
 PROMPT = "a photo of noise"
 RUNS = int(os.environ.get("PICKRANK_TEST_SIGTERM_RUNS", "20"))  # the issue asks for at least 20
 GROUPS, PER_GROUP = 36, 4
+LANES = 4  # runs at a time in the group-SIGTERM check
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds left-behind processes through /proc")
 
@@ -96,20 +98,6 @@ def reference(model_dir, noise_groups) -> dict[str, float]:
     return {r["path"]: r["score"] for r in recs} | {"": time.monotonic() - start}
 
 
-class CpuLoad:
-    """Two busy processes competing for the cores (the hang needed a busy machine), stopped on exit."""
-
-    def __enter__(self) -> "CpuLoad":
-        self.procs = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 600\n"
-                                        "while time.time() < end: pass"]) for _ in range(2)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            p.kill()
-            p.wait()
-
-
 def assert_whole_records(path: Path, reference: dict[str, float]) -> int:
     """The output is valid JSON, and every record in it is a finished one, as the uninterrupted run scored it."""
     recs = json.loads(path.read_text())
@@ -136,48 +124,57 @@ def wait_for_output(folder: Path, proc: subprocess.Popen, extra: float = 0.0) ->
     pytest.fail("no ranking was written in time")
 
 
+def sigterm_run(n: int, model_dir: Path, groups: Path, reference: dict[str, float], folder: Path) -> int | None:
+    """Run n: SIGTERM to the group at a time that depends on n; the records kept (None: signalled before the CLI
+    could keep anything)."""
+    folder.mkdir()
+    out = folder / "to.json"
+    proc = subprocess.Popen(run_args(model_dir, groups, "-f", "json", "-o", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        if n % 2:  # once rankings have started to come (they come in bursts): while the workers decode
+            if not wait_for_output(folder, proc, extra=0.1 * (n % 5)):
+                assert proc.wait() == 0, proc.stderr.read().decode()
+                return assert_whole_records(out, reference)  # the whole run, finished
+        else:  # from importing to well into the run (longer than the reference's on a busy machine)
+            time.sleep(0.3 + reference[""] * (n % 10) / 9)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"run {n}: still running 15 s after SIGTERM to its group (hung)")
+        took = time.monotonic() - sent
+        left = wait_session_empty(proc.pid, 5)
+    finally:
+        kill_session(proc.pid)
+        proc.kill()
+    assert not left, f"run {n}: processes left behind: {left}"
+    assert proc.returncode in (143, -signal.SIGTERM, 0), (n, proc.returncode, err.decode())
+    if proc.returncode == -signal.SIGTERM and not out.exists():
+        return None  # signalled while importing, before the CLI set its handler (or output): nothing to keep
+    # (-SIGTERM with an output: signalled as the interpreter exited, after the output was complete)
+    assert took < 10, (n, took)
+    assert b"Traceback" not in err, err.decode()
+    return assert_whole_records(out, reference)
+
+
+@pytest.mark.cpu_load
 def test_sigterm_to_the_process_group_never_hangs_and_keeps_results(model_dir, noise_groups, reference, tmp_path):
-    """Item 1: `timeout`-style SIGTERM to the whole group, at times from start-up to the end of the run, while the
-    machine is busy: each run exits 143 (or 0, when it was over) within seconds, leaves valid JSON of finished records, and no process."""
-    out = tmp_path / "to.json"
-    kept = []
-    with CpuLoad():
-        for n in range(RUNS):
-            out.unlink(missing_ok=True)
-            proc = subprocess.Popen(run_args(model_dir, noise_groups, "-f", "json", "-o", str(out)),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-            try:
-                if n % 2:  # once rankings have started to come (they come in bursts): while the workers decode
-                    if not wait_for_output(tmp_path, proc, extra=0.1 * (n % 5)):
-                        assert proc.wait() == 0, proc.stderr.read().decode()
-                        kept.append(assert_whole_records(out, reference))  # the whole run, finished
-                        continue
-                else:  # from importing to well into the run (longer than the reference's on a busy machine)
-                    time.sleep(0.3 + reference[""] * (n % 10) / 9)
-                sent = time.monotonic()
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    _, err = proc.communicate(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pytest.fail(f"run {n}: still running 15 s after SIGTERM to its group (hung)")
-                took = time.monotonic() - sent
-                left = wait_session_empty(proc.pid, 5)
-            finally:
-                kill_session(proc.pid)
-                proc.kill()
-            assert not left, f"run {n}: processes left behind: {left}"
-            assert proc.returncode in (143, -signal.SIGTERM, 0), (n, proc.returncode, err.decode())
-            if proc.returncode == -signal.SIGTERM and not out.exists():
-                continue  # signalled while importing, before the CLI set its handler (or output): nothing to keep
-            # (-SIGTERM with an output: signalled as the interpreter exited, after the output was complete)
-            assert took < 10, (n, took)
-            assert b"Traceback" not in err, err.decode()
-            kept.append(assert_whole_records(out, reference))
+    """`timeout`-style SIGTERM to the whole group, at times from start-up to the end of the run, while the machine is
+    busy: each run exits 143 (or 0, when it was over) within seconds, leaves valid JSON of finished records, and no
+    process. The runs go four at a time, each in its own session and folder, each with two decode workers: on two
+    cores they keep the machine busy, which the hang needed."""
+    with ThreadPoolExecutor(LANES) as lanes:
+        runs = [lanes.submit(sigterm_run, n, model_dir, noise_groups, reference, tmp_path / f"run{n}")
+                for n in range(RUNS)]
+        kept = [k for k in (run.result() for run in runs) if k is not None]
     assert sum(k > 0 for k in kept) >= RUNS // 4, kept  # stopped after rankings had finished, some kept
 
 
+@pytest.mark.timing
 def test_sighup_is_handled_like_sigterm(model_dir, noise_groups, reference, tmp_path):
-    """Item 4: a closed terminal (SIGHUP to the group) keeps the results and exits 129."""
+    """A closed terminal (SIGHUP to the group) keeps the results and exits 129."""
     out = tmp_path / "hup.json"
     # decoded in this process, a batch at a time: rankings come one after another, whatever the machine's load
     proc = subprocess.Popen(run_args(model_dir, noise_groups, "-f", "json", "-o", str(out), "--workers", "0",
@@ -197,9 +194,10 @@ def test_sighup_is_handled_like_sigterm(model_dir, noise_groups, reference, tmp_
     assert assert_whole_records(out, reference) > 0
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
 def test_workers_end_soon_after_the_main_process_dies(model_dir, noise_groups, sig):
-    """Item 4: after SIGKILL (the OOM killer) or SIGHUP of the main process alone, no fork server, decode worker or
+    """After SIGKILL (the OOM killer) or SIGHUP of the main process alone, no fork server, decode worker or
     resource tracker stays behind holding stdout: `pickrank ... | consumer` ends within seconds."""
     cmd = " ".join(f"'{a}'" for a in run_args(model_dir, noise_groups, "-f", "jsonl"))
     shell = subprocess.Popen(["bash", "-c", f"{cmd} | cat > /dev/null; echo consumer-done"], stdout=subprocess.PIPE,
@@ -233,8 +231,9 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+@pytest.mark.timing
 def test_table_into_a_closed_pipe_exits_0(model_dir, noise_groups):
-    """Item 12: `-f table | head -1` ends quietly with exit 0, as every other format does."""
+    """`-f table | head -1` ends quietly with exit 0, as every other format does."""
     cmd = " ".join(f"'{a}'" for a in run_args(model_dir, noise_groups, "-f", "table"))
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -1"], capture_output=True, text=True,
                           timeout=300)

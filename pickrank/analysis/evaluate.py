@@ -38,9 +38,9 @@ import numpy as np
 
 from pickrank.core.cache import NullCache
 from pickrank.core.engine import Engine, LocalBackend, Ranking
-from pickrank.errors import PickrankError, UsageError
+from pickrank.errors import InvalidText, PickrankError, UsageError
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
-from pickrank.inputs.textfile import read_utf8
+from pickrank.inputs.textfile import check_text, loads_json, read_utf8
 from pickrank.options import RunOptions, Scale, as_enum
 from pickrank.records import CandidateSet, ImageBytes, Query
 
@@ -248,9 +248,8 @@ class Dataset:
                         error = str(e) if isinstance(e, ValueError) else "missing label"
                     if im0 is None or im1 is None:
                         error = error or "missing image bytes"
-                    if not isinstance(prompt, str):
-                        error = error or "missing caption"
-                    yield Pair(index, prompt or "", im0, im1, label, error)
+                    error = error or _prompt_problem(prompt, "missing caption")
+                    yield Pair(index, _printable(prompt) if isinstance(prompt, str) else "", im0, im1, label, error)
                     index += 1
                 del cols
 
@@ -267,9 +266,9 @@ class Dataset:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{self.path}:{lineno}: not JSON: {e.msg}") from None
+                row = loads_json(line)
+            except ValueError as e:  # malformed, or nested too deep to read safely
+                raise UsageError(f"{self.path}:{lineno}: not JSON: {getattr(e, 'msg', e)}") from None
             if not isinstance(row, dict) or any(c not in row for c in TABLE_COLUMNS):
                 raise UsageError(f"{self.path}:{lineno}: needs the keys {', '.join(TABLE_COLUMNS)}")
             yield index, row
@@ -295,9 +294,26 @@ class Dataset:
             if im0 is None or im1 is None:
                 error = error or "missing image path"
             prompt = row["prompt"]
-            if not isinstance(prompt, str) or not prompt.strip():
-                error = error or "missing prompt"
-            yield Pair(index, prompt if isinstance(prompt, str) else "", im0, im1, label, error)
+            error = error or _prompt_problem(prompt if isinstance(prompt, str) and prompt.strip() else None,
+                                             "missing prompt")
+            yield Pair(index, _printable(prompt) if isinstance(prompt, str) else "", im0, im1, label, error)
+
+
+def _prompt_problem(prompt: object, missing: str) -> str | None:
+    """Why a row's prompt cannot be scored (`missing` when it is not a string, or what `check_text` refuses), or
+    None: that pair is an error record, the others are scored."""
+    if not isinstance(prompt, str):
+        return missing
+    try:
+        check_text(prompt, "prompt")
+    except InvalidText as e:
+        return str(e)
+    return None
+
+
+def _printable(text: str) -> str:
+    """text as it can be written: a lone surrogate (a refused prompt's) as its escape, the rest as it is."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # -- scoring ----------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from pickrank.cli.lifecycle import Command, load_embedder, progress
-from pickrank.cli.shared import Arg, Opt, Opts, with_options
+from pickrank.cli.lifecycle import Command, load_embedder
+from pickrank.cli.progress import progress_bar
+from pickrank.cli.shared import INPUT, OUTPUT, STATS, Arg, Opt, Opts, with_options
 from pickrank.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from pickrank.options import CommandOptions, ModelOptions, OutputOptions, RunOptions, SummaryFormat
+from pickrank.records import Progress
 
 if TYPE_CHECKING:
     from pickrank.analysis.evaluate import Dataset, EvalResult
@@ -23,23 +25,32 @@ def eval_(
     data: Annotated[str, Arg(metavar="DATA", help="Pick-a-Pic parquet (a file, a folder or a quoted glob of "
                              "shards; needs pip install 'pickrank[eval]'), or CSV/JSONL with prompt, image_0, "
                              "image_1, label (0, 1 or 0.5; paths relative to the file).")],
-    validation: Annotated[Optional[str], Opt("--validation", metavar="FILE", help="Choose the tie threshold from "
-                          "0, 0.1, ..., 1 on this labelled file (max accuracy), then apply it.")] = None,
-    tie_threshold: Annotated[Optional[float], Opt("--tie-threshold", min=0.0, max=1.0, help="Predict a tie when "
-                             "|p0 - p1| <= this [default: 0, or chosen with --validation].")] = None,
-    bootstrap: Annotated[int, Opt("--bootstrap", min=0, help="Bootstrap resamples for the 95% interval "
-                                  "(0: none).")] = 1000,
-    seed: Annotated[int, Opt(help="Seed of the bootstrap.")] = 0,
-    output: Annotated[Optional[str], Opt("--output", "-o", metavar="FILE", help="Write per-pair results as JSON "
-                      "Lines (index, prompt, score_0, score_1, p_0, p_1, label, prediction, credit).")] = None,
-    format: Annotated[Optional[SummaryFormat], Opt("--format", "-f", help="How to print the summary: table (a "
-                      "text table) or json (one JSON object) [default: table].")] = None,
-    json_summary: Annotated[bool, Opt("--json", help="The same as -f json.")] = False,
+    validation: Annotated[Optional[str], Opt(
+        "--validation", metavar="FILE", panel=INPUT,
+        help="Choose the tie threshold from 0, 0.1, ..., 1 on this labelled file (max accuracy), then apply it.")]
+    = None,
+    tie_threshold: Annotated[Optional[float], Opt(
+        "--tie-threshold", min=0.0, max=1.0, metavar="T", panel=STATS,
+        help="Predict a tie when |p0 - p1| <= T [default: 0, or chosen with --validation].")] = None,
+    bootstrap: Annotated[int, Opt("--bootstrap", min=0, metavar="N", panel=STATS,
+                                  help="Bootstrap resamples for the 95% interval (0: none).")] = 1000,
+    seed: Annotated[int, Opt(metavar="N", panel=STATS, help="Seed of the bootstrap.")] = 0,
+    output: Annotated[Optional[str], Opt(
+        "--output", "-o", metavar="FILE", panel=OUTPUT,
+        help="Write per-pair results as JSON Lines (index, prompt, score_0, score_1, p_0, p_1, label, prediction, "
+             "credit).")] = None,
+    format: Annotated[Optional[SummaryFormat], Opt(
+        "--format", "-f", panel=OUTPUT,
+        help="How to print the summary: table (a text table) or json (one JSON object) [default: table].")] = None,
+    json_summary: Annotated[bool, Opt("--json", panel=OUTPUT, help="The same as -f json.")] = False,
     *, opts: Opts,
 ) -> None:
     """Measure pairwise preference accuracy on labelled pairs, with the Pick-a-Pic paper's tie protocol.
 
-    Example: pickrank eval test.parquet --validation validation.parquet -o pairs.jsonl
+    Examples:
+      $ pickrank eval pairs.csv
+      $ pickrank eval test.parquet --validation validation.parquet -o pairs.jsonl
+      $ pickrank eval 'pickapic/test_unique-*.parquet' -f json
     """
     with Command(opts.command) as cmd:
         if tie_threshold is not None and validation is not None:
@@ -53,11 +64,12 @@ def eval_(
         val = Dataset(validation) if validation is not None else None
         out, meta_out = _open_outputs(output, opts.output.meta, [data, *([validation] if validation else [])],
                                       cmd.sinks)
-        embedder = load_embedder(opts.model)
-        with progress("pair", opts.command.quiet, total=_pairs(dataset, val)) as bar:
+        with progress_bar(opts.command.quiet, unit="pairs", singular="pair") as bar:
+            embedder = load_embedder(opts.model, bar)
+            bar(Progress("loading"))
             result = evaluate(dataset, embedder, threshold=tie_threshold, validation=val, resamples=bootstrap,
-                              seed=seed, out=out, max_pixels=opts.run.max_pixels, on_progress=bar,
-                              scale=opts.run.scale)
+                              seed=seed, out=out, max_pixels=opts.run.max_pixels,
+                              on_progress=bar.counter("scoring", _pairs(dataset, val)), scale=opts.run.scale)
         summary = _with_meta(result, embedder, opts, meta_out)
         as_json = json_summary or format is SummaryFormat.json
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else summary)

@@ -21,7 +21,9 @@ def export_onnx(
     """Export the vision and text towers as ONNX graphs (fp32), checked against torch, for the onnx backend (the
     folder is then the model of any scoring command, run by ONNX Runtime).
 
-    Example: pickrank export onnx pickscore-onnx/
+    Examples:
+      $ pickrank export onnx pickscore-onnx/
+      $ pickrank score --model pickscore-onnx/ -p "a red cat" images/
     """
     with Command(opts.command):
         from pickrank.models.loading import require_torch

@@ -9,7 +9,7 @@ import webbrowser
 from typing import Annotated, Optional
 
 from pickrank.cli.lifecycle import Command, load_embedder
-from pickrank.cli.shared import Arg, Opt, Opts, with_options
+from pickrank.cli.shared import INPUT, OUTPUT, RUN, SERVER, Arg, Opt, Opts, with_options
 from pickrank.options import CacheOptions, CommandOptions, ModelOptions, RunOptions
 
 log = logging.getLogger("pickrank")
@@ -28,31 +28,42 @@ def label(
                                                "CSV with images, or two or more system folders (a compare "
                                                "layout: pairs across systems).")] = None,
     *,
-    labels: Annotated[str, Opt("--labels", metavar="FILE", help="The label file (JSON Lines, as eval reads): "
-                               "appended to, one line per label; a restart resumes.")] = "labels.jsonl",
-    labeler: Annotated[Optional[str], Opt(help="Who labels (several labellers may share one file) [default: "
-                                          "your user name].")] = None,
-    order: Annotated[str, Opt(help="uncertain: the pairs the scorer (PickScore, or with --head the tuned one) is "
-                              "least sure about, one in four random; random: a plain random sample (no model "
-                              "needed).")] = "uncertain",
-    prompts: Annotated[Optional[str], Opt("--prompts", metavar="CSV", help="A compare layout's prompts CSV "
-                                          "(id,prompt).")] = None,
-    manifest: Annotated[Optional[str], Opt("--manifest", metavar="FILE", help="A compare manifest (system,prompt,"
-                                           "image) instead of folders.")] = None,
-    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="The prompt of every best-of-n group [default: "
-                                         "prompt.txt, else the images' metadata].")] = None,
-    host: Annotated[str, Opt(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
-    port: Annotated[int, Opt(min=0, max=65535, help="Port (0: a free one).")] = 8766,
-    token: Annotated[Optional[str], Opt(envvar="PICKRANK_TOKEN", help="Token the page must be opened with "
-                                        "(printed in its URL) [default: $PICKRANK_TOKEN].")] = None,
-    open_browser: Annotated[bool, Opt("--open", help="Open the page in the browser.")] = False,
-    seed: Annotated[int, Opt(help="Seed of the pair order.")] = 0,
+    labels: Annotated[str, Opt("--labels", metavar="FILE", panel=OUTPUT,
+                               help="The label file (JSON Lines, as eval reads): appended to, one line per label; a "
+                                    "restart resumes.")] = "labels.jsonl",
+    labeler: Annotated[Optional[str], Opt(metavar="NAME", panel=OUTPUT,
+                                          help="Who labels (several labellers may share one file) [default: your "
+                                               "user name].")] = None,
+    order: Annotated[str, Opt(metavar="uncertain|random", panel=RUN,
+                              help="uncertain: the pairs the scorer (PickScore, or with --head the tuned one) is "
+                                   "least sure about, one in four random; random: a plain random sample (no model "
+                                   "needed).")] = "uncertain",
+    prompts: Annotated[Optional[str], Opt("--prompts", metavar="CSV", panel=INPUT,
+                                          help="A compare layout's prompts CSV (id,prompt).")] = None,
+    manifest: Annotated[Optional[str], Opt("--manifest", metavar="FILE", panel=INPUT,
+                                           help="A compare manifest (system,prompt,image) instead of folders.")]
+    = None,
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT,
+                                         help="The prompt of every best-of-n group [default: prompt.txt, else the "
+                                              "images' metadata].")] = None,
+    host: Annotated[str, Opt(metavar="ADDRESS", panel=SERVER,
+                             help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, Opt(min=0, max=65535, metavar="PORT", panel=SERVER, help="Port (0: a free one).")] = 8766,
+    token: Annotated[Optional[str], Opt(envvar="PICKRANK_TOKEN", metavar="TOKEN", panel=SERVER,
+                                        help="Token the page must be opened with (printed in its URL) [default: "
+                                             "$PICKRANK_TOKEN].")] = None,
+    open_browser: Annotated[bool, Opt("--open", panel=SERVER, help="Open the page in the browser.")] = False,
+    seed: Annotated[int, Opt(metavar="N", panel=RUN, help="Seed of the pair order.")] = 0,
     opts: Opts,
 ) -> None:
     """Label pairs in a browser: which of two candidates is better for the prompt (keys: left/right or 1/2, down or
-    0 a tie, space skip, u or backspace undo). Every label is on disk at once; Ctrl-C ends the session.
+    0 a tie, space skip, u or backspace undo). Every label is on disk at once; Ctrl-C ends the session, and a
+    restart resumes. Then fit a head on the labels with pickrank tune.
 
-    Example: pickrank label out/ --labels labels.jsonl --open
+    Examples:
+      $ pickrank label out/ --labels labels.jsonl --open
+      $ pickrank label runs/base runs/dpo --prompts prompts.csv --labeler ann
+      $ pickrank label out/ --order random --labeler bob
     """
     with Command(opts.command):
         from pickrank.taste.label import LabelJob, Source, plan, run_label

@@ -1,15 +1,14 @@
 """The one lifecycle every command runs in: logging to stderr, stop signals, exceptions turned into one line and an
-exit code, outputs kept or discarded. Also what several commands say the same way (the model that loaded, the
-progress bar)."""
+exit code, outputs kept or discarded. Also what several commands say the same way (the model that loaded; the
+progress bar is `cli.progress`)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -29,6 +28,7 @@ from pickrank.output.sinks import Closable, abandon
 from pickrank.signals import noted, set_handlers
 
 if TYPE_CHECKING:
+    from pickrank.cli.progress import NoBar, ProgressBar
     from pickrank.models.loading import LoadingEmbedder
     from pickrank.models.protocol import ImageTextEmbedder
 
@@ -40,16 +40,11 @@ class _StderrHandler(logging.Handler):
     prompt in a message cannot drive the terminal)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        from pickrank.cli.progress import write_line
         from pickrank.output.terminal import terminal_safe
 
         level = {"WARNING": "warning: ", "ERROR": "error: "}.get(record.levelname, "")
-        msg = f"pickrank: {level}{terminal_safe(record.getMessage())}"
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(msg, file=sys.stderr)  # keeps the progress bar intact
-        except Exception:
-            print(msg, file=sys.stderr)
+        write_line(f"pickrank: {level}{terminal_safe(record.getMessage())}")  # above the progress bar, if up
 
 
 def setup_logging(quiet: bool) -> None:
@@ -153,22 +148,11 @@ def say_loaded(embedder: ImageTextEmbedder) -> None:
     log.info("%s on %s, %s%s", embedder.source.model, d["device"], d["dtype"], slow)
 
 
-def load_embedder(options: ModelOptions) -> LoadingEmbedder:
-    """Start loading the model (as the library loads it), saying on stderr what runs where once it has loaded."""
+def load_embedder(options: ModelOptions, bar: ProgressBar | NoBar | None = None) -> LoadingEmbedder:
+    """Start loading the model (as the library loads it), saying on stderr what runs where once it has loaded; a
+    first download and the load are shown on `bar`."""
     from pickrank.models.loading import load_embedder as load
 
-    return load(options, on_loaded=say_loaded)
-
-
-@contextlib.contextmanager
-def progress(unit: str, quiet: bool, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr (none when quiet) for the block; yields its update function."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit=unit, file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True,
-               leave=False)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
-
+    if bar is None:
+        return load(options, on_loaded=say_loaded)
+    return load(options, on_loaded=bar.on_loaded(say_loaded), on_progress=bar)

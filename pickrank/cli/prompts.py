@@ -12,12 +12,15 @@ from pickrank.options import CommandOptions, OutputOptions, RunOptions
 
 @with_options((OutputOptions, "format", "output"), (RunOptions, "max_pixels", "max_bytes"), CommandOptions)
 def prompts(
-    paths: Annotated[list[str], Arg(help="Image files, folders, quoted globs ('**' too), or - for stdin.")],
+    paths: Annotated[list[str], Arg(metavar="PATH", help="Image files, folders, quoted globs ('**' too), or - "
+                                                             "to read paths from stdin.")],
     *, opts: Opts,
 ) -> None:
     """Show the prompt pickrank reads from each image's metadata, its source, and why there is none (no model).
 
-    Example: pickrank prompts comfyui_output/
+    Examples:
+      $ pickrank prompts comfyui_output/
+      $ pickrank prompts out/ -f jsonl | jq -r 'select(.prompt == null) | .path'
     """
     with Command(opts.command) as cmd:
         from pickrank.inputs.prompts import prompt_rows

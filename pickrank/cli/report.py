@@ -7,7 +7,7 @@ import os
 from typing import Annotated, Optional
 
 from pickrank.cli.lifecycle import Command
-from pickrank.cli.shared import Arg, Opt, Opts, with_options
+from pickrank.cli.shared import OUTPUT, Arg, Opt, Opts, with_options
 from pickrank.errors import UsageError
 from pickrank.options import CommandOptions
 
@@ -18,13 +18,15 @@ log = logging.getLogger("pickrank")
 def report(
     results: Annotated[str, Arg(metavar="RESULTS.jsonl", help="Results saved with -f jsonl (or -f json); - for "
                                 "stdin.")],
-    output: Annotated[Optional[str], Opt("--output", "-o", metavar="FILE", help="The HTML page to write "
+    output: Annotated[Optional[str], Opt("--output", "-o", metavar="FILE", panel=OUTPUT, help="The HTML page to write "
                                          "[default: RESULTS with .html].")] = None,
     *, opts: Opts,
 ) -> None:
     """Render saved results as a self-contained HTML gallery (image files must still exist for thumbnails).
 
-    Example: pickrank report scores.jsonl -o report.html
+    Examples:
+      $ pickrank score -p "a red cat" images/ -o scores.jsonl
+      $ pickrank report scores.jsonl -o report.html
     """
     with Command(opts.command):
         if output is None:

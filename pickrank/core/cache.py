@@ -47,12 +47,35 @@ class _NotOurs(Exception):
     """The file at the cache path is not a pickrank cache: it must be left exactly as it is."""
 
 
+def own_cache_folder() -> Path:
+    """pickrank's own cache folder: $XDG_CACHE_HOME/pickrank (or ~/.cache/pickrank), whatever $PICKRANK_CACHE says."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pickrank"
+
+
 def default_cache_path() -> Path:
     """$PICKRANK_CACHE, else $XDG_CACHE_HOME/pickrank/embeddings.sqlite3 (or ~/.cache/...)."""
     if os.environ.get("PICKRANK_CACHE"):
         return Path(os.environ["PICKRANK_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pickrank" / "embeddings.sqlite3"
+    return own_cache_folder() / "embeddings.sqlite3"
+
+
+def holds_cache_or_nothing(path: str | os.PathLike) -> bool:
+    """Whether path holds nothing yet (a cache may be made there) or a cache stamped as pickrank's, told from its
+    first bytes alone: a device, a FIFO, a folder or someone else's file is not (nothing is written beside those)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
+    except FileNotFoundError:
+        return not os.path.islink(path)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, 100)
+    finally:
+        os.close(fd)
+    return not head or (head.startswith(_SQLITE_MAGIC) and int.from_bytes(head[68:72], "big") == APPLICATION_ID)
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,34 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
 from pickrank.core.cache import NullCache
-from pickrank.errors import InputFailed
+from pickrank.core.discovery import Discovery
+from pickrank.errors import InputFailed, NonFiniteScores
 from pickrank.inputs.decode import Decoded, ImageSpec
 from pickrank.inputs.files import ReadError, content_key, read_bytes
+from pickrank.inputs.textfile import check_text
 from pickrank.inputs.workers import close_pool, decode_job, decode_many, worker_pool
 from pickrank.options import RunOptions
-from pickrank.records import CandidateSet, Entry, Finished, ImageBytes, Item, Query, Record, RunSummary
+from pickrank.records import (
+    CandidateSet,
+    Entry,
+    Finished,
+    ImageBytes,
+    Item,
+    Progress,
+    Query,
+    Record,
+    RunSummary,
+    Unreadable,
+)
 from pickrank.signals import signals_deferred
 
 if TYPE_CHECKING:
@@ -40,6 +54,10 @@ if TYPE_CHECKING:
     from pickrank.models.protocol import ImageTextEmbedder
 
 log = logging.getLogger("pickrank")
+
+# The error of an image whose embedding, or score, the model gave as NaN or infinity: never cached, never ranked.
+NONFINITE_EMBEDDING = "the model gave a non-finite embedding (NaN or infinity)"
+NONFINITE_SCORE = "non-finite score (NaN or infinity): the model's text embedding or scale is not finite"
 
 
 def default_workers() -> int:
@@ -84,7 +102,9 @@ class _LRU(collections.OrderedDict):
 
 def read_item(item: Item, max_bytes: int | None) -> tuple[Entry, bytes | None]:
     """The read stage: a path's bytes (`read_bytes`, within max_bytes) or in-memory bytes as they are, and their
-    content key; a path that cannot be read is an Entry with the reason (and no bytes)."""
+    content key; a path that cannot be read is an Entry with the reason (and no bytes), as is an Unreadable."""
+    if isinstance(item, Unreadable):
+        return Entry(item.name, None, item.error), None
     if isinstance(item, ImageBytes):
         return Entry(item.name, content_key(item.data)), item.data
     try:
@@ -95,7 +115,10 @@ def read_item(item: Item, max_bytes: int | None) -> tuple[Entry, bytes | None]:
 
 
 def encode_prompts(embedder: ImageTextEmbedder, texts: list[str], warn: bool = True) -> tuple[torch.Tensor, list[bool]]:
-    """Normalised text embeddings (N, D) and truncation flags; each prompt cut at 77 tokens is named in a warning."""
+    """Normalised text embeddings (N, D) and truncation flags; each prompt cut at 77 tokens is named in a warning. A
+    prompt that is not valid text is an InvalidText before the model sees any (`textfile.check_text`)."""
+    for i, text in enumerate(texts):
+        check_text(text, f"prompt {i + 1}" if len(texts) > 1 else "prompt")
     emb, truncated = embedder.embed_texts(texts)
     for text, cut in zip(texts, truncated):
         if cut and warn:
@@ -142,20 +165,22 @@ class Batcher:
 
 
 class _Decoder:
-    """Runs decode jobs in order, in a process pool (workers > 0) or inline; at most `window` jobs in flight, and
-    (when `max_bytes` is set) no more once their files add up to `max_bytes`.
+    """Runs decode jobs in order, in a process pool (workers > 0; a thread pool with `threads`) or inline; at most
+    `window` jobs in flight, and (when `max_bytes` is set) no more once their files add up to `max_bytes`.
 
     Jobs go to the pool in chunks of a few images: one round trip per chunk keeps the main process's share of the
     work (which competes with the workers for the cores) small.
     """
 
     def __init__(self, workers: int, window: int, spec: ImageSpec, max_pixels: int | None, chunk: int = 4,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, threads: bool = False) -> None:
         self.window, self.max_bytes = max(1, window), max_bytes
         self.spec, self.max_pixels, self.chunk = spec, max_pixels, chunk
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool: Executor | None = None
         if workers > 0:
-            self.pool = worker_pool(workers)
+            # Pillow decodes and resizes without the GIL, so threads decode in parallel too.
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="pickrank-decode") if threads \
+                else worker_pool(workers)
         self.queue: collections.deque[tuple[str, Future | list, int, int]] = collections.deque()
         self.pending: list[tuple[str, bytes]] = []
         self.bytes = 0  # of the files in flight
@@ -206,11 +231,13 @@ class Backend(Protocol):
 
     def submit(self, key: str, data: bytes) -> None: ...
 
+    # poll(block=True) returns some finished work (at least one result while any is pending), poll(block=False)
+    # what is ready now (maybe nothing)
     def poll(self, block: bool) -> list[Finished]: ...
 
-    def flush(self) -> None: ...  # poll(block=True) now returns all submitted so far; submits may follow
+    def flush(self) -> None: ...  # polls now return all submitted so far, over as many polls as it takes
 
-    def finish(self) -> None: ...  # no more submits: poll(block=True) now returns what is left
+    def finish(self) -> None: ...  # no more submits: polls now return what is left
 
     def close(self) -> None: ...  # always called, also after an error or Ctrl-C
 
@@ -241,7 +268,7 @@ class LocalBackend:
         deeper = self.loading and self.workers > 0  # (inline decoding needs no queue)
         self.decoder = _Decoder(self.workers, window=max(window, self.LOADING_WINDOW) if deeper else window,
                                 spec=embedder.spec, max_pixels=options.max_pixels,
-                                max_bytes=self.LOADING_BYTES if deeper else None)
+                                max_bytes=self.LOADING_BYTES if deeper else None, threads=options.threads)
         self.batcher = Batcher(embedder)
         self.finished = self.flushing = False
         self.saved_threads: int | None = None
@@ -255,7 +282,7 @@ class LocalBackend:
             self._batch_size = self.embedder.batch_size  # waits for the load
         return self._batch_size
 
-    def _loaded(self) -> bool:
+    def model_ready(self) -> bool:
         """Whether the model is ready; the first time it is, the decode window takes its running size."""
         if self.loading and self.embedder.ready:
             self.loading = False
@@ -276,9 +303,10 @@ class LocalBackend:
         self.finished = True
 
     def poll(self, block: bool) -> list[Finished]:
-        """Decode results while the window is full (after flush or finish: all of them), and a batch's embeddings
-        each time one is full and the model is ready (after flush or finish: all the rest). Non-blocking polls
-        return nothing here."""
+        """Decode results while the window is full (after flush or finish: all of them), up to and including one
+        batch's embeddings, once one is full and the model is ready (after flush or finish: the rest, a batch per
+        poll). One model call per poll: the engine takes each batch as it is embedded (its cache and its progress
+        move with it). Non-blocking polls return nothing here."""
         out: list[Finished] = []
         if not block:
             return out
@@ -289,11 +317,13 @@ class LocalBackend:
                 out.append(Finished(failures=[(key, str(result))]))
                 continue
             self.batcher.add(result)
-            if (self._loaded() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:
+            if (self.model_ready() or self.batcher.nbytes > self.HOLD_BYTES) and len(self.batcher) >= self.batch_size:
                 out.append(self._embed())
-        while drain and self.batcher:
+                return out
+        if drain and self.batcher:
             out.append(self._embed())
-        self.flushing = False  # everything submitted before the flush is in `out`
+            return out
+        self.flushing = False  # everything submitted before the flush has been returned
         return out
 
     def _embed(self) -> Finished:
@@ -446,16 +476,21 @@ class _Pass:
     def __init__(self, engine: Engine, prompts: _Prompts | _PromptStream, memo: _LRU, failed: _LRU) -> None:
         self.engine, self.prompts, self.memo, self.failed = engine, prompts, memo, failed
         self.waiters: dict[str, list[_SetState]] = {}
+        self.pending: dict[str, int] = {}  # images (by name) waiting on each key: done when it resolves
         self.states: collections.deque[_SetState] = collections.deque()
         self.backend: Backend | None = None
 
-    def admit(self, cset: CandidateSet) -> Iterator[Ranking]:
-        """Look up the set's images one by one; yields the rankings that finish meanwhile."""
+    def admit(self, cset: CandidateSet, items: Iterable[Item] | None = None) -> Iterator[Ranking]:
+        """Look up the set's images (`items`, else its paths) one by one; yields the rankings that finish
+        meanwhile."""
         st = _SetState(cset)
         self.states.append(st)
-        if cset.error is None:
+        if cset.error is not None:  # a set that cannot be scored (no prompt, an unlistable folder): one failed input
+            self.engine.summary.images += 1
+            self.engine.summary.failures += 1
+        else:
             seen: set[str] = set()
-            for item in cset.paths:
+            for item in cset.paths if items is None else items:
                 if self.look_up(st, item, seen):
                     self.make_room()
                     yield from self.emit()
@@ -473,22 +508,33 @@ class _Pass:
             self.engine.progress(1)
             return False
         key = entry.key
-        if key in seen:
-            return False  # a copy under another name: scored once, reported for each name
+        if key in seen:  # a copy under another name: scored once, reported for each name
+            self.wait_or_done(key)
+            return False
         seen.add(key)
         if self.known(st, entry):
+            self.engine.progress(1)
             return False
         st.waiting += 1
         if key in self.waiters:
             self.waiters[key].append(st)
+            self.wait_or_done(key)
             return False
         self.waiters[key] = [st]
+        self.pending[key] = 1
         if self.from_cache(key):
             return False
         if self.backend is None:
             self.backend = self.engine.make_backend()
         self.backend.submit(key, data)  # type: ignore[arg-type]
         return True
+
+    def wait_or_done(self, key: str) -> None:
+        """One more image named `key`: done when it resolves (now, if it has)."""
+        if key in self.pending:
+            self.pending[key] += 1
+        else:
+            self.engine.progress(1)
 
     def known(self, st: _SetState, entry: Entry) -> bool:
         """Whether the image was resolved before in this run (embedded, or failed: reported again for this path)."""
@@ -509,7 +555,6 @@ class _Pass:
             return False
         self.engine.summary.cache_hits += 1
         self.resolve(key, self.prompts.to_memo(hit[None])[0])
-        self.engine.progress(1)
         return True
 
     def make_room(self) -> None:
@@ -519,11 +564,7 @@ class _Pass:
         self.take(self.backend.poll(block=False))  # type: ignore[union-attr]
 
     def fail(self, path: str, reason: str) -> None:
-        self.engine.summary.failures += 1
-        if self.engine.warn:
-            log.warning("%s: %s", path, reason)
-        if self.engine.options.on_error == "fail":
-            raise InputFailed(f"{path}: {reason}")
+        self.engine.fail(path, reason)
 
     def resolve(self, key: str, vec: torch.Tensor | None, reason: str | None = None) -> None:
         """A key's answer, for the memo and for every set waiting on it."""
@@ -540,23 +581,31 @@ class _Pass:
             for e in st.entries:
                 if e.key == key:
                     self.fail(e.path, reason or "failed")
+        self.engine.progress(self.pending.pop(key, 0))
 
     def take(self, finished: list[Finished]) -> None:
         """Finished work from the backend: failures reported; embeddings cached (per batch) and memoised."""
-        engine = self.engine
         for f in finished:
             for key, reason in f.failures:
                 self.resolve(key, None, reason)
-                engine.progress(1)
             if f.keys:
-                emb = f.embeddings
-                engine.summary.embedded += len(f.keys)
-                engine.cache.put_many({k: np.asarray(emb[i]) for i, k in enumerate(f.keys)},  # type: ignore[index]
-                                      engine.embedder.fingerprint)
-                vecs = self.prompts.to_memo(emb)  # type: ignore[arg-type]
-                for i, k in enumerate(f.keys):
-                    self.resolve(k, vecs[i])
-                engine.progress(len(f.keys))
+                self.take_embedded(list(f.keys), f.embeddings)
+
+    def take_embedded(self, keys: list[str], emb: torch.Tensor | np.ndarray) -> None:
+        """Embedded images: those with finite embeddings cached (per batch) and memoised, the others failed (a NaN
+        kept in the cache would come back in every later run)."""
+        engine = self.engine
+        engine.summary.embedded += len(keys)
+        finite = np.isfinite(np.asarray(emb, dtype=np.float32)).all(axis=-1)
+        engine.cache.put_many({k: np.asarray(emb[i]) for i, k in enumerate(keys) if finite[i]},
+                              engine.embedder.fingerprint)
+        vecs = self.prompts.to_memo(emb)
+        for i, k in enumerate(keys):
+            if finite[i]:
+                self.resolve(k, vecs[i])
+            else:
+                engine.summary.nonfinite += 1
+                self.resolve(k, None, NONFINITE_EMBEDDING)
 
     def emit(self) -> Iterator[Ranking]:
         """The finished sets at the head of the queue, ranked, in order."""
@@ -587,14 +636,17 @@ class Engine:
     Reading, hashing, the cache, scoring and ranking happen here; the misses go to a backend: decode processes and
     this process by default, or what `backend` makes (`pickrank.ray.engine.RayEngine` passes one that runs them on a
     Ray cluster). `warn=False` leaves failed images and truncated prompts to the caller to report (eval does, per
-    pair). `batch_size`: images per model call (--batch-size; None: the embedder's).
+    pair). `batch_size`: images per model call (--batch-size; None: the embedder's). `on_progress` gets a
+    `records.Progress` each time images are resolved (in this thread) and when listing ends (in the listing thread).
     """
 
     # Distinct images and prompts that `rank_stream` remembers across chunks (and calls).
     STREAM_MEMO = 65536
+    # What `rank_open` remembers: far more than the sets in flight, far less than a dataset's samples.
+    OPEN_MEMO = 4096
 
     def __init__(self, embedder: ImageTextEmbedder, cache: NullCache | None = None,
-                 options: RunOptions | None = None, on_progress: Callable[[int], None] | None = None,
+                 options: RunOptions | None = None, on_progress: Callable[[Progress], None] | None = None,
                  backend: Callable[[], Backend] | None = None, warn: bool = True,
                  memo_size: int = STREAM_MEMO, batch_size: int | None = None) -> None:
         self.embedder = embedder
@@ -606,22 +658,55 @@ class Engine:
         self.make_backend = backend or (lambda: LocalBackend(self.embedder, self.options, batch_size=batch_size))
         self.memo_size = memo_size
         self._stream: tuple[_PromptStream, _LRU, _LRU] | None = None
+        self.done = 0  # images resolved (embedded, from the cache or the memo, failed), for on_progress
+        self.discovery: Discovery | None = None
+
+    def remembered(self) -> tuple[int, int]:
+        """How many prompts and images `rank_stream` remembers across calls (each at most memo_size)."""
+        if self._stream is None:
+            return 0, 0
+        prompts, memo, _ = self._stream
+        return len(prompts.vectors), len(memo)
 
     def progress(self, n: int) -> None:
-        if self.on_progress:
-            self.on_progress(n)
+        """`n` more images resolved: tell on_progress where the run stands."""
+        self.done += n
+        if self.on_progress is not None and n:
+            self.report()
+
+    def report(self) -> None:
+        """A Progress event to on_progress: "loading" while the model loads, else "embedding"; the total once every
+        image has been listed (that event comes from the listing thread)."""
+        if self.on_progress is None:
+            return
+        d, s = self.discovery, self.summary
+        phase = "embedding" if getattr(self.embedder, "ready", True) else "loading"
+        total = d.found if d is not None and d.finished else None
+        self.on_progress(Progress(phase, self.done, total, s.embedded, s.cache_hits, s.failures))
+
+    def fail(self, path: str, reason: str) -> None:
+        """An image that failed: counted, warned about (unless the caller reports it), fatal with --on-error fail."""
+        self.summary.failures += 1
+        if self.warn:
+            log.warning("%s: %s", path, reason)
+        if self.options.on_error == "fail":
+            raise InputFailed(f"{path}: {reason}")
 
     def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Stream all sets' images through read -> cache -> backend (decode, embed) and yield finished rankings in
-        order."""
+        order. The images are listed in a thread meanwhile (`Discovery`), so the total is known early."""
         sets = list(sets)
         run = _Pass(self, _Prompts(self.embedder, self.summary, sets, self.warn), _LRU(), _LRU())
+        self.discovery = discovery = Discovery(sets, on_finished=self.report)
+        self.report()
         try:
-            for cset in sets:
-                yield from run.admit(cset)
+            for i, cset in enumerate(sets):
+                yield from run.admit(cset, discovery.paths(i))
             yield from run.drain(final=True)
         finally:
+            discovery.close()
             run.close()
+        self.check_finite()
 
     def rank_stream(self, chunks: Iterable[list[CandidateSet]]) -> Iterator[Ranking]:
         """`rank` for a long stream of small sets (eval's pairs), taken chunk by chunk: each chunk's new prompts are
@@ -640,6 +725,33 @@ class Engine:
             yield from run.drain(final=True)
         finally:
             run.close()
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """NonFiniteScores, naming the model, when it gave NaN or infinity and not a single finite score (once
+        every ranking, with its error records, has been handed on)."""
+        s = self.summary
+        if s.nonfinite and not s.scored:
+            model = self.embedder.describe().get("model", "the model")
+            raise NonFiniteScores(f"{model}: the model gave NaN or infinity for every image ({s.nonfinite}): its "
+                                  "weights are broken, or its precision overflows (try --dtype fp32)")
+
+    def rank_open(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """`rank` for an open-ended stream of sets whose prompts are not known up front (a dataset's shards and
+        captions): each set is taken only when the one before it has been read, its prompts join a bounded memo
+        as it is admitted (encoded together when a ranking needs them), and nothing waits between sets."""
+        run = _Pass(self, _PromptStream(self.embedder, self.summary, self.OPEN_MEMO, self.warn),
+                    _LRU(self.OPEN_MEMO), _LRU(self.OPEN_MEMO))
+        try:
+            for cset in sets:
+                run.prompts.add([cset])  # type: ignore[union-attr]
+                yield from run.admit(cset)
+                if len(run.states) > self.OPEN_MEMO // 4:  # cache hits queued behind a miss: let them out first
+                    yield from run.drain(final=False)
+            yield from run.drain(final=True)
+        finally:
+            run.close()
+        self.check_finite()
 
     def unit(self, raw: float) -> float:
         """A raw score in the run's unit (`RunOptions.scale`)."""
@@ -655,21 +767,28 @@ class Engine:
         errors = [(e.path, e.error or st.reasons.get(e.key or "", "failed")) for e in st.entries
                   if not (e.error is None and e.key in st.found)]
         records: list[Record] = []
+        failed = 0
         for q in cset.queries:
-            records += self._ranked(q, [(e.path, st.found[e.key]) for e in ok], prompts)  # type: ignore[index]
+            score = prompts.scorer(q.prompt)
+            scored = [(e.path, score(st.found[e.key])) for e in ok]  # type: ignore[index]
+            bad = [(path, NONFINITE_SCORE) for path, x in scored if not math.isfinite(x)]
+            self.summary.nonfinite += len(bad)
+            for path, reason in bad:
+                self.fail(path, reason)
+            records += self._ranked(q, [(path, x) for path, x in scored if math.isfinite(x)], prompts)
             truncated = prompts.truncated(q.prompt)
             records += [Record(prompt=q.prompt, path=path, id=q.id, group=q.group, error=reason,
-                               truncated=truncated, prompt_source=q.prompt_source) for path, reason in errors]
+                               truncated=truncated, prompt_source=q.prompt_source) for path, reason in errors + bad]
+            failed = max(failed, len(errors) + len(bad))
         self.summary.rankings += len(cset.queries)
-        return Ranking(tuple(records), failed=len(errors))
+        return Ranking(tuple(records), failed=failed)
 
-    def _ranked(self, q: Query, ok: list[tuple[str, torch.Tensor]],
-                prompts: _Prompts | _PromptStream) -> list[Record]:
-        """One query's records over the set's embedded images, best first (the first `top` of them)."""
+    def _ranked(self, q: Query, ok: list[tuple[str, float]], prompts: _Prompts | _PromptStream) -> list[Record]:
+        """One query's records over the set's images with finite scores, best first (the first `top` of them)."""
         from pickrank.core.scores import as_array, ranks, softmax_probs
 
-        score = prompts.scorer(q.prompt)
-        scores = [score(v) for _, v in ok]
+        scores = [x for _, x in ok]
+        self.summary.scored += len(scores)
         as_f32 = np.asarray(scores, dtype=np.float32)  # what torch.tensor(scores, dtype=float32) holds
         probs = softmax_probs(as_array(as_f32, self.embedder.backend)).tolist() if scores else []
         rk = ranks(scores)

@@ -15,6 +15,7 @@ from pickrank.devtools import LAION_PREPROCESSOR_CONFIG, PICKSCORE_ARCH
 from pickrank.doctor.registry import NOT_CACHED, Registered, Status, Subject, registrar
 from pickrank.errors import ModelLoadError
 from pickrank.inputs.decode import RESAMPLE_NAMES, ImageSpec
+from pickrank.inputs.textfile import loads_json
 from pickrank.models.source import PICKLE_SUFFIXES, check_is_clip, check_local_weights
 
 CHECKS: list[Registered] = []  # the checks of the model's files, in the order they run
@@ -51,10 +52,19 @@ def _where(name: str, folder: str | None, offline: bool, option: str) -> tuple[S
 
 @check("model")
 def check_model(s: Subject) -> tuple[Status, str]:
-    """Which model would load, from where, and whether it is a CLIP model (hub commit included)."""
+    """Which model would load, from where, and whether it is a CLIP model (hub commit included) or an ONNX export
+    made by `pickrank export onnx` (its manifest checked)."""
     status, where = _where(s.source.model, s.model_dir, s.offline, "--model")
     if status is not Status.ok:
         return status, where
+    if s.export is not None:
+        from pickrank.models.onnx_embedder import check_manifest
+
+        check_manifest(s.model_dir, s.export)
+        made = s.export.get("source", {})
+        parity = s.export.get("parity", {}).get("max_score_diff")
+        return Status.ok, f"{where}: an ONNX export (pickrank export onnx) of {made.get('model', 'an unnamed model')}" \
+                          + (f"; its scores matched torch's within {parity:.1e} when exported" if parity else "")
     revision = check_is_clip(replace(s.source, model=s.model_dir))
     revision = revision or _snapshot_commit(s.model_dir)
     return Status.ok, f"{where}: a CLIP model" + (f", revision {revision}" if revision else "")
@@ -99,6 +109,8 @@ def weight_files(folder: str) -> list[str]:
 @check("weights_format", needs=("model",))
 def check_weights_format(s: Subject) -> tuple[Status, str]:
     """The weights are safetensors (a pickle-only folder fails, named: unpickling can run code)."""
+    if s.export is not None:
+        return Status.ok, "ONNX graphs (vision.onnx, text.onnx), their weights in data files beside them: no pickle"
     if not s.source.model_is_local and not weight_files(s.model_dir):  # a run downloads only the safetensors
         repo = s.source.model
         if s.offline:
@@ -127,7 +139,7 @@ def safetensors_problem(path: str) -> str | None:
         if n is None or n > size - 8:
             return f"truncated: {size} bytes, shorter than its header"
         try:
-            return _tensors_problem(json.loads(f.read(n)), size - 8 - n)
+            return _tensors_problem(loads_json(f.read(n)), size - 8 - n)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             return f"an unreadable header ({type(e).__name__}: {e})"
 
@@ -151,7 +163,13 @@ def _tensors_problem(header: dict, data_size: int) -> str | None:
 
 @check("weights_complete", needs=("weights_format",))
 def check_weights_complete(s: Subject) -> tuple[Status, str]:
-    """Each weight file is readable and complete: its header's tensors fill exactly its size."""
+    """Each weight file is readable and complete: its header's tensors fill exactly its size (an ONNX export: every
+    file it lists matches its SHA-256 in the manifest, as a run checks before loading)."""
+    if s.export is not None:
+        from pickrank.models.onnx_embedder import verify_files
+
+        n = verify_files(s.model_dir, s.export, s.hashes)
+        return Status.ok, f"{n} file(s), each as the manifest's SHA-256 says"
     files = weight_files(s.model_dir)
     for path in files:
         problem = safetensors_problem(path)
@@ -174,11 +192,13 @@ def lfs_sha256(path: str) -> str | None:
 @check("weights_hashes", needs=("weights_complete",))
 def check_weight_hashes(s: Subject) -> tuple[Status, str]:
     """The weight files' SHA-256, compared with the hub revision's where the HF cache knows it."""
-    from pickrank.models.hashing import HashStore
-
-    store, said = HashStore.beside(s.cache.cache), []
+    store, said = s.hashes, []  # the doctor writes nothing
     unknown = "no reference: a local folder" if s.source.model_is_local else "no reference: its blob is not named by it"
-    for path in weight_files(s.model_dir):
+    if s.export is not None:
+        from pickrank.models.onnx_embedder import graph_files
+
+        unknown = "matches the export's manifest"
+    for path in graph_files(s.model_dir) if s.export is not None else weight_files(s.model_dir):
         digest, ref = store.sha256(path), lfs_sha256(path)
         if ref is not None and digest != ref:
             return Status.fail, f"{path}: sha256 {digest}, but the hub's is {ref}: a corrupt download; delete " \
@@ -193,11 +213,13 @@ def check_weight_hashes(s: Subject) -> tuple[Status, str]:
 
 @check("architecture", needs=("model",))
 def check_architecture(s: Subject) -> tuple[Status, str]:
-    """The architecture against PickScore_v1's (ViT-H/14); another CLIP is said plainly not to be PickScore_v1."""
-    config = s.clip_config
+    """The architecture against PickScore_v1's (ViT-H/14); another CLIP is said plainly not to be PickScore_v1 (an
+    ONNX export: its vision tower, which its manifest records)."""
     diffs = []
     for (section, key), want in PICKSCORE_CONFIG.items():
-        have = getattr(getattr(config, section) if section else config, key, None)
+        have = _config_value(s, section, key)
+        if have is None and s.export is not None:  # not recorded in the export's manifest
+            continue
         if have != want:
             diffs.append(f"{section.replace('_config', '') + ' ' if section else ''}{key} {have} (PickScore_v1: "
                          f"{want})")
@@ -205,8 +227,19 @@ def check_architecture(s: Subject) -> tuple[Status, str]:
         more = f", and {len(diffs) - 4} more" if len(diffs) > 4 else ""
         return Status.warn, f"a CLIP model, but NOT PickScore_v1's architecture: {', '.join(diffs[:4])}{more}; " \
                             "its scores are not PickScores"
+    if s.export is not None:
+        return Status.ok, "PickScore_v1's vision tower (CLIP ViT-H/14: 1280 wide, 32 layers, patch 14, 224 px), as " \
+                          "its manifest records it (an export records no more of its architecture)"
     return Status.ok, "PickScore_v1's (CLIP ViT-H/14): vision 1280 wide, 32 layers, 16 heads, patch 14, 224 px; " \
                       "text 1024 wide, 24 layers, vocabulary 49408, 77 positions; projection 1024"
+
+
+def _config_value(s: Subject, section: str, key: str) -> object:
+    """One value of the model's config (an ONNX export: of the vision sizes its manifest records, else None)."""
+    if s.export is not None:
+        return s.export["vision"].get(key) if section == "vision_config" else None
+    config = s.clip_config
+    return getattr(getattr(config, section) if section else config, key, None)
 
 
 @check("tokenizer", needs=("model", "processor"))
@@ -215,9 +248,9 @@ def check_tokenizer(s: Subject) -> tuple[Status, str]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(s.processor_dir, local_files_only=True, trust_remote_code=False)
-    size, room = len(tok), s.clip_config.text_config.vocab_size
+    size, room = len(tok), None if s.export is not None else s.clip_config.text_config.vocab_size
     what = f"{type(tok).__name__}, {size} tokens"
-    if size > room:
+    if room is not None and size > room:
         return Status.fail, f"{what}, but the model's text tower has {room}: a tokenizer for another model " \
                             "(give the model's own with --processor)"
     if size != PICKSCORE_CONFIG[("text_config", "vocab_size")]:
@@ -233,7 +266,7 @@ def check_tokenizer(s: Subject) -> tuple[Status, str]:
 @check("preprocessing", needs=("model", "processor"))
 def check_preprocessing(s: Subject) -> tuple[Status, str]:
     """The processor's output size is the model's input size; other than PickScore_v1's preprocessing: a warning."""
-    spec, side = s.spec, s.clip_config.vision_config.image_size
+    spec, side = s.spec, _config_value(s, "vision_config", "image_size")
     out = spec.crop_hw or spec.resize_hw
     if out != (side, side):
         size = f"{out[0]}x{out[1]}" if out else "no fixed size"

@@ -54,6 +54,25 @@ def backend_of(processor: object) -> str:
         "torchvision" if isinstance(processor, bases[1]) else type(processor).__name__
 
 
+def export_reference_scores(folder: str, prompt: str, images: tuple[bytes, ...]) -> list[float]:
+    """The same math over an ONNX export's own graphs (no CLIPModel to compare with): transformers' tokenizer and
+    Pillow processor, the graphs' embeddings, the manifest's scale * cosine (fp32)."""
+    from transformers import AutoTokenizer
+
+    from pickrank.models.onnx_embedder import TEXT_GRAPH, VISION_GRAPH, open_session, read_manifest
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    pixels = reference_image_processor(folder)(
+        images=[Image.open(io.BytesIO(d)) for d in images], return_tensors="np")["pixel_values"]
+    text = tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="np")
+    providers = ["CPUExecutionProvider"]
+    img = open_session(f"{folder}/{VISION_GRAPH}", providers).run(None, {"pixel_values": pixels.astype(np.float32)})[0]
+    txt = open_session(f"{folder}/{TEXT_GRAPH}", providers).run(
+        None, {"input_ids": text["input_ids"].astype(np.int64),
+               "attention_mask": text["attention_mask"].astype(np.int64)})[0]
+    return (float(read_manifest(folder)["scale"]) * (txt @ img.T))[0].tolist()
+
+
 def reference_scores(model_dir: str, processor_dir: str, prompt: str,
                      images: tuple[bytes, ...]) -> list[float]:
     """The model card's math in transformers: CLIPModel, the Pillow processor, logit_scale.exp() * cosine (fp32)."""

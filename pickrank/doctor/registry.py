@@ -10,8 +10,9 @@ from enum import Enum
 from functools import cached_property
 from typing import Callable
 
-from pickrank.doctor.reference import SELFTEST_PROMPT, picture, reference_scores
+from pickrank.doctor.reference import SELFTEST_PROMPT, export_reference_scores, picture, reference_scores
 from pickrank.inputs.decode import ImageSpec
+from pickrank.models.hashing import HashStore
 from pickrank.models.source import ModelSource, hub_offline, load_processor_config, resolve_source
 from pickrank.options import CacheOptions, ModelOptions
 
@@ -56,6 +57,19 @@ class Subject:
         return replace(ImageSpec.from_config(config), alpha=self.options.alpha.value)
 
     @cached_property
+    def hashes(self) -> HashStore:
+        """The weight-hash memo of --cache, read but never written (the doctor writes nothing); what it hashes it
+        remembers for the other checks."""
+        return HashStore.beside(self.cache.cache, write=False)
+
+    @cached_property
+    def export(self) -> dict | None:
+        """The manifest, when the model folder is a pickrank ONNX export (None otherwise)."""
+        from pickrank.models.onnx_embedder import is_export, read_manifest
+
+        return read_manifest(self.model_dir) if self.model_dir and is_export(self.model_dir) else None
+
+    @cached_property
     def clip_config(self) -> object:
         """The model's CLIPConfig, with transformers' defaults filled in."""
         from transformers import CLIPConfig
@@ -69,7 +83,10 @@ class Subject:
 
     @cached_property
     def reference_scores(self) -> list[float]:
-        """The self-test pair's scores by the reference math (transformers, fp32, CPU)."""
+        """The self-test pair's scores by the reference math (transformers, fp32, CPU; an ONNX export: over its own
+        graphs)."""
+        if self.export is not None:
+            return export_reference_scores(self.model_dir, SELFTEST_PROMPT, self.pair)
         return reference_scores(self.model_dir, self.processor_dir, SELFTEST_PROMPT, self.pair)
 
 

@@ -5,6 +5,7 @@ this run's device and precision)."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -48,11 +49,15 @@ def engine_scores(s: Subject, prompt: str, images: tuple[bytes, ...], device: st
     """The images' scores for the prompt through the real path: a model loaded as a run loads it, the `Engine`."""
     from pickrank.core.cache import NullCache
     from pickrank.core.engine import Engine
-    from pickrank.models.loading import load_in_background
+    from pickrank.models.loading import load_export_in_background, load_in_background
     from pickrank.options import RunOptions
     from pickrank.records import CandidateSet, ImageBytes, Query
 
-    embedder = load_in_background(s.source, device=device, dtype=dtype, alpha=s.options.alpha.value)
+    if s.export is not None:  # an ONNX export loads as a run loads it, its files checked through the doctor's memo
+        embedder = load_export_in_background(s.source, replace(s.options, device=device, dtype=dtype),
+                                             store=s.hashes)
+    else:
+        embedder = load_in_background(s.source, device=device, dtype=dtype, alpha=s.options.alpha.value)
     names = [f"doctor-{i}.png" for i in range(len(images))]
     cset = CandidateSet(queries=(Query(prompt),), paths=tuple(ImageBytes(n, d) for n, d in zip(names, images)))
     records = {r.path: r for ranking in Engine(embedder, NullCache(), RunOptions(workers=0), warn=False).rank([cset])

@@ -128,11 +128,14 @@ def check_pixels(image: Image.Image, max_pixels: int | None) -> None:
 
 def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                spec: ImageSpec | None = None) -> Image.Image:
-    """Decode the first frame of an image from bytes, refusing decompression bombs before decoding; with a spec
-    whose decode is "fast", a JPEG is decoded at reduced DCT scale (`fast_draft`)."""
+    """Decode the first frame of an image from bytes, refusing decompression bombs before decoding (and, with a
+    spec, images whose resize would be too large: `check_geometry`); with a spec whose decode is "fast", a JPEG is
+    decoded at reduced DCT scale (`fast_draft`)."""
     try:
         image = pillow_open(io.BytesIO(data))
         check_pixels(image, max_pixels)
+        if spec is not None:
+            check_geometry(*image.size, spec, max_pixels)
         image.seek(0)  # animated GIF/WebP/APNG: the first frame, as the reference's Image.open gives it
         if spec is not None and spec.decode == "fast":
             fast_draft(image, spec)
@@ -183,6 +186,21 @@ def resize_crop_geometry(w: int, h: int, spec: ImageSpec) -> Geometry:
     return Geometry(resize, pad, ((h - ch) // 2, (w - cw) // 2, ch, cw))
 
 
+def check_geometry(w: int, h: int, spec: ImageSpec, max_pixels: int | None) -> Geometry:
+    """The geometry of a w x h image (`resize_crop_geometry`); ReadError for an image without pixels, TooLarge when
+    its resize has more than max_pixels pixels (None or 0: no limit). The reference resizes the whole image before
+    it crops, so a thin strip grows by the resize: 20000x1 pixels become 4480000x224."""
+    if w < 1 or h < 1:
+        raise ReadError(f"an image of {w}x{h} pixels has nothing to score")
+    geo = resize_crop_geometry(w, h, spec)
+    if geo.resize is not None and max_pixels:
+        rw, rh = geo.resize
+        if rw * rh > max_pixels:
+            raise TooLarge(f"too large to resize safely: {w}x{h} resizes to {rw}x{rh} = {rw * rh:,} pixels before "
+                           f"the crop, limit {max_pixels:,} (raise it with --max-pixels)")
+    return geo
+
+
 def fast_draft(image: Image.Image, spec: ImageSpec) -> None:
     """Ask libjpeg to decode a JPEG (not yet loaded) at the smallest DCT scale (1/2, 1/4, 1/8) still at least twice
     the resize's target on each side, so that the exact bicubic resize that follows still has 2x the pixels it
@@ -194,13 +212,14 @@ def fast_draft(image: Image.Image, spec: ImageSpec) -> None:
         image.draft("RGB", (2 * target[0], 2 * target[1]))
 
 
-def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """Resize (PIL, as the reference) and centre-crop; return uint8 pixels shaped (3, H, W)."""
+def preprocess(image: Image.Image, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Resize (PIL, as the reference) and centre-crop; return uint8 pixels shaped (3, H, W). ReadError for an image
+    without pixels, TooLarge when the resize would exceed max_pixels (`check_geometry`)."""
+    geo = check_geometry(*image.size, spec, max_pixels)
     if spec.convert_rgb:
         image = to_rgb(image, spec.alpha)
     elif image.mode != "RGB":
         image = image.convert("RGB")
-    geo = resize_crop_geometry(*image.size, spec)
     if geo.resize is not None:
         image = image.resize(geo.resize, resample=spec.resample, reducing_gap=None)
     arr = np.asarray(image)
@@ -243,7 +262,7 @@ def decode_and_preprocess(key: str, data: bytes, spec: ImageSpec,
     """The worker's unit: bytes -> Decoded, or ReadError."""
     image = open_image(data, max_pixels, spec)
     try:
-        pixels = preprocess(image, spec)
+        pixels = preprocess(image, spec, max_pixels)
     except (OSError, ValueError) as e:
         raise ReadError(f"cannot decode: {e}") from None
     return Decoded(key, pixels)
@@ -278,4 +297,4 @@ def to_image(item: object, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
 
 def image_pixels(item: object, spec: ImageSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One image (as `to_image` takes it) by the exact path: the reference's Pillow preprocessing -> uint8 (3, H, W)."""
-    return preprocess(to_image(item, max_pixels), spec)
+    return preprocess(to_image(item, max_pixels), spec, max_pixels)

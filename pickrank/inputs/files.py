@@ -81,6 +81,17 @@ def _not_regular(mode: int) -> str | None:
     return f"not a regular file ({kind})"
 
 
+def open_regular(path: str) -> io.FileIO:
+    """A regular file at path, open for reading (unbuffered); ReadError with a short reason for anything else (a
+    FIFO, a device, a folder, a missing file), checked before a byte is read."""
+    fd, _ = _open_regular(path)
+    try:
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def check_size(size: int, max_bytes: int | None) -> None:
     """TooLarge when a file of `size` bytes is over max_bytes (None: no limit)."""
     if max_bytes is not None and size > max_bytes:
@@ -179,14 +190,16 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def png_text(f: IO[bytes]) -> dict[str, str]:
+def png_text(f: IO[bytes]) -> dict[str, str | bytes]:
     """Every text chunk of a PNG, before or after the image data, by walking its chunk list: the image data is
     skipped, never inflated (Image.text would decode the whole image to reach chunks after it). Pillow's own chunk
-    readers parse the text, with their limits on text size."""
+    readers parse the text, with their limits on text size; an iTXt chunk they refuse (its text is not UTF-8) is
+    there as its raw bytes, so that it reads as unreadable rather than absent."""
     from PIL import PngImagePlugin
 
     f.seek(8)  # past the signature
     stream = PngImagePlugin.PngStream(f)
+    refused: dict[str, bytes] = {}
     for _ in range(_MAX_PNG_CHUNKS):
         try:
             cid, pos, length = stream.read()
@@ -195,9 +208,14 @@ def png_text(f: IO[bytes]) -> dict[str, str]:
         if cid == b"IEND":
             break
         if cid in _PNG_TEXT_CHUNKS and length <= PngImagePlugin.MAX_TEXT_MEMORY:
+            raw = f.read(length) if cid == b"iTXt" else b""
+            f.seek(pos)
             try:
                 stream.call(cid, pos, length)
             except (OSError, SyntaxError, ValueError):  # a chunk cut short, too large or malformed: skipped
                 pass
+            key = raw.partition(b"\0")[0].decode("latin-1")
+            if raw and key not in stream.im_text:
+                refused[key] = raw
         f.seek(pos + length + 4)  # the next chunk, past this one's data and CRC
-    return {k: str(v) for k, v in stream.im_text.items()}
+    return {**refused, **{k: str(v) for k, v in stream.im_text.items()}}

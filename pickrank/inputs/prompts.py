@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, TextIO
 
 from pickrank.errors import NoImages
 from pickrank.inputs.discover import expand
 from pickrank.inputs.metadata import prompt_from_image
+from pickrank.inputs.sets import prompt_txt
 
 
 def prompt_rows(args: list[str], stdin: TextIO | None = None, max_pixels: int | None = None,
                 max_bytes: int | None = None) -> Iterator[dict]:
-    """One row per image the arguments name (expanded as `score` does): path, prompt, source, reason."""
+    """One row per image the arguments name (expanded as `score` does): path, prompt, source, reason. An image
+    without one whose folder has a prompt.txt says so: best-of-n scores that folder's group with it."""
     found_any = False
+    with_txt: dict[str, bool] = {}  # folder -> whether it has a usable prompt.txt
     for path in expand(args, stdin):
         found_any = True
         found = prompt_from_image(path, max_pixels, max_bytes)
-        yield {"path": path, "prompt": found.prompt, "source": found.source, "reason": found.reason}
+        reason = found.reason
+        if found.prompt is None and not (reason or "").startswith("unreadable"):
+            folder = os.path.dirname(path) or "."
+            if with_txt.setdefault(folder, prompt_txt(folder) is not None):
+                txt = os.path.join(folder, "prompt.txt")
+                reason = f"{reason or 'no generation metadata'}; best-of-n would use {txt}"
+        yield {"path": path, "prompt": found.prompt, "source": found.source, "reason": reason}
     if not found_any:
         raise NoImages(f"no images found in {' '.join(args) or 'stdin'}")

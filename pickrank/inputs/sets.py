@@ -9,12 +9,12 @@ import os
 from dataclasses import replace
 from typing import TextIO
 
-from pickrank.errors import NoImages, UsageError
+from pickrank.errors import InvalidText, NoImages, UsageError
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
-from pickrank.inputs.discover import expand, first_visit, is_image_name, peek
+from pickrank.inputs.discover import expand, first_visit, is_glob, is_image_name, peek
 from pickrank.inputs.files import DEFAULT_MAX_BYTES
 from pickrank.inputs.metadata import FoundPrompt, prompt_from_image
-from pickrank.inputs.textfile import read_utf8
+from pickrank.inputs.textfile import check_text, read_utf8
 from pickrank.records import CandidateSet, Query
 
 log = logging.getLogger("pickrank")
@@ -28,6 +28,7 @@ def sets_for_score(prompt: str | None, args: list[str], stdin: TextIO | None = N
     if prompt is None:
         return metadata_sets(args, stdin, max_pixels, max_bytes)
     check_prompt(prompt)
+    check_named_paths(args)
     first, paths = peek(expand(args, stdin))
     if first is None:
         raise NoImages(f"no images found in {' '.join(args) or 'stdin'}")
@@ -38,22 +39,28 @@ def metadata_sets(args: list[str], stdin: TextIO | None = None, max_pixels: int 
                   max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
     """Every image the arguments name, scored against the prompt in its own metadata: images with the same prompt
     form one ranking (in the order their prompts first appear), and an image without one is an error record naming
-    why. Each image's metadata is read once, all of it before scoring (headers only: no pixel is decoded)."""
+    why. Each image's metadata is read once, all of it before scoring (headers only: no pixel is decoded). When
+    no image has a prompt, that is a usage error at once: the model would load for nothing."""
+    check_named_paths(args)
     paths = list(expand(args, stdin))
     if not paths:
         raise NoImages(f"no images found in {' '.join(args) or 'stdin'}")
     by_prompt: dict[str, tuple[str | None, list[str]]] = {}  # prompt -> (source of its first image, images)
-    order: list[CandidateSet | str] = []  # an error set in its place, or the prompt whose ranking goes there
+    order: list[tuple[str, str] | str] = []  # (path, why it has no prompt) in its place, or the prompt there
     for path in paths:
         found = prompt_from_image(path, max_pixels, max_bytes)
         if found.prompt is None:
-            order.append(_no_prompt_set(path, found.reason or "no generation metadata"))
+            order.append((path, found.reason or "no generation metadata"))
         elif found.prompt in by_prompt:
             by_prompt[found.prompt][1].append(path)
         else:
             by_prompt[found.prompt] = (found.source, [path])
             order.append(found.prompt)
-    return [s if isinstance(s, CandidateSet) else
+    if not by_prompt:
+        path, reason = order[0]  # type: ignore[misc]
+        raise UsageError(f"no prompt: none of the {len(paths)} image(s) has one in its metadata "
+                         f"({path}: {reason}); give --prompt TEXT")
+    return [_no_prompt_set(*s) if isinstance(s, tuple) else
             CandidateSet(queries=(Query(prompt=s, prompt_source=by_prompt[s][0]),), paths=by_prompt[s][1])
             for s in order]
 
@@ -66,10 +73,20 @@ def _no_prompt_set(path: str, reason: str) -> CandidateSet:
     return CandidateSet(queries=(Query(prompt=""),), source=path, error=error)
 
 
+def check_named_paths(args: list[str]) -> None:
+    """A file or folder named on the command line that does not exist is a usage error at once (a typo), before
+    the model loads; globs (which may match nothing) and - (stdin) are left to discovery."""
+    missing = [a for a in args if a != "-" and not is_glob(a) and not os.path.lexists(a)]
+    if missing:
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
+
+
 def check_prompt(prompt: str) -> None:
-    """An empty prompt is a usage error: it would rank images by nothing."""
+    """An empty prompt is a usage error: it would rank images by nothing; so is one that is not valid text
+    (`textfile.check_text`: InvalidText)."""
     if not prompt or not prompt.strip():
         raise UsageError("the prompt is empty: give --prompt TEXT")
+    check_text(prompt, "--prompt")
 
 
 # -- best-of-n -------------------------------------------------------------------------------------------
@@ -87,7 +104,7 @@ def prompt_from_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 NO_PROMPT = "no prompt: give --prompt, add prompt.txt, or embed it in the image metadata"
 
 
-def _prompt_txt(folder: str) -> str | None:
+def prompt_txt(folder: str) -> str | None:
     """The text of FOLDER/prompt.txt, stripped; None when there is none, it is empty or unreadable."""
     txt = os.path.join(folder, "prompt.txt")
     if not os.path.isfile(txt):
@@ -105,9 +122,12 @@ def find_group_prompt(folder: str, images: list[str], prompt: str | None, max_pi
     metadata prompt that is found (its format); with none, the reason the first image has none."""
     if prompt:
         return FoundPrompt(prompt, "option")
-    text = _prompt_txt(folder)
+    text = prompt_txt(folder)
     if text:
-        return FoundPrompt(text, "prompt.txt")
+        try:
+            return FoundPrompt(check_text(text, "prompt.txt"), "prompt.txt")
+        except InvalidText as e:
+            return FoundPrompt(None, "prompt.txt", str(e))
     first: FoundPrompt | None = None
     for path in images:
         found = prompt_from_image(path, max_pixels, max_bytes)
@@ -179,6 +199,10 @@ def sets_for_best_of_n(folder: str, prompt: str | None = None, max_pixels: int |
     report_unlisted()
     if not sets:
         raise NoImages(f"no images found in {folder}")
+    if all(s.error is not None and s.error.startswith(NO_PROMPT) for s in sets):  # the model would load for nothing
+        first = sets[0].error[len(NO_PROMPT):].strip(" ()")  # type: ignore[index]
+        raise UsageError(f"none of the {len(sets)} group(s) has a prompt: give --prompt TEXT, add prompt.txt, or "
+                         f"embed it in the image metadata ({sets[0].source}: {first})")
     return sets
 
 
@@ -214,7 +238,8 @@ def read_prompts_csv(path: str) -> list[dict[str, str]]:
 
 
 def _row_images(spec: str, base: str) -> list[str]:
-    """A row's `images` cell: a folder, a glob, or paths separated by ';', relative to the CSV's folder."""
+    """A row's `images` cell: a folder, a glob, or paths separated by ';', relative to the CSV's folder `base` (as
+    given: relative when the CSV was named relatively, so records show them as they show PATH arguments)."""
     parts = [p.strip() for p in spec.split(";") if p.strip()]
     return [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(base, p) for p in
             (os.path.expanduser(x) for x in parts)]
@@ -223,7 +248,8 @@ def _row_images(spec: str, base: str) -> list[str]:
 def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
     """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images."""
     rows = read_prompts_csv(csv_path)
-    base = os.path.dirname(os.path.abspath(csv_path))
+    base = os.path.dirname(csv_path)
+    check_named_paths(args)
     shared_queries: list[Query] = []
     own: dict[str, list[Query]] = {}
     order: list[str | None] = []  # set order: None stands for the shared set, at its first row

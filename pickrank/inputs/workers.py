@@ -1,6 +1,6 @@
 """The decode worker pool: processes that decode and preprocess images (`decode.py`) off the main process.
 
-Workers are forked from a fork server that imported this module once (`pickrank.inputs._forkserver`), never
+Workers are forked from a fork server that imported this module once (`pickrank.inputs.forkserver`), never
 `__main__`; they ignore the stop signals (the parent shuts them down) and end within a second of the parent's death.
 A worker's unit returns a failure as a `ReadError` instance (exceptions pickle) instead of raising it, so that one
 bad file never costs the chunk it came with.
@@ -22,11 +22,11 @@ from pickrank.signals import ignore_stop_signals
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
     """A process pool for decode jobs: forkserver on POSIX (workers inherit no threads or locks of this process),
-    each worker forked from a server that imported this module once (`pickrank.inputs._forkserver`), never
+    each worker forked from a server that imported this module once (`pickrank.inputs.forkserver`), never
     `__main__`."""
     ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     if os.name == "posix":
-        ctx.set_forkserver_preload(["pickrank.inputs._forkserver"])
+        ctx.set_forkserver_preload(["pickrank.inputs.forkserver"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=(os.getpid(),))
 
 

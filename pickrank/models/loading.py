@@ -19,10 +19,12 @@ import numpy as np
 from pickrank.errors import UsageError
 from pickrank.models.source import ModelInfo, ModelSource, inspect_model, resolve_source
 from pickrank.options import ModelOptions
+from pickrank.records import Progress
 
 if TYPE_CHECKING:
     import torch
 
+    from pickrank.models.hashing import HashStore
     from pickrank.models.torch_embedder import Embedder
     from pickrank.taste.head import Head
 
@@ -112,17 +114,21 @@ def check_head_base(info: ModelInfo, head: Head | None) -> None:
 def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
                        batch_size: int | None = None,
                        on_loaded: Callable[["Embedder"], None] | None = None,
-                       alpha: str = "white", decode: str = "exact", head: Head | None = None) -> LoadingEmbedder:
+                       alpha: str = "white", decode: str = "exact",
+                       on_progress: Callable[[Progress], None] | None = None,
+                       head: Head | None = None) -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
-    weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread.
-    `head`: the preference head every score goes through (checked against the model here and in the thread)."""
+    weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread,
+    and so does `on_progress` (a first download's bytes, then "loading"). `head`: the preference head every score
+    goes through (checked against the model here and in the thread)."""
     info = with_head(inspect_model(source, dtype, alpha, decode), head)
 
     def load() -> "Embedder":
         from pickrank.models.torch_embedder import Embedder
 
         check_head_base(info, head)
-        embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info)
+        embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info,
+                                 on_progress=on_progress)
         if on_loaded is not None:
             on_loaded(embedder)
         return embedder
@@ -144,15 +150,18 @@ def require_torch(what: str) -> None:
 
 def load_export_in_background(source: ModelSource, options: ModelOptions,
                               on_loaded: Callable[[object], None] | None = None,
-                              head: Head | None = None) -> LoadingEmbedder:
-    """`load_in_background` for an ONNX export: checked now from its JSON files, opened on ONNX Runtime in a
-    thread (no torch, no transformers)."""
-    from pickrank.models.onnx_embedder import OnnxEmbedder, inspect_export
+                              store: HashStore | None = None, head: Head | None = None) -> LoadingEmbedder:
+    """`load_in_background` for an ONNX export: checked now from its JSON files, its files against the manifest's
+    SHA-256 (through `store`, default the default one) and opened on ONNX Runtime in a thread (no torch, no
+    transformers)."""
+    from pickrank.models.hashing import HashStore
+    from pickrank.models.onnx_embedder import OnnxEmbedder, inspect_export, read_manifest, verify_files
 
     info = with_head(inspect_export(source, options.dtype.value, options.alpha.value, options.decode.value), head)
 
     def load() -> OnnxEmbedder:
         check_head_base(info, head)
+        verify_files(source.model, read_manifest(source.model), store or HashStore())
         embedder = OnnxEmbedder.load(info, device=options.device, batch_size=options.batch_size)
         if on_loaded is not None:
             on_loaded(embedder)
@@ -161,11 +170,26 @@ def load_export_in_background(source: ModelSource, options: ModelOptions,
     return LoadingEmbedder(info, in_thread(load, "pickrank-load"))
 
 
-def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None) -> LoadingEmbedder:
+def model_info(options: ModelOptions) -> ModelInfo:
+    """What the model's JSON files say (its cache fingerprint among it), checked as `load_embedder` checks them,
+    without loading a weight: enough to tell whether earlier outputs were made with the same model."""
+    from pickrank.models.onnx_embedder import inspect_export, wants_onnx
+
+    source = resolve_source(options.model, options.processor, options.revision, options.offline)
+    backend = options.backend.value if options.backend is not None else None
+    choices = (options.dtype.value, options.alpha.value, options.decode.value)
+    if wants_onnx(backend, source, options.processor is not None):
+        return inspect_export(source, *choices)
+    return inspect_model(source, *choices)
+
+
+def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None] | None = None,
+                  on_progress: Callable[[Progress], None] | None = None) -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here) and load it in a thread; the CLI and
     `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`). An ONNX export folder
-    (or --backend onnx) loads on ONNX Runtime. A preference head (--head) is read and checked here, and every score
-    of the embedder goes through it."""
+    (or --backend onnx) loads on ONNX Runtime. `on_progress` hears of a first download and of the load (in the
+    loading thread). A preference head (--head) is read and checked here, and every score of the embedder goes
+    through it."""
     from pickrank.models.onnx_embedder import wants_onnx
 
     source = resolve_source(options.model, options.processor, options.revision, options.offline)
@@ -180,4 +204,4 @@ def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None]
     require_torch(f"the torch backend (--model {source.model})")
     return load_in_background(source, device=options.device, dtype=options.dtype.value,
                               batch_size=options.batch_size, on_loaded=on_loaded, alpha=options.alpha.value,
-                              decode=options.decode.value, head=head)
+                              decode=options.decode.value, on_progress=on_progress, head=head)

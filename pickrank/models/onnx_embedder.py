@@ -7,7 +7,9 @@ the L2-normalised embeddings themselves, so the engine, the cache and the writer
 as numpy arrays (`backend = "onnx"`).
 
 ONNX Runtime loads each graph from its path in the export folder; it refuses external data outside that folder
-(absolute paths, `..`), so a crafted graph cannot read other files.
+(absolute paths, `..`), so a crafted graph cannot read other files. Before a run loads them, every file the
+manifest lists is checked against its SHA-256 there (`verify_files`, through the hash store: read once per file
+version), so a changed or swapped graph or data file is refused, named.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,7 @@ import numpy as np
 
 from pickrank.errors import ModelLoadError, UsageError
 from pickrank.inputs.decode import ImageSpec, normalize
+from pickrank.models.hashing import HashStore
 from pickrank.models.source import (
     MAX_TOKENS,
     ModelInfo,
@@ -39,6 +44,10 @@ MANIFEST = "manifest.json"
 FORMAT = "pickrank-onnx"  # the manifest's "format": what tells an export folder from a transformers one
 FORMAT_VERSION = 1
 VISION_GRAPH, TEXT_GRAPH = "vision.onnx", "text.onnx"
+# The vision tower's sizes the manifest gives (`torch_embedder.vision_dims`): what `vision_gflops` reads.
+VISION_KEYS = ("hidden_size", "patch_size", "num_hidden_layers", "image_size", "intermediate_size", "num_channels")
+# The files a run reads besides the graphs' data files: each must have its SHA-256 in the manifest.
+READ_FILES = (VISION_GRAPH, TEXT_GRAPH, "tokenizer.json", "preprocessor_config.json")
 
 
 def is_export(folder: str | None) -> bool:
@@ -57,11 +66,53 @@ def read_manifest(folder: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ModelLoadError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict):
         raise ModelLoadError(f"{path}: not a pickrank ONNX manifest")
     return manifest
+
+
+def check_manifest(folder: str, manifest: dict) -> None:
+    """The fields a run reads from an export's manifest (format, scale, the vision tower's sizes), checked: a
+    one-line ModelLoadError naming the first that is wrong."""
+    path = os.path.join(folder, MANIFEST)
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{folder}: not a pickrank ONNX export of format version {FORMAT_VERSION}")
+    scale = manifest.get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ModelLoadError(f'{path}: "scale" must be a positive number (exp(logit_scale)), not {scale!r}')
+    vision = manifest.get("vision")
+    if not isinstance(vision, dict) or not all(type(vision.get(k)) is int and vision[k] > 0 for k in VISION_KEYS):
+        raise ModelLoadError(f'{path}: "vision" must give the vision tower\'s sizes as positive integers '
+                             f"({', '.join(VISION_KEYS)})")
+
+
+def verify_files(folder: str, manifest: dict, store: HashStore) -> int:
+    """Every file the manifest lists against its SHA-256 there (the graphs, their data, the tokenizer and
+    preprocessor files must all be listed); how many were checked. A ModelLoadError names the first file that is
+    missing, unlisted or changed since the export."""
+    path = os.path.join(folder, MANIFEST)
+    files = manifest.get("files_sha256")
+    if not isinstance(files, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+                                              for v in files.values()):
+        raise ModelLoadError(f'{path}: "files_sha256" must give each file\'s SHA-256 (export the model again)')
+    bad = [n for n in files if n in ("", ".", "..") or os.path.basename(n) != n]
+    if bad:
+        raise ModelLoadError(f"{path}: {bad[0]!r} is not a file name of the export folder")
+    read = {*READ_FILES, *(os.path.basename(p) for p in graph_files(folder))}
+    unlisted = sorted(read - set(files))
+    if unlisted:
+        raise ModelLoadError(f"{path}: no SHA-256 for {unlisted[0]}, which a run reads (export the model again)")
+    for name, want in sorted(files.items()):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise ModelLoadError(f"{file}: missing from the export (the manifest lists it)")
+        got = store.sha256(file)
+        if got != want:
+            raise ModelLoadError(f"{file}: SHA-256 {got}, but the manifest says {want}: changed since it was "
+                                 "exported; export the model again")
+    return len(files)
 
 
 def wants_onnx(backend: str | None, source: ModelSource, given_processor: bool) -> bool:
@@ -104,8 +155,7 @@ def inspect_export(source: ModelSource, dtype: str = "fp32", alpha: str = "white
     if dtype != "fp32":
         raise UsageError(f"--dtype {dtype}: an ONNX export runs in fp32 only")
     manifest = read_manifest(source.model)
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{source.model}: not a pickrank ONNX export of format version {FORMAT_VERSION}")
+    check_manifest(source.model, manifest)
     spec = with_run_choices(ImageSpec.from_config(load_processor_config(source.model)), alpha, decode)
     ident = f"onnx:{os.path.abspath(source.model)}@{export_fingerprint(source.model)}"
     return ModelInfo(source, spec, run_fingerprint(ident, dtype, spec), manifest.get("source", {}).get("revision"),
@@ -197,7 +247,7 @@ def _special_token(folder: str, name: str) -> str | None:
         try:
             with open(os.path.join(folder, file), encoding="utf-8") as f:
                 value = json.load(f).get(name)
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             continue
         if isinstance(value, dict):
             value = value.get("content")

@@ -79,6 +79,8 @@ class TextGraph(torch.nn.Module):
 
 def check_out_dir(out_dir: str) -> None:
     """OUT_DIR may be missing, an empty folder, or an earlier export (replaced); anything else is refused."""
+    if not out_dir.strip():
+        raise UsageError("OUT_DIR is empty: give a new (or empty) folder for the export")
     if not os.path.lexists(out_dir):
         parent = os.path.dirname(os.path.abspath(out_dir))
         if not os.path.isdir(parent):

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from pickrank.errors import ModelLoadError
 from pickrank.inputs.decode import ImageSpec
 from pickrank.options import DTYPE_NAMES, DType, as_enum  # noqa: F401 - DTYPE_NAMES: model.py imports it from here
+from pickrank.records import Progress
+
+log = logging.getLogger("pickrank")
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -89,8 +93,8 @@ def hub_file(repo: str, filename: str, revision: str | None, offline: bool, opti
             cached = True
         if not cached:  # hf_hub_download would retry; with a cached copy it falls back to it at once
             check_hub_reachable(repo, filename, revision, option)
-    try:
-        return hf_hub_download(repo, filename, revision=revision, local_files_only=offline)
+    try:  # a few kB: no progress bar (the weights' download is the one shown)
+        return hf_hub_download(repo, filename, revision=revision, local_files_only=offline, tqdm_class=silent_tqdm())
     except Exception as e:  # huggingface_hub raises OSError/ValueError subclasses with long texts
         raise ModelLoadError(load_error_text(repo, e, offline)) from e
 
@@ -119,8 +123,16 @@ def check_hub_reachable(repo: str, filename: str, revision: str | None, option: 
         if "timeout" in type(e).__name__.lower() or "timed out" in text.lower():
             text = f"no answer within {timeout:g} s (a slow network: raise HF_HUB_ETAG_TIMEOUT)"
         raise ModelLoadError(f"cannot reach the Hugging Face hub to fetch {repo}: {text}; give {option} FOLDER, "
-                             f"download it first (hf download {repo}), or set HF_HUB_OFFLINE=1 to use the local "
-                             "cache") from None
+                             f"download it first ({download_command(repo, option)}), or set HF_HUB_OFFLINE=1 to "
+                             "use the local cache") from None
+
+
+def download_command(repo: str, option: str) -> str:
+    """The `hf download` line for only the files pickrank reads of a model (--model) or a processor (--processor)
+    repo: the whole repo can hold other weights (the LAION processor repo holds gigabytes of OpenCLIP's)."""
+    files = "config.json model.safetensors" if option == "--model" else \
+        "preprocessor_config.json 'tokenizer*' vocab.json merges.txt special_tokens_map.json"
+    return f"hf download {repo} --include {files}"
 
 
 def check_local_weights(folder: str) -> None:
@@ -160,26 +172,92 @@ def check_is_clip(source: ModelSource) -> str | None:
     return revision
 
 
-def model_file(source: ModelSource, name: str) -> str:
-    """The local path of one file of the model: in its folder, or in the hub cache (downloaded if need be)."""
+def model_file(source: ModelSource, name: str, tqdm_class: Any = None) -> str:
+    """The local path of one file of the model: in its folder, or in the hub cache (downloaded if need be, its
+    progress shown by `tqdm_class`, else by huggingface_hub's own bar)."""
     if source.model_is_local:
         return os.path.join(source.model, name)
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(source.model, name, revision=source.revision, local_files_only=source.offline)
+    return hf_hub_download(source.model, name, revision=source.revision, local_files_only=source.offline,
+                           tqdm_class=tqdm_class)
 
 
-def weight_files(source: ModelSource) -> list[str]:
+def weight_files(source: ModelSource, tqdm_class: Any = None) -> list[str]:
     """The safetensors files the weights load from: model.safetensors, else the shards its index names."""
     try:
-        single = model_file(source, "model.safetensors")
+        single = model_file(source, "model.safetensors", tqdm_class)
         if os.path.exists(single):
             return [single]
     except Exception:  # a sharded checkpoint has no model.safetensors (the hub says so with its own errors)
         pass
     with open(model_file(source, WEIGHTS_INDEX), encoding="utf-8") as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
-    return [model_file(source, name) for name in shards]
+    return [model_file(source, name, tqdm_class) for name in shards]
+
+
+def silent_tqdm() -> type:
+    """A tqdm class for huggingface_hub's downloads that shows nothing."""
+    from tqdm import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    return Silent
+
+
+def reporting_tqdm(on_progress: Callable[[Progress], None]) -> type:
+    """A tqdm class for huggingface_hub's downloads that draws nothing and reports each file's bytes to
+    `on_progress` as "downloading" events (the CLI draws them in its one bar)."""
+    from tqdm import tqdm
+
+    class Reporting(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            self.done, self.size = int(kwargs.get("initial") or 0), kwargs.get("total")
+            self.file = str(kwargs.get("desc") or "").rsplit("/", 1)[-1]  # the hub's desc may be a cut URL
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.report()
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += int(n or 0)
+            self.report()
+            return None
+
+        def report(self) -> None:
+            on_progress(Progress("downloading", self.done, self.size, detail=self.file))
+
+    return Reporting
+
+
+def hub_cache_dir() -> str:
+    """Where huggingface_hub keeps downloaded models ($HF_HUB_CACHE, else ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def fetch_weights(source: ModelSource, on_progress: Callable[[Progress], None] | None = None) -> None:
+    """A hub model's weights into the local Hugging Face cache, visibly, before anything loads them: where they go
+    is said on the "pickrank" logger, and the bytes as they arrive go to `on_progress` ("downloading" events)
+    or, without it, to huggingface_hub's own progress bar. A model already cached costs one lookup."""
+    if source.model_is_local or hub_offline(source.offline):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(source.model, "model.safetensors", revision=source.revision), str):
+            return
+    except ValueError:  # not a repo id: the load reports it
+        return
+    log.info("downloading the weights of %s into %s (once: later runs use that copy)", source.model,
+             hub_cache_dir())
+    try:
+        weight_files(source, reporting_tqdm(on_progress) if on_progress is not None else None)
+    except Exception as e:  # huggingface_hub's texts run to many lines
+        raise ModelLoadError(load_error_text(source.model, e, source.offline)) from e
 
 
 def local_fingerprint(folder: str) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import json
 import logging
 import os
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from pickrank.models.source import (
     ModelInfo,
     ModelSource,
     check_dtype_name,
+    fetch_weights,
     inspect_model,
     load_error_text,
     local_fingerprint,
@@ -29,6 +33,9 @@ from pickrank.models.source import (
     vision_gflops,
     weight_files,
 )
+
+if TYPE_CHECKING:
+    from pickrank.records import Progress
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROCESSOR", "ModelSource", "resolve_source", "local_fingerprint", "Embedder",
            "PickScoreTowers", "features", "pick_device", "check_dtype", "cpu_has_bf16"]
@@ -105,6 +112,29 @@ def _weights_file_for(source: ModelSource, tensor: str) -> str:
         return model_file(source, json.load(f)["weight_map"][tensor])
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' load report (every vision weight a text tower leaves unused) and its "Loading weights" bars
+    off for the block, and the host's settings back after it: its log level, its progress-bar switch and
+    huggingface_hub's (which that switch turns off too). Process-wide while the block runs, as these settings are."""
+    from transformers.utils import logging as hf_logging
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (its package exports the class)
+
+    logger = logging.getLogger("transformers")
+    level, bars, hub_bars = logger.level, hf_logging.is_progress_bar_enabled(), dict(hub_tqdm.progress_bar_states)
+    logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        hub_tqdm.progress_bar_states.clear()
+        hub_tqdm.progress_bar_states.update(hub_bars)
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
     """Load weights straight into the run's dtype (less memory and time than fp32 then cast)."""
     import transformers
@@ -140,10 +170,11 @@ class PickScoreTowers(torch.nn.Module):
         sub = copy.deepcopy(getattr(self.config, f"{tower}_config"))
         sub.projection_dim = self.config.projection_dim  # CLIPConfig keeps it at the top level
         try:
-            model = cls.from_pretrained(self.source.model, config=sub, revision=self.source.revision,
-                                        use_safetensors=True, local_files_only=self.source.offline,
-                                        trust_remote_code=False, attn_implementation="sdpa",
-                                        **_dtype_kwarg(self.dtype_))
+            with quiet_transformers():
+                model = cls.from_pretrained(self.source.model, config=sub, revision=self.source.revision,
+                                            use_safetensors=True, local_files_only=self.source.offline,
+                                            trust_remote_code=False, attn_implementation="sdpa",
+                                            **_dtype_kwarg(self.dtype_))
         except Exception as e:
             raise ModelLoadError(load_error_text(self.source.model, e, self.source.offline)) from e
         return model.eval().to(device=self.device_, dtype=self.dtype_)
@@ -192,32 +223,47 @@ class Embedder:
 
     @classmethod
     def load(cls, source: ModelSource, device: str = "auto", dtype: str = "fp32", batch_size: int | None = None,
-             info: ModelInfo | None = None) -> "Embedder":
+             info: ModelInfo | None = None,
+             on_progress: Callable[[Progress], None] | None = None) -> "Embedder":
         """Load the text tower, tokenizer and preprocessing config (the vision tower on first use); `info` is
-        `source.inspect_model`'s answer when the caller already has it."""
+        `source.inspect_model`'s answer when the caller already has it. A hub model's weights are downloaded first,
+        visibly (`source.fetch_weights`: "downloading" events to `on_progress`, else huggingface_hub's bar)."""
         from transformers import AutoTokenizer, CLIPConfig
-        from transformers.utils import logging as hf_logging
 
         dev = pick_device(device)
         tdtype = check_dtype(dtype, dev)
         info = info or inspect_model(source, dtype)
-        hf_logging.set_verbosity_error()  # transformers' load reports would mix into our stderr
-        hf_logging.disable_progress_bar()
+        fetch_weights(source, on_progress)
         try:
-            config = CLIPConfig.from_pretrained(source.model, revision=source.revision,
-                                                local_files_only=source.offline)
+            with quiet_transformers():
+                config = CLIPConfig.from_pretrained(source.model, revision=source.revision,
+                                                    local_files_only=source.offline)
         except Exception as e:
             raise ModelLoadError(load_error_text(source.model, e, source.offline)) from e
         towers = PickScoreTowers(source, config, dev, tdtype)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.processor, local_files_only=source.offline,
-                                                      trust_remote_code=False)
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(source.processor, local_files_only=source.offline,
+                                                          trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(load_error_text(source.processor, e, source.offline)) from e
+        # embed_texts counts tokens untruncated to report truncation itself; this tokenizer's own "longer than the
+        # maximum" warning would say the opposite of what happens (the text is cut at 77 tokens)
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         embedder = cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
                        batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
         embedder.head = info.head
         return embedder
+
+    def to(self, device: str | torch.device) -> "Embedder":
+        """Move the model to `device` (checked as --device is); the dtype must run there."""
+        dev = pick_device(str(device))
+        check_dtype({v: k for k, v in DTYPES.items()}[self.dtype], dev)
+        self.model.to(dev)
+        if isinstance(self.model, PickScoreTowers):
+            self.model.device_ = dev  # where a vision tower not loaded yet will go
+        self.device = dev
+        return self
 
     def error(self) -> None:
         """Why the load failed: an Embedder has loaded (as `loading.LoadingEmbedder.error`)."""

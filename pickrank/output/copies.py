@@ -27,8 +27,26 @@ def check_copy_to(dest: str) -> None:
         raise OutputError(f"--copy-to {dest}: the folder is not writable")
 
 
+def group_folder(dest: str, group: str | None) -> str:
+    """Where a record's copy goes: dest/GROUP/ for a best-of-n group (made if missing), so that winners keep the
+    group they came from and two groups' cand0.png never meet; dest itself for other records."""
+    if not group:
+        return dest
+    parts = [p for p in group.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or os.path.isabs(group):  # never a path out of dest
+        raise OSError(f"group {group!r} is not a folder name")
+    folder = os.path.join(dest, *parts)
+    for i in range(1, len(parts) + 1):
+        sub = os.path.join(dest, *parts[:i])
+        if os.path.islink(sub):  # not ours to write through
+            raise OSError(f"{sub} is a symbolic link")
+        os.makedirs(sub, exist_ok=True)
+    return folder
+
+
 def copy_winners(records: tuple[Record, ...], dest: str) -> tuple[tuple[Record, ...], int]:
-    """Copy each scored record's image into dest under a name not taken yet (never overwriting).
+    """Copy each scored record's image into dest (a best-of-n group's into dest/GROUP/) under a name not taken yet
+    (never overwriting).
 
     A copy that fails becomes that record's error (its score stays); returns the records and how many failed.
     """
@@ -39,7 +57,7 @@ def copy_winners(records: tuple[Record, ...], dest: str) -> tuple[tuple[Record, 
             out.append(r)
             continue
         try:
-            out.append(replace(r, copied_to=copy_one(r.path, dest)))
+            out.append(replace(r, copied_to=copy_one(r.path, group_folder(dest, r.group))))
         except OSError as e:
             reason = f"not copied to {dest}: {e.strerror or e}"
             log.warning("%s: %s", r.path, reason)

@@ -56,17 +56,17 @@ def _table(rows: list[dict], out: Output) -> int:
     from rich.markup import escape as markup_escape
     from rich.table import Table
 
-    from pickrank.output.terminal import terminal_safe
+    from pickrank.output.terminal import print_titled, terminal_safe
 
     def safe(text: str | None) -> str:
         return markup_escape(terminal_safe(text or ""))
 
-    table = Table(title=f"{len(rows)} image(s)", title_justify="left")
+    table = Table()
     for name in ("path", "source", "prompt"):
         table.add_column(name, overflow="fold")
     for r in rows:
         prompt = safe(r["prompt"]) if r["prompt"] is not None else f"[dim](none: {safe(r['reason'])})[/dim]"
         table.add_row(safe(r["path"]), safe(r["source"] or "-"), prompt)
-    Console(file=out.stream, force_terminal=out.is_terminal or None,
-            width=None if out.is_terminal else 120).print(table)
+    print_titled(Console(file=out.stream, force_terminal=out.is_terminal or None,
+                         width=None if out.is_terminal else 120), f"{len(rows)} image(s)", table)
     return len(rows)

@@ -173,17 +173,17 @@ def _open_stream(path: str, label: str) -> int:
 
 
 class Output:
-    """A text destination: stdout; a file, written to a temp file renamed into place on close; or a device,
-    FIFO or /dev/stdout-style path, written straight through."""
+    """A text destination (binary with `binary`): stdout; a file, written to a temp file renamed into place on
+    close; or a device, FIFO or /dev/stdout-style path, written straight through."""
 
-    def __init__(self, path: str | None, label: str = "-o") -> None:
+    def __init__(self, path: str | None, label: str = "-o", binary: bool = False) -> None:
         self.path = path
         self.label = label  # how messages name the option that gave the path
         self._tmp: str | None = None
         self._direct = False  # a stream opened here and written straight through: closed, never renamed
         self.target: Target | None = None
         if path is None or path == "-":
-            self.stream: IO[str] = sys.stdout
+            self.stream: IO = sys.stdout.buffer if binary else sys.stdout
             self.path = None
             return
         self.target = resolve_output(path, label)
@@ -192,7 +192,7 @@ class Output:
         else:
             fd = os.dup(self.target.fd) if self.target.kind == "fd" else _open_stream(path, label)
             self._direct = True
-        self.stream = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        self.stream = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
 
     def describe(self) -> str:
         """How messages name it: "-o out.csv", "--meta m.json", or "stdout"."""

@@ -20,3 +20,13 @@ def terminal_safe(text: str) -> str:
     """text with each control character written as a visible escape (ESC as \\x1b, newline as \\n); the rest,
     backslashes included, unchanged. For tables and messages only: machine formats keep the real text."""
     return _UNSAFE.sub(_escape, text)
+
+
+def print_titled(console: object, title: str, table: object) -> None:
+    """A rich table with its title on a line of its own above it: the title wraps between words at the console's
+    width (not within the table's, often narrower), and is not padded to the table's width. `title` is plain text
+    (shown as written, control characters escaped)."""
+    from rich.text import Text
+
+    console.print(Text(terminal_safe(title), style="italic"))  # type: ignore[attr-defined]
+    console.print(table)  # type: ignore[attr-defined]

@@ -13,19 +13,22 @@ from typing import Iterable
 
 from pickrank.errors import OutputError, UsageError
 from pickrank.options import FORMATS, OutputOptions
-from pickrank.output.sinks import SinkBase
+from pickrank.output.sinks import Sink, SinkBase
 from pickrank.output.targets import Output
 from pickrank.records import Record
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # The format an output file's extension names when -f is not given (.txt: the plain list of paths).
-EXTENSION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".txt": "paths"}
+EXTENSION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".txt": "paths",
+                     ".parquet": "parquet"}
 log = logging.getLogger("pickrank")
 
 
 def record_fields(kind: str, copy: bool = False) -> tuple[str, ...]:
     """Output columns for a command: batch adds id, best-of-n adds group (and copied_to with --copy-to); every
     command says where each record's prompt came from (prompt_source)."""
+    if kind == "dataset":  # a sample is its key in its shard (and its uid when it has one), not a path
+        return ("key", "uid", "shard", "prompt", "prompt_source", "score", "prob", "rank", "truncated", "error")
     lead = {"batch": ("id",), "best-of-n": ("group",)}.get(kind, ())
     tail = ("copied_to",) if copy else ()
     return lead + ("prompt", "prompt_source", "path", "score", "prob", "rank", "truncated", "error") + tail
@@ -39,10 +42,20 @@ def csv_safe(value: object) -> object:
 
 
 def format_for_path(path: str | None) -> str | None:
-    """The format an output file's extension names (.jsonl, .json, .csv, .txt), or None (stdout, other names)."""
+    """The format an output file's extension names (.jsonl, .json, .csv, .txt, .parquet), or None (stdout, other
+    names)."""
     if not path or path == "-":
         return None
     return EXTENSION_FORMATS.get(os.path.splitext(path)[1].lower())
+
+
+def check_extension(path: str | None) -> None:
+    """An -o name whose extension pickrank does not know is a usage error (without -f), never a silent JSON Lines
+    file; a name without one (a device, a FIFO, `results`) is JSON Lines, as is stdout."""
+    ext = os.path.splitext(os.path.basename(path or ""))[1].lower()
+    if ext and path != "-" and ext not in EXTENSION_FORMATS:
+        known = ", ".join(EXTENSION_FORMATS)
+        raise UsageError(f"-o {path}: pickrank does not know the extension {ext} ({known}): name the format with -f")
 
 class Writer(SinkBase):
     """Base writer (a `Sink`): `write(records)` for each finished ranking, then `close()`."""
@@ -218,7 +231,7 @@ class TableWriter(Writer):
         from rich.markup import escape as markup_escape
         from rich.table import Table
 
-        from pickrank.output.terminal import terminal_safe
+        from pickrank.output.terminal import print_titled, terminal_safe
 
         def escape(text: str) -> str:  # neither rich markup nor terminal control sequences in names and prompts
             return markup_escape(terminal_safe(text))
@@ -232,7 +245,7 @@ class TableWriter(Writer):
         title = title if len(title) < 200 else title[:197] + "..."
         if first.prompt_source not in (None, "option", "csv"):  # a prompt the user did not type: say whence
             title = f"{title}  (prompt from {first.prompt_source})"
-        table = Table(title=escape(title), title_justify="left")
+        table = Table()
         for name, justify in (("rank", "right"), ("score", "right"), ("prob", "right"), ("path", "left")):
             table.add_column(name, justify=justify, overflow="fold")
         for r in records:
@@ -240,7 +253,7 @@ class TableWriter(Writer):
                 table.add_row("-", "-", "-", escape(f"{r.path}  (error: {r.error})"))
             else:
                 table.add_row(str(r.rank), f"{r.score:.3f}", f"{r.prob:.3f}", escape(r.path or ""))
-        self.console.print(table)
+        print_titled(self.console, title, table)
 
 
 def _closed_pipe() -> None:
@@ -249,11 +262,13 @@ def _closed_pipe() -> None:
 
 
 def make_writer(fmt: str, out: Output, fields: tuple[str, ...], null: bool = False,
-                with_meta: bool = False) -> Writer:
+                with_meta: bool = False) -> Sink:
     """The writer for a --format name; null (-0) ends each path with NUL and goes only with paths; with_meta wraps
     -f json's array with the provenance (`outputs.choose_format` refuses it with the other formats)."""
+    from pickrank.output.parquet import ParquetWriter  # here: pyarrow is optional
+
     classes = {"json": JsonMetaWriter if with_meta else JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter,
-               "paths": PathsWriter, "table": TableWriter}
+               "paths": PathsWriter, "table": TableWriter, "parquet": ParquetWriter}
     if fmt not in classes:
         raise OutputError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "paths":
@@ -268,6 +283,8 @@ def choose_format(o: OutputOptions) -> str | None:
     fmt = o.format.value if o.format is not None else None
     if o.null and fmt not in (None, "paths"):
         raise UsageError(f"-0/--null goes with -f paths only, not -f {fmt}")
+    if fmt is None and not o.null:
+        check_extension(o.output)
     fmt = fmt or ("paths" if o.null else format_for_path(o.output))
     if o.with_meta and fmt != "json":  # CSV, JSON Lines and the others stay pure records
         raise UsageError(f"--with-meta wraps -f json's array, not -f {fmt or 'jsonl/table'}: give -f json, or "

@@ -38,7 +38,7 @@ from pickrank.inputs.files import ReadError
 from pickrank.inputs.workers import decode_job
 from pickrank.options import DType
 from pickrank.ray.cluster import first_line, join_or_start, plain, require_ray
-from pickrank.records import Finished
+from pickrank.records import Finished, Progress
 
 if TYPE_CHECKING:
     from pickrank.core.cache import NullCache
@@ -441,7 +441,7 @@ class RayEngine:
     """
 
     def __init__(self, embedder: Embedder, cache: NullCache | None = None, options: RunOptions | None = None,
-                 on_progress: Callable[[int], None] | None = None, address: str | None = None,
+                 on_progress: Callable[[Progress], None] | None = None, address: str | None = None,
                  actors: int | None = None, batch_size: int | None = None) -> None:
         self.ray = require_ray()
         from pickrank.core.engine import Engine
@@ -472,9 +472,17 @@ class RayEngine:
 
     def rank(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
         """Engine.rank with the misses decoded and embedded on Ray; Ray's errors become one-line PickrankErrors."""
+        return self._on_ray(self.engine.rank(sets))
+
+    def rank_open(self, sets: Iterable[CandidateSet]) -> Iterator[Ranking]:
+        """Engine.rank_open (a dataset's stream of sets) with the misses decoded and embedded on Ray."""
+        return self._on_ray(self.engine.rank_open(sets))
+
+    def _on_ray(self, ranked: Iterator[Ranking]) -> Iterator[Ranking]:
+        """The engine's rankings; Ray's errors become one-line PickrankErrors, and a Ray this run started stops."""
         self._started = False
         try:
-            yield from self.engine.rank(sets)
+            yield from ranked
         except PickrankError:
             raise
         except Exception as e:

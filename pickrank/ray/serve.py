@@ -1,6 +1,10 @@
 """`pickrank serve --engine ray`: the same HTTP API (`server.create_app`, the same routes, parsing, decoding and
-score math) as a Ray Serve deployment, one replica per GPU (or `--replicas N`), batched by Ray Serve's own
-`@serve.batch` (one call per image, so --max-batch counts images as in the local server).
+score math) as a Ray Serve deployment, one replica per GPU (or `--replicas N`; on CPUs each replica declares its
+share of the cluster's cores, which Ray gives its torch as threads), batched by Ray Serve's own `@serve.batch` (one
+call per image, so --max-batch counts images as in the local server).
+
+Connections, header timeouts and malformed HTTP are Ray Serve's proxy's to handle, not `serve.server`'s guards;
+everything from the request body on is the app's, as in the local server.
 
 Each replica loads the model before it takes requests (Ray's proxy routes to it only then) and decodes in threads
 of its own process. Ray ships the deployment class with its own serialisation; requests stay JSON, multipart or
@@ -25,7 +29,7 @@ from ray import serve
 from pickrank.options import ModelOptions, Scale
 from pickrank.ray.cluster import join_or_start
 from pickrank.serve.app import create_app
-from pickrank.serve.batching import score_batch
+from pickrank.serve.batching import Group, score_groups
 from pickrank.serve.metrics import Metrics
 from pickrank.serve.requests import ServeLimits
 from pickrank.signals import handlers, set_handlers
@@ -44,18 +48,37 @@ class RayBatcher:
         self._embed.set_batch_wait_timeout_s(limits.max_wait_ms / 1000)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def _embed(self, items: list[tuple[np.ndarray, str]]) -> list[tuple[float, bool]]:
-        """One model call over the images Ray gathered: (raw score, truncated) per image."""
+    async def _embed(self, items: list[tuple[np.ndarray, str, int]]) -> list[tuple[float, bool] | Exception]:
+        """One model call over the images Ray gathered (`score_groups`, grouped by request: a failure is only its
+        own request's): (raw score, truncated), or the request's error, per image."""
         self.metrics.batch_size.observe(len(items))
+        groups: dict[int, Group] = {}
+        for px, prompt, request in items:
+            groups.setdefault(request, ([], []))[0].append(px)
+            groups[request][1].append(prompt)
         loop = asyncio.get_running_loop()
-        scores, truncated = await loop.run_in_executor(self.model_thread, score_batch, self.embedder,
-                                                       [px for px, _ in items], [p for _, p in items])
-        return list(zip(scores.tolist(), truncated))
+        results = await loop.run_in_executor(self.model_thread, score_groups, self.embedder, list(groups.values()))
+        by_request = dict(zip(groups, results))
+        taken = dict.fromkeys(groups, 0)
+        out: list[tuple[float, bool] | Exception] = []
+        for _, _, request in items:
+            result = by_request[request]
+            if isinstance(result, Exception):
+                out.append(result)
+                continue
+            i = taken[request]
+            taken[request] += 1
+            out.append((float(result[0][i]), result[1][i]))
+        return out
 
     async def score(self, pixels: list[np.ndarray], prompts: list[str]) -> tuple[np.ndarray, list[bool]]:
         """Raw scores and truncation flags of one request's images, in order."""
-        out = await asyncio.gather(*(self._embed((px, p)) for px, p in zip(pixels, prompts)))
-        return np.array([s for s, _ in out], dtype=np.float32), [t for _, t in out]
+        request = id(pixels)  # unique while this request waits
+        out = await asyncio.gather(*(self._embed((px, p, request)) for px, p in zip(pixels, prompts)))
+        failed = next((r for r in out if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
+        return np.array([s for s, _ in out], dtype=np.float32), [t for _, t in out]  # type: ignore[misc]
 
     async def run(self) -> None:
         """Nothing to run: Ray Serve drives the batches."""
@@ -78,6 +101,14 @@ class PickScoreReplica:
         return create_app(self.embedder, self.limits, token=self.token, scale=self.scale, make_batcher=RayBatcher)
 
 
+def replica_resources(replicas: int, gpus: int, cpus: float) -> dict:
+    """What each replica declares: a GPU and a CPU where the cluster has GPUs; else its share of the cores (Ray sets
+    an actor's OMP_NUM_THREADS to its CPUs, and torch takes that many threads: one CPU would be one thread)."""
+    if gpus:
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": max(1, int(cpus) // replicas), "num_gpus": 0}
+
+
 def _free_port(host: str) -> int:
     """A port free on host now (Ray Serve's proxy cannot be told port 0)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -96,14 +127,16 @@ def serve_ray(model: ModelOptions, limits: ServeLimits, host: str, port: int, to
     try:
         port = port or _free_port(host)
         serve.start(http_options={"host": host, "port": port})
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        deployment = serve.deployment(PickScoreReplica, name="pickrank", num_replicas=replicas or max(1, gpus),
-                                      ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpus else 0},
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        count = replicas or max(1, gpus)
+        deployment = serve.deployment(PickScoreReplica, name="pickrank", num_replicas=count,
+                                      ray_actor_options=replica_resources(count, gpus, resources.get("CPU", 1)),
                                       max_ongoing_requests=max(limits.max_queue, 1))
         limits = replace(limits, workers=0)  # a replica decodes in its own threads
         serve.run(deployment.bind(model, limits, token, scale.value), name="pickrank", route_prefix="/")
         where = f"[{host}]" if ":" in host else host
-        print(f"pickrank: listening on http://{where}:{port} (Ray Serve, {replicas or max(1, gpus)} replica(s))",
+        print(f"pickrank: listening on http://{where}:{port} (Ray Serve, {count} replica(s))",
               file=sys.stderr, flush=True)
         _wait_for_stop_signal()
         log.info("stopping: draining the replicas")

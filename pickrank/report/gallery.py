@@ -19,6 +19,7 @@ from typing import IO, Iterable, Iterator
 
 from pickrank import __version__
 from pickrank.errors import UsageError
+from pickrank.inputs.textfile import loads_json
 from pickrank.records import Record
 from pickrank.report.page import (
     HEADER_CSS,
@@ -38,9 +39,10 @@ _KINDS = ("score", "best-of-n", "batch")
 
 _CSS = """
 :root{--bg:#f4f5f7;--card:#fff;--ink:#1d2330;--mute:#6a7282;--line:#dde1e7;--acc:#2f6fde;--win:#e0a800;--bad:#c0392b}
-""" + HEADER_CSS + """.tools{position:sticky;top:0;z-index:5;display:flex;gap:10px;align-items:center;padding:8px 20px;
-background:rgba(244,245,247,.95);border-bottom:1px solid var(--line)}
-.tools input{flex:1;max-width:420px;padding:6px 9px;border:1px solid #c5ccd6;border-radius:6px;font:inherit}
+""" + HEADER_CSS + """.tools{position:sticky;top:0;z-index:5;display:flex;flex-wrap:wrap;gap:6px 10px;align-items:center;
+padding:8px 20px;background:rgba(244,245,247,.95);border-bottom:1px solid var(--line)}
+.tools input{flex:1 1 160px;min-width:0;max-width:420px;padding:6px 9px;border:1px solid #c5ccd6;border-radius:6px;
+font:inherit}
 .tools select{padding:5px;border:1px solid #c5ccd6;border-radius:6px;font:inherit}
 .tools .n{color:var(--mute);font-size:13px}
 main{padding:6px 20px 40px}
@@ -50,6 +52,7 @@ section.set>h2 .tag{display:inline-block;font-size:12px;font-weight:600;color:#f
 border-radius:4px;padding:1px 6px;margin-right:6px;vertical-align:2px;white-space:normal}
 section.set>h2 .tag.src{background:#7a6a56;font-weight:400}
 .sub{color:var(--mute);font-size:12px;margin:0 0 10px}
+svg.strip{display:block;max-width:100%;height:auto;margin:0 0 10px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:12px}
 .card{position:relative;background:var(--card);border:1px solid var(--line);border-radius:8px;overflow:hidden;
 content-visibility:auto;contain-intrinsic-size:auto 280px}
@@ -241,6 +244,8 @@ class _Renderer(PageWriter):
         if any(r.truncated for r in records):
             sub.append("prompt truncated to the model's 77 tokens")
         self.w(f'<p class="sub">{esc(", ".join(sub))}</p>\n')
+        if len(scored) > 1:
+            self.w(score_strip(scored), "\n")
         if scored:
             self.w('<div class="grid">\n')
             for r in scored:
@@ -257,6 +262,8 @@ class _Renderer(PageWriter):
     def card(self, r: Record) -> None:
         path = r.path or ""
         name = os.path.basename(path) or path
+        folder = os.path.basename(os.path.dirname(path))
+        label = f"{folder}/{name}" if folder else name  # a best-of-n group's cand0.png says which group
         win = r.rank == 1
         prob = max(0.0, min(1.0, r.prob or 0.0))
         caption = f"#{r.rank}  {name}  score {number(r.score)}  prob {number(r.prob)}"
@@ -275,10 +282,32 @@ class _Renderer(PageWriter):
         self.w('</a><div class="info">'
                f'<div class="row"><b>{esc(number(r.score))}</b><span>prob {esc(number(r.prob))}</span></div>'
                f'<div class="bar" title="prob {esc(number(r.prob))}"><i style="width:{prob * 100:.1f}%"></i></div>'
-               f'<div class="name" title="{esc(path)}">{esc(name)}</div>')
+               f'<div class="name" title="{esc(path)}">{esc(label)}</div>')
         if r.copied_to:
             self.w(f'<div class="copied" title="{esc(r.copied_to)}">copied to {esc(r.copied_to)}</div>')
         self.w("</div></div>\n")
+
+
+def score_strip(records: list[Record], width: int = 400) -> str:
+    """SVG: where a ranking's scores lie, one dot per image (the winner's in gold), between its lowest and highest
+    score."""
+    scores = [r.score for r in records if r.score is not None]
+    lo, hi = min(scores), max(scores)
+    pad = (hi - lo) * 0.05 or 1.0
+    x0, x1 = lo - pad, hi + pad
+
+    def x(v: float) -> float:
+        return 50 + (width - 100) * (v - x0) / (x1 - x0)
+
+    dots = "".join(f'<circle class="sdot{" win" if r.rank == 1 else ""}" cx="{x(r.score):.1f}" cy="14" r="5" '
+                   f'fill="{"#e0a800" if r.rank == 1 else "#2f6fde"}" fill-opacity=".75"><title>#{esc(r.rank)} '
+                   f'{esc(os.path.basename(r.path or ""))}: {number(r.score)}</title></circle>'
+                   for r in records if r.score is not None)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="strip" width="{width}" height="30" viewBox="0 0 {width} '
+            f'30" role="img" aria-label="the scores of this ranking"><line x1="{x(lo):.1f}" y1="14" x2="{x(hi):.1f}" '
+            f'y2="14" stroke="#c5ccd6"/><text x="{x(lo) - 8:.1f}" y="18" font-size="11" text-anchor="end" '
+            f'fill="#6a7282">{number(lo, 2)}</text><text x="{x(hi) + 8:.1f}" y="18" font-size="11" fill="#6a7282">'
+            f'{number(hi, 2)}</text>{dots}</svg>')
 
 
 # -- saved results ---------------------------------------------------------------------------------------
@@ -314,8 +343,8 @@ def _with_meta(text: str) -> tuple[dict, list] | None:
     if not text.lstrip().startswith("{"):
         return None
     try:
-        data = json.loads(text)
-    except ValueError:  # JSON Lines: one object per line
+        data = loads_json(text)
+    except ValueError:  # JSON Lines: one object per line (or nested too deep: refused below)
         return None
     if isinstance(data, dict) and isinstance(data.get("records"), list) and isinstance(data.get("meta"), dict):
         return data["meta"], data["records"]
@@ -347,16 +376,18 @@ def load_results(path: str) -> tuple[list[Record], dict, str]:
     meta: dict = dict(wrapped[0]) if wrapped is not None else {}
     if wrapped is not None or text.lstrip().startswith("["):
         try:
-            data = wrapped[1] if wrapped is not None else json.loads(text)
-        except ValueError as e:
+            data = wrapped[1] if wrapped is not None else loads_json(text)
+        except json.JSONDecodeError as e:
             raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        except ValueError as e:  # nested too deep to read safely
+            raise UsageError(f"{path}: not valid JSON ({e})") from None
         rows = [(f"{path} item {i + 1}", d) for i, d in enumerate(data)]
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path} line {n}", json.loads(line)))
+                rows.append((f"{path} line {n}", loads_json(line)))
             except ValueError:
                 raise UsageError(f"{path} line {n}: not JSON; give results written with -f jsonl") from None
     records: list[Record] = []
@@ -386,4 +417,4 @@ def render_results(results: str, output: str, workers: int | None = None) -> tup
     return len(report.sections), missing
 
 
-__all__ = ["HtmlReport", "load_results", "render_results"]
+__all__ = ["HtmlReport", "load_results", "render_results", "score_strip"]

@@ -4,10 +4,12 @@
     POST /v1/score   {"prompt" | "prompts", "images": [base64 PNG/JPEG/WebP], "scale"?} (JSON), a multipart form
                      (prompt, image..., scale), or a safetensors body (uint8 `images` (N, H, W, 3), or runs of one
                      size as `images.0`, `images.1`, ...; metadata "prompt" or "prompts" (a JSON list), "scale")
-                     -> {"scores": [...], "truncated": [...], "scale": ..., "model": {...}}, in request order
+                     -> {"scores": [...], "truncated": [...], "scale": ..., "model": "NAME@REVISION"}, in request
+                     order; ?meta=1: "model" is the whole provenance (as on /v1/info)
     POST /v1/rank    the same body, one prompt -> {"ranking": [{"index", "score", "prob", "rank"}, best first], ...}
-    GET  /healthz    200 once the model has loaded, 503 (Retry-After) until then
-    GET  /v1/info    model, versions, limits, default scale;  GET /metrics (Prometheus);  /docs (OpenAPI)
+    GET  /healthz    {"status": "ok"} once the model has loaded, 503 (Retry-After) until then; nothing else
+    GET  /v1/info    model, versions, limits, default scale;  GET /metrics (Prometheus)
+    GET  /docs       the routes, a page with no outside resources;  /openapi.json (OpenAPI)
 
 This module holds the app: its routes, errors, info and metrics. Requests are parsed in `serve.requests`;
 decoding and batching are `serve.batching`'s, and nothing there decodes, preprocesses or scores on its own:
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import logging
 import sys
 import threading
@@ -37,7 +40,7 @@ from pickrank import __version__
 from pickrank.options import Scale
 from pickrank.serve.batching import Decoders, DynamicBatcher
 from pickrank.serve.metrics import Metrics
-from pickrank.serve.requests import ApiError, ScoreRequest, ServeLimits, parse_request, unavailable
+from pickrank.serve.requests import ApiError, Bodies, ScoreRequest, ServeLimits, content_kind, parse_body, unavailable
 
 if TYPE_CHECKING:
     from pickrank.models.protocol import ImageTextEmbedder
@@ -63,19 +66,43 @@ def model_provenance(embedder: ImageTextEmbedder) -> dict:
             "status": "loading" if not embedder.ready else "failed"}
 
 
-def server_info(model: dict, limits: ServeLimits, scale: Scale, ready: bool) -> dict:
-    """GET /v1/info: the model's provenance, versions, limits and the default scale (the one place it is built)."""
+def cpu_threads(backend: str) -> int | None:
+    """The threads torch runs a model call on in this process (None for another backend)."""
+    if backend != "torch":
+        return None
+    import torch
+
+    return torch.get_num_threads()
+
+
+def short_model_id(prov: dict) -> str:
+    """The model as score responses name it: NAME@REVISION (a hub commit's first 12 digits), or for a folder
+    NAME@ the first 12 hex digits of its weights' SHA-256; the whole provenance is on /v1/info."""
+    weights = prov.get("weights") or {}
+    tag = (prov.get("revision") or "")[:12] or str(next(iter(weights.values()), ""))[:12]
+    return f"{prov.get('model')}@{tag}" if tag else str(prov.get("model"))
+
+
+def wants_meta(request: Request) -> bool:
+    """?meta=1 (or true, yes): the response carries the whole provenance, not only the model's short id."""
+    return request.query_params.get("meta", "").lower() in ("1", "true", "yes")
+
+
+def server_info(model: dict, limits: ServeLimits, scale: Scale, ready: bool, threads: int | None = None) -> dict:
+    """GET /v1/info: the model's provenance, versions, limits, the default scale and the CPU threads of a model
+    call (the one place it is built)."""
     versions = {"pickrank": __version__, "python": sys.version.split()[0],
                 **{p: _version(p) for p in ("torch", "transformers", "fastapi", "uvicorn")}}
     return {"model": model, "versions": versions, "limits": asdict(limits),
-            "scale": scale.value, "scales": [s.value for s in Scale], "ready": ready}
+            "scale": scale.value, "scales": [s.value for s in Scale], "ready": ready, "cpu_threads": threads}
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    """Every error the server sends: JSON {"error": message}."""
+    """Every error the server sends: JSON {"error": message}; the connection is closed after it (the request's body
+    may be unread: the connection could not carry another request)."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers={**(headers or {}), "Connection": "close"})
 
 
 class _Service:
@@ -90,6 +117,9 @@ class _Service:
         self.batcher: DynamicBatcher | None = None
         self.decoders: Decoders | None = None
         self.queued = 0  # images accepted and not yet answered
+        self.bodies = Bodies(limits)
+        self.inflight: set[asyncio.Task] = set()  # the requests' work, cancelled when a stop's grace has passed
+        self.expired = False  # a stop's grace period has passed
         self._provenance: dict | None = None
         self._provenance_lock = threading.Lock()
 
@@ -109,6 +139,11 @@ class _Service:
         """The provenance for a response, with the unit its scores are in (a request may ask for another)."""
         prov = await asyncio.to_thread(self.provenance)
         return {**prov, "scale": (scale or self.scale).value} if "scale" in prov else prov
+
+    async def model_for(self, request: Request, scale: Scale) -> dict | str:
+        """What a score or rank response says of the model: its short id, or with ?meta=1 the provenance."""
+        prov = await self.model_info(scale)
+        return prov if wants_meta(request) else short_model_id(prov)
 
     def _provenance_when_loaded(self) -> None:
         """Wait for the load to end, then compute the provenance (a failure is the requests' to report)."""
@@ -137,6 +172,32 @@ class _Service:
         if error is not None:
             raise ApiError(500, f"the model failed to load: {error}")
 
+    def stop(self) -> None:
+        """On the event loop, when the server stops: bodies still arriving get a 503 at once; requests received
+        get `grace_s` to be answered, then a 503."""
+        self.bodies.stopping.set()
+        asyncio.get_running_loop().call_later(self.limits.grace_s, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        for task in list(self.inflight):
+            task.cancel()
+
+    async def _run(self, work: Callable[[], Awaitable[Any]]) -> Any:
+        """work() as a task of its own, which a stop cancels once its grace period has passed: then a 503."""
+        task = asyncio.ensure_future(work())
+        self.inflight.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.expired and task.cancelled() and not (current and current.cancelling()):
+                raise unavailable(f"the server stopped before this request was answered (--grace-s "
+                                  f"{self.limits.grace_s:g})") from None
+            raise
+        finally:
+            self.inflight.discard(task)
+
     async def answer(self, endpoint: str, request: Request, work: Callable[[], Awaitable[Any]],
                      auth: bool = True) -> Response:
         """Run one endpoint: authorise, time and count it; every failure becomes {"error": ...} with its status."""
@@ -146,7 +207,7 @@ class _Service:
         try:
             if auth:
                 self.authorize(request)
-            result = await work()
+            result = await self._run(work)
             response = result if hasattr(result, "status_code") else JSONResponse(result)
         except ApiError as e:
             response = error_response(e.status, e.message, e.headers)
@@ -158,10 +219,20 @@ class _Service:
         return response
 
     async def raw_scores(self, request: Request) -> tuple[ScoreRequest, np.ndarray, list[bool]]:
-        """Parse, admit (queue limit), decode and score one request: raw scores in request order."""
+        """Read (its bytes held until answered), parse, admit (queue limit), decode and score one request: raw
+        scores in request order."""
         self.check_ready()
-        parsed = await parse_request(request, self.limits)
+        kind = content_kind(request)
+        async with self.bodies.read(request) as body:
+            parsed = await parse_body(kind, request.headers, body, self.limits)
+            return parsed, *await self._queued(parsed)
+
+    async def _queued(self, parsed: ScoreRequest) -> tuple[np.ndarray, list[bool]]:
+        """Admit a parsed request to the queue, decode and score its images."""
         n = len(parsed.images)
+        if n > self.limits.max_queue:
+            raise ApiError(413, f"images: {n} images in one request, more than the queue holds "
+                                f"({self.limits.max_queue}, --max-queue)")
         if self.queued + n > self.limits.max_queue:
             raise unavailable(f"the queue is full ({self.queued} images waiting, limit {self.limits.max_queue})")
         self.queued += n
@@ -174,7 +245,7 @@ class _Service:
             self.queued -= n
             self.metrics.queue.set(self.queued)
         self.metrics.images.inc(n)
-        return parsed, scores, truncated
+        return scores, truncated
 
     def in_scale(self, raw: np.ndarray, scale: Scale) -> list[float]:
         return [scale.convert(float(r), self.embedder.scale) for r in raw]
@@ -183,7 +254,7 @@ class _Service:
         parsed, raw, truncated = await self.raw_scores(request)
         scale = parsed.scale or self.scale
         return {"scores": self.in_scale(raw, scale), "truncated": truncated, "scale": scale.value,
-                "model": await self.model_info(scale)}
+                "model": await self.model_for(request, scale)}
 
     async def rank(self, request: Request) -> dict:
         from pickrank.core.scores import as_array, ranks, softmax_probs
@@ -198,11 +269,12 @@ class _Service:
         order = sorted(range(len(scores)), key=lambda i: rk[i])
         return {"prompt": parsed.prompts[0], "truncated": truncated[0], "scale": scale.value,
                 "ranking": [{"index": i, "score": scores[i], "prob": probs[i], "rank": rk[i]} for i in order],
-                "model": await self.model_info(scale)}
+                "model": await self.model_for(request, scale)}
 
     async def health(self) -> Any:
+        """Whether the model is ready, and nothing more: /healthz needs no token."""
         self.check_ready()
-        return {"status": "ok", "model": await self.model_info()}
+        return {"status": "ok"}
 
     async def metrics_text(self) -> Response:
         from fastapi.responses import Response as Plain
@@ -239,6 +311,24 @@ _BODY_DOC = {"requestBody": {"required": True, "content": {
         "'scale'"}}}}}
 
 
+_DOCS_CSP = "default-src 'none'; style-src 'unsafe-inline'"
+
+
+def docs_page(openapi: dict) -> str:
+    """GET /docs: the routes and their summaries, linking to /openapi.json; no script and nothing from another
+    host, so that it shows offline (an OpenAPI viewer can open the JSON)."""
+    rows = "".join(f"<tr><td>{html.escape(method.upper())}</td><td><code>{html.escape(path)}</code></td>"
+                   f"<td>{html.escape(str(op.get('summary', '')))}</td></tr>"
+                   for path, ops in openapi.get("paths", {}).items() for method, op in ops.items())
+    info = openapi.get("info", {})
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(str(info.get('title')))}"
+            "</title><style>body{font-family:sans-serif;margin:2em}td{padding:.2em 1em .2em 0}</style></head>"
+            f"<body><h1>{html.escape(str(info.get('title')))} {html.escape(str(info.get('version')))}</h1>"
+            f"<p>{html.escape(str(info.get('description', '')))}</p><table>{rows}</table>"
+            "<p>The whole API, with its request bodies: <a href=\"/openapi.json\">/openapi.json</a> (OpenAPI 3; "
+            "open it in any OpenAPI viewer).</p></body></html>")
+
+
 def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, token: str | None = None,
                scale: Scale | str = Scale.raw, make_batcher: Callable[..., Any] = DynamicBatcher) -> FastAPI:
     """The reward server's FastAPI app over an embedder (loaded, or a `loading.LoadingEmbedder` still loading:
@@ -248,9 +338,15 @@ def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, t
     from starlette.exceptions import HTTPException
 
     svc = _Service(embedder, limits or ServeLimits(), token, Scale(scale), make_batcher)
-    app = FastAPI(title="pickrank reward server", version=__version__, lifespan=svc.lifespan,
+    app = FastAPI(title="pickrank reward server", version=__version__, lifespan=svc.lifespan, docs_url=None,
+                  redoc_url=None,
                   description="PickScore rewards, batched across callers. Errors are JSON {\"error\": ...}.")
     app.state.service = svc
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, e: Exception) -> Response:  # outside a route's own handling: JSON too
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
+        return error_response(500, f"internal error: {type(e).__name__}")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> Response:  # 404, 405: JSON as well
@@ -272,12 +368,19 @@ def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, t
     async def healthz(request: Request) -> Response:
         return await svc.answer("healthz", request, svc.health, auth=False)
 
-    @app.get("/v1/info", summary="Model, versions, limits and the default scale")
+    @app.get("/v1/info", summary="Model, versions, limits, the default scale, CPU threads of a model call")
     async def info(request: Request) -> Response:
         async def work() -> dict:
-            return server_info(await svc.model_info(), svc.limits, svc.scale, embedder.ready)
+            threads = cpu_threads(embedder.backend) if embedder.ready else None
+            return server_info(await svc.model_info(), svc.limits, svc.scale, embedder.ready, threads)
 
         return await svc.answer("info", request, work)
+
+    @app.get("/docs", summary="This page: the routes, and a link to /openapi.json", include_in_schema=False)
+    async def docs() -> Response:
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(docs_page(app.openapi()), headers={"Content-Security-Policy": _DOCS_CSP})
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
@@ -286,4 +389,5 @@ def create_app(embedder: ImageTextEmbedder, limits: ServeLimits | None = None, t
     return app
 
 
-__all__ = ["model_provenance", "server_info", "error_response", "create_app"]
+__all__ = ["model_provenance", "cpu_threads", "short_model_id", "wants_meta", "server_info", "error_response",
+           "docs_page", "create_app"]

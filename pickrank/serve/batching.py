@@ -26,6 +26,17 @@ log = logging.getLogger("pickrank")
 _DECODE_CHUNK = 4  # encoded images per round trip to a decode worker
 
 
+def array_pixels(key: str, image: np.ndarray, spec: ImageSpec, max_pixels: int | None) -> Decoded | ReadError:
+    """A pixel array preprocessed (`decode.image_pixels`, its resize bounded by max_pixels as an encoded image's
+    is), or why not as a ReadError (`TooLarge`: a 413), returned rather than raised."""
+    from pickrank.inputs.decode import image_pixels
+
+    try:
+        return Decoded(key, image_pixels(image, spec, max_pixels))
+    except ReadError as e:
+        return e
+
+
 class Decoders:
     """Decoding and preprocessing off the event loop: encoded images in the CLI's worker pool (`workers.decode_many`,
     the same limits), pixel arrays in threads (`decode.image_pixels`, Pillow releases the GIL while it resizes)."""
@@ -37,20 +48,17 @@ class Decoders:
     async def pixels(self, images: list[bytes | np.ndarray], spec: ImageSpec,
                      max_pixels: int | None) -> list[np.ndarray]:
         """Preprocessed uint8 (3, H, W) pixels per image, in order; a 422 (413 over max_pixels) naming the failed."""
-        from pickrank.inputs.decode import image_pixels
-
         loop = asyncio.get_running_loop()
         encoded = [(str(i), im) for i, im in enumerate(images) if isinstance(im, bytes)]
         chunks = [encoded[i:i + _DECODE_CHUNK] for i in range(0, len(encoded), _DECODE_CHUNK)]
         pool: Executor = self.pool or self.threads
         futures = [asyncio.wrap_future(pool.submit(decode_many, c, spec, max_pixels)) for c in chunks]
-        arrays = {i: loop.run_in_executor(self.threads, image_pixels, im, spec, None)
+        arrays = {i: loop.run_in_executor(self.threads, array_pixels, str(i), im, spec, max_pixels)
                   for i, im in enumerate(images) if not isinstance(im, bytes)}
         results: dict[int, Decoded | ReadError] = {}
         for chunk, out in zip(chunks, await asyncio.gather(*futures)):
             results.update((int(k), r) for (k, _), r in zip(chunk, out))
-        for i, px in zip(arrays, await asyncio.gather(*arrays.values())):
-            results[i] = Decoded(str(i), px)
+        results.update(zip(arrays, await asyncio.gather(*arrays.values())))
         failed = [(i, r) for i, r in sorted(results.items()) if isinstance(r, ReadError)]
         if failed:
             status = 413 if any(isinstance(r, TooLarge) for _, r in failed) else 422
@@ -73,6 +81,47 @@ def score_batch(embedder: ImageTextEmbedder, pixels: list[np.ndarray],
     images = batcher.embed(len(batcher)).embeddings
     text, truncated = encode_paired(embedder, prompts, warn=False)
     return np.asarray(paired_scores(text, images, embedder.scale, embedder.head), dtype=np.float32), truncated
+
+
+Group = tuple[list[np.ndarray], list[str]]  # one caller's images and their prompts
+Scored = tuple[np.ndarray, list[bool]]
+
+
+def _alone(embedder: ImageTextEmbedder, group: Group) -> Scored | Exception:
+    """One caller's group scored alone: its scores, or its own error (a 400 when the text encoder refuses its
+    prompts)."""
+    from pickrank.core.engine import encode_paired
+
+    try:
+        return score_batch(embedder, *group)
+    except Exception as e:  # noqa: BLE001 - the caller's own failure, handed back to it alone
+        try:
+            encode_paired(embedder, group[1], warn=False)
+        except Exception as text_error:  # noqa: BLE001 - any refusal of the text is the caller's request's fault
+            return ApiError(400, f"prompts: the text encoder refuses them: {type(text_error).__name__}: "
+                                 f"{text_error}")
+        return e
+
+
+def score_groups(embedder: ImageTextEmbedder, groups: list[Group]) -> list[Scored | Exception]:
+    """Several callers' groups in one model call, each group's (scores, truncated) in order; when that call fails,
+    each group is scored alone, so that no caller fails because of another's content (a failed group gets its own
+    exception)."""
+    if len(groups) == 1:
+        return [_alone(embedder, groups[0])]
+    try:
+        scores, truncated = score_batch(embedder, [px for g in groups for px in g[0]],
+                                        [p for g in groups for p in g[1]])
+    except Exception as e:  # noqa: BLE001 - one group's content may be the cause: find it by scoring each alone
+        log.warning("a model call over %d requests failed (%s: %s): scoring each alone", len(groups),
+                    type(e).__name__, e)
+        return [_alone(embedder, g) for g in groups]
+    out: list[Scored | Exception] = []
+    off = 0
+    for pixels, _ in groups:
+        out.append((scores[off:off + len(pixels)], truncated[off:off + len(pixels)]))
+        off += len(pixels)
+    return out
 
 
 @dataclass
@@ -147,38 +196,42 @@ class DynamicBatcher:
         return slices
 
     async def _call(self, slices: list[tuple[_Job, int, int]]) -> None:
-        """One model call over the slices; each job is answered once all its images are."""
-        pixels = [px for job, a, b in slices for px in job.pixels[a:b]]
-        prompts = [p for job, a, b in slices for p in job.prompts[a:b]]
-        self.metrics.batch_size.observe(len(pixels))
+        """One model call over the slices (`score_groups`: a failure is only its own request's); each job is
+        answered once all its images are, or at its first failure."""
+        groups = [(job.pixels[a:b], job.prompts[a:b]) for job, a, b in slices]
+        self.metrics.batch_size.observe(sum(len(px) for px, _ in groups))
         loop = asyncio.get_running_loop()
-        try:
-            scores, truncated = await loop.run_in_executor(self.model_thread, score_batch, self.embedder, pixels,
-                                                           prompts)
-        except Exception as e:  # the model failed this batch: its requests get a 500, the server goes on
-            log.error("model call failed: %s: %s", type(e).__name__, e)
-            for job, _, _ in slices:
-                if not job.future.done():
-                    job.future.set_exception(e)
-            return
-        off = 0
-        for job, a, b in slices:
-            job.scores[a:b], job.truncated[a:b] = scores[off:off + b - a], truncated[off:off + b - a]
-            off += b - a
+        results = await loop.run_in_executor(self.model_thread, score_groups, self.embedder, groups)
+        for (job, a, b), result in zip(slices, results):
+            if job.future.done():
+                continue
+            if isinstance(result, Exception):
+                if not isinstance(result, ApiError):
+                    log.error("model call failed for one request: %s: %s", type(result).__name__, result)
+                job.future.set_exception(result)
+                continue
+            job.scores[a:b], job.truncated[a:b] = result
             job.done += b - a
-            if job.done == len(job.pixels) and not job.future.done():
+            if job.done == len(job.pixels):
                 job.future.set_result((job.scores, job.truncated))
 
     async def run(self) -> None:
-        """The batching task: forever gather, take, call."""
+        """The batching task: forever gather, take, call (whatever fails, the task goes on)."""
         while True:
             await self._gather()
             slices = self._take()
-            if slices:
+            if not slices:
+                continue
+            try:
                 await self._call(slices)
+            except Exception as e:  # noqa: BLE001 - e.g. the model thread is gone: these requests fail, not all
+                log.error("model call failed: %s: %s", type(e).__name__, e)
+                for job, _, _ in slices:
+                    if not job.future.done():
+                        job.future.set_exception(e)
 
     def close(self) -> None:
         self.model_thread.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["Decoders", "score_batch", "DynamicBatcher"]
+__all__ = ["Decoders", "score_batch", "Group", "Scored", "score_groups", "DynamicBatcher"]

@@ -15,12 +15,15 @@ the prompts are the metadata "prompt" (one for all) or "prompts" (a JSON list, o
 Connection errors and 503s (loading, queue full; `Retry-After` honoured) are retried with exponential backoff until
 `deadline` seconds have passed; any other error raises `pickrank.errors.RemoteError` with the server's message, and
 so does a request that got no answer within `timeout` (it is not sent again: the server may still be scoring it).
+Every answer is checked before it is used (JSON, its shape, one finite score per image): anything else is a
+RemoteError naming what is wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -30,7 +33,9 @@ import numpy as np
 
 from pickrank.errors import RemoteError, UsageError
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
+from pickrank.inputs.textfile import check_text, loads_json
 from pickrank.options import Scale, as_enum
+from pickrank.serve.server import check_token
 
 _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 2.0
 
@@ -48,13 +53,13 @@ def pixel_array(item: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.nd
 
 def encode_body(prompts: str | Sequence[str], arrays: list[np.ndarray], scale: str | None) -> bytes:
     """The safetensors request body: runs of equal-sized images as `images.0`, `images.1`, ...; prompts in the
-    metadata."""
+    metadata (each checked as the server would: an InvalidText here rather than a 400 there)."""
     from safetensors.numpy import save
 
     if isinstance(prompts, str):
-        meta = {"prompt": prompts}
+        meta = {"prompt": check_text(prompts, "prompt")}
     else:
-        prompts = list(prompts)
+        prompts = [check_text(p, f"prompts[{i}]") if isinstance(p, str) else p for i, p in enumerate(prompts)]
         if len(prompts) != len(arrays):
             raise UsageError(f"{len(prompts)} prompts for {len(arrays)} images: give one prompt, or one per image")
         meta = {"prompts": json.dumps(prompts, ensure_ascii=False)}
@@ -67,6 +72,39 @@ def encode_body(prompts: str | Sequence[str], arrays: list[np.ndarray], scale: s
         else:
             runs.append([a])
     return save({f"images.{i}": np.stack(run) for i, run in enumerate(runs)}, metadata=meta)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_scores(doc: dict, n: int) -> list[float]:
+    """The scores of a /v1/score answer: a list of n finite numbers, or a ValueError saying what is wrong."""
+    scores = doc.get("scores")
+    if not isinstance(scores, list):
+        raise ValueError(f"'scores' is {type(scores).__name__}, not a list")
+    if len(scores) != n:
+        raise ValueError(f"{len(scores)} scores for {n} images")
+    bad = next((i for i, v in enumerate(scores) if not _finite(v)), None)
+    if bad is not None:
+        raise ValueError(f"scores[{bad}] is {scores[bad]!r}, not a finite number")
+    return [float(v) for v in scores]
+
+
+def check_ranking(doc: dict, n: int) -> list[dict]:
+    """The ranking of a /v1/rank answer: n dicts, each image's index once, finite score and prob, an int rank."""
+    ranking = doc.get("ranking")
+    if not isinstance(ranking, list) or len(ranking) != n:
+        raise ValueError(f"'ranking' must be a list of {n} entries, got {type(ranking).__name__}"
+                         + (f" of {len(ranking)}" if isinstance(ranking, list) else ""))
+    for i, r in enumerate(ranking):
+        if not isinstance(r, dict) or not all(_finite(r.get(k)) for k in ("score", "prob")):
+            raise ValueError(f"ranking[{i}] must hold a finite 'score' and 'prob', got {r!r:.80}")
+        if not all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) for k in ("index", "rank")):
+            raise ValueError(f"ranking[{i}] must hold an integer 'index' and 'rank', got {r!r:.80}")
+    if sorted(r["index"] for r in ranking) != list(range(n)):
+        raise ValueError(f"the ranking's indices are not each of the {n} images once")
+    return ranking
 
 
 @dataclass
@@ -97,6 +135,7 @@ class RemoteScorer:
         self.scale = as_enum(Scale, scale, "scale").value if scale is not None else None
         self.headers = {"content-type": "application/x-safetensors"}
         if token:
+            check_token(token, "token")
             self.headers["authorization"] = f"Bearer {token}"
         self._client = httpx.Client(timeout=timeout)
 
@@ -119,12 +158,26 @@ class RemoteScorer:
             prompts = list(prompts)
         return (encode_body(prompts, arrays, unit) if arrays else b""), len(arrays)
 
-    def _judge(self, response: Any, path: str) -> _Attempt:
-        """A 2xx is the result; a 503 is a wait (its Retry-After); any other status raises RemoteError."""
-        if response.status_code < 300:
-            return _Attempt(result=response.json())
+    def _document(self, response: Any, path: str) -> Any:
+        """The answer's JSON (nesting bounded); a RemoteError when it is not JSON."""
         try:
-            message = str(response.json().get("error"))
+            return loads_json(response.content)
+        except ValueError as e:
+            raise RemoteError(f"{self.url}{path}: HTTP {response.status_code}, but the answer is not JSON ({e}): "
+                              f"{response.text[:100]!r}", response.status_code) from None
+
+    def _judge(self, response: Any, path: str) -> _Attempt:
+        """A 2xx is the result (a JSON object); a 503 is a wait (its Retry-After); any other status raises
+        RemoteError with the server's message."""
+        if response.status_code < 300:
+            doc = self._document(response, path)
+            if not isinstance(doc, dict):
+                raise RemoteError(f"{self.url}{path}: the answer is a JSON {type(doc).__name__}, not an object",
+                                  response.status_code)
+            return _Attempt(result=doc)
+        try:
+            doc = loads_json(response.content)
+            message = str(doc["error"]) if isinstance(doc, dict) and "error" in doc else response.text[:200]
         except ValueError:
             message = response.text[:200]
         if response.status_code == 503:
@@ -193,7 +246,15 @@ class RemoteScorer:
         body, n = self._body(prompts, images, scale)
         if n == 0:
             return torch.empty(0)
-        return torch.tensor(self._post("/v1/score", body)["scores"], dtype=torch.float32)
+        return torch.tensor(self._checked(check_scores, self._post("/v1/score", body), n, "/v1/score"),
+                            dtype=torch.float32)
+
+    def _checked(self, check: Any, doc: dict, n: int, path: str) -> Any:
+        """`check(doc, n)`'s value; what it finds wrong is a RemoteError naming it."""
+        try:
+            return check(doc, n)
+        except ValueError as e:
+            raise RemoteError(f"{self.url}{path}: unexpected answer: {e}", 200) from None
 
     async def ascore(self, prompts: str | Sequence[str], images: Any, scale: Scale | str | None = None) -> Any:
         """`score` for asyncio code (the images are converted in a thread, the request awaited)."""
@@ -202,14 +263,15 @@ class RemoteScorer:
         body, n = await asyncio.to_thread(self._body, prompts, images, scale)
         if n == 0:
             return torch.empty(0)
-        return torch.tensor((await self._apost("/v1/score", body))["scores"], dtype=torch.float32)
+        return torch.tensor(self._checked(check_scores, await self._apost("/v1/score", body), n, "/v1/score"),
+                            dtype=torch.float32)
 
     def rank(self, prompt: str, images: Any) -> list[dict]:
         """The images ranked for one prompt, best first: dicts with index (into `images`), score, prob, rank."""
         if not isinstance(prompt, str):
             raise UsageError(f"the prompt must be a string, got {type(prompt).__name__}")
         body, n = self._body(prompt, images)
-        return self._post("/v1/rank", body)["ranking"] if n else []
+        return self._checked(check_ranking, self._post("/v1/rank", body), n, "/v1/rank") if n else []
 
     def info(self) -> dict:
         """The server's GET /v1/info: model, versions, limits, scale."""

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from pickrank.analysis.comparison.plan import Comparison
-from pickrank.analysis.comparison.render import print_table, to_json, write_csv, write_per_prompt
+from pickrank.analysis.comparison.render import caveats, print_table, to_json, write_csv, write_per_prompt
 from pickrank.analysis.comparison.stats import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_SEED,
+    MIN_BOOTSTRAP,
+    MIN_PROMPTS,
     CompareResult,
+    check_bootstrap,
     collect_scores,
     compare_systems,
 )
@@ -24,7 +27,7 @@ from pickrank.output.guards import check_outputs, guard_inputs
 from pickrank.output.sinks import Sink, SinkBase
 from pickrank.output.targets import Output
 from pickrank.output.writers import MetaWriter, format_for_path
-from pickrank.records import Record
+from pickrank.records import Progress, Record
 
 if TYPE_CHECKING:
     from pickrank.core.scoring import Scored, ScoringOptions
@@ -125,11 +128,13 @@ class ComparisonRun:
         self.main_out: WrittenAtEnd | None = None
         self.rows_out: WrittenAtEnd | None = None
 
-    def open(self, inputs: Sequence[str], sinks: list) -> None:
-        """Check the outputs against each other and the inputs, then open them into `sinks` (for the caller to
-        close or discard whatever happens)."""
+    def open(self, inputs: Sequence[str], sinks: list, settings: CompareSettings | None = None) -> None:
+        """Check the outputs against each other and the inputs (and that the settings' bootstrap fits in memory),
+        then open them into `sinks` (for the caller to close or discard whatever happens)."""
         from pickrank.report.page import check_html
 
+        if settings is not None:
+            check_bootstrap(settings.bootstrap, statistic_columns(self.plan, settings))
         o = self.outputs
         self.fmt = compare_format(o.format, o.output)
         self.files = check_outputs([("-o", o.output), ("--per-prompt", o.per_prompt), ("--html", o.html),
@@ -146,7 +151,7 @@ class ComparisonRun:
             sinks.append(meta_out)
             self.taking.append(meta_out)
 
-    def score(self, options: ScoringOptions, *, on_progress: Callable[[int], None] | None = None,
+    def score(self, options: ScoringOptions, *, on_progress: Callable[[Progress], None] | None = None,
               on_loaded: Callable[[ImageTextEmbedder], None] | None = None) -> Scored:
         """Score every image of the plan through the one scoring core; what the scoring did."""
         from pickrank.core.scoring import score_into
@@ -163,6 +168,7 @@ class ComparisonRun:
                                  best_of_n=settings.best_of_n, bootstrap=settings.bootstrap, seed=settings.seed,
                                  raw_per_unit=gathered.raw_per_unit())
         say_left_out(result, settings.verbose)
+        say_unreliable(result)
         out = self.main_out.out
         if self.fmt == "json":
             out.stream.write(json.dumps(to_json(result, model=gathered.meta), ensure_ascii=False) + "\n")
@@ -179,6 +185,23 @@ class ComparisonRun:
 
             write_html(self.outputs.html, table, result, meta=gathered.meta, workers=workers)
         return result
+
+
+def statistic_columns(plan: Comparison, settings: CompareSettings) -> int:
+    """At most how many statistics the bootstrap estimates for this plan: a mean per system, four per pair, and
+    with --best-of-n a win rate per k on both sides of each pair."""
+    n = len(plan.systems)
+    pairs = n * (n - 1) // 2 if settings.all_pairs else n - 1
+    k = max((len(imgs) for slot in plan.slots for imgs in slot.images), default=0) if settings.best_of_n else 0
+    return n + 4 * pairs + 2 * pairs * k
+
+
+def say_unreliable(result: CompareResult) -> None:
+    """Warn (on the "pickrank" logger) when some intervals are unreliable: too few prompts or resamples."""
+    why = caveats(result)
+    if why:
+        log.warning("unreliable intervals (marked *): %s; an interval needs at least %d prompts and %d resamples",
+                    " / ".join(why), MIN_PROMPTS, MIN_BOOTSTRAP)
 
 
 def say_left_out(result: CompareResult, verbose: bool) -> None:

@@ -3,7 +3,6 @@ each prompt's images per system (`Slot`s); `Comparison.candidate_sets()` is what
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -15,7 +14,7 @@ from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.discover import is_image_name
 from pickrank.inputs.files import DEFAULT_MAX_BYTES
 from pickrank.inputs.sets import group_prompt, prompt_from_metadata, read_prompts_csv
-from pickrank.inputs.textfile import read_utf8
+from pickrank.inputs.textfile import check_text, loads_json, read_utf8
 from pickrank.records import CandidateSet, Query
 
 log = logging.getLogger("pickrank")
@@ -102,7 +101,16 @@ def plan_comparison(paths: Sequence[str] = (), *, prompts_csv: str | None = None
         raise UsageError(f"--baseline {baseline!r} is not one of the systems: {', '.join(systems)}")
     if not slots:
         raise UsageError("no prompt has images to compare")
+    _check_every_system_has_images(systems, slots)
     return Comparison(layout, systems, baseline or systems[0], tuple(slots), tuple(excluded))
+
+
+def _check_every_system_has_images(systems: Sequence[str], slots: Sequence[Slot]) -> None:
+    """A system without a single image to score is a usage error (before the model loads): its pairs would all be
+    left out, and the comparison would say nothing about it."""
+    for i, name in enumerate(systems):
+        if not any(slot.images[i] for slot in slots):
+            raise UsageError(f"system {name!r} has no images to compare (in the prompts the comparison keeps)")
 
 
 def _check_folders(paths: Sequence[str]) -> None:
@@ -268,8 +276,8 @@ def _manifest_rows(path: str) -> list[tuple[str, dict]]:
     for n, line in enumerate(read_utf8(path).splitlines(), start=1):
         if line.strip():
             try:
-                row = json.loads(line)
-            except ValueError as e:
+                row = loads_json(line)
+            except ValueError as e:  # malformed, or nested too deep to read safely
                 raise UsageError(f"{path} line {n}: not JSON ({e})") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path} line {n}: not an object with system, prompt, image")
@@ -291,7 +299,7 @@ def _manifest_plan(path: str) -> tuple[tuple[str, ...], list[Slot], list[Exclude
             if required and not v:
                 raise UsageError(f"{where}: no '{key}' (a manifest row has system, prompt, image)")
             return v
-        system, prompt, image = cell("system"), cell("prompt"), cell("image")
+        system, prompt, image = cell("system"), check_text(cell("prompt"), f"{where}: prompt"), cell("image")
         image = os.path.expanduser(image)
         systems.setdefault(system)
         texts, images = slots.setdefault(cell("id", False) or prompt, ([], {}))

@@ -18,13 +18,30 @@ def _p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
+def marked(low: float | None, high: float | None, caveat: str | None) -> str:
+    """An interval as text, with a * when it is unreliable (`stats.interval_caveat`)."""
+    return interval(low, high) + ("*" if caveat and low is not None else "")
+
+
+def caveats(result: CompareResult) -> list[str]:
+    """Why some intervals are unreliable (`stats.interval_caveat`), each reason once, sorted; [] when none is."""
+    return sorted({c for c in [s.caveat for s in result.systems] + [p.caveat for p in result.pairs]
+                   + [c.caveat for c in result.best_of_k] if c})
+
+
+def caveat_note(result: CompareResult) -> str | None:
+    """The footnote of the intervals marked *, or None when none is."""
+    why = caveats(result)
+    return f"* unreliable interval: {' / '.join(why)}" if why else None
+
+
 def print_table(result: CompareResult, stream: IO[str], *, is_terminal: bool = False) -> None:
     """The summary for people: one row per system, a win-rate matrix with all pairs, best-of-k curves."""
     from rich.console import Console
     from rich.markup import escape as markup_escape
     from rich.table import Table
 
-    from pickrank.output.terminal import terminal_safe
+    from pickrank.output.terminal import print_titled, terminal_safe
 
     def esc(text: str) -> str:  # neither rich markup nor terminal control sequences in system names
         return markup_escape(terminal_safe(text))
@@ -32,29 +49,42 @@ def print_table(result: CompareResult, stream: IO[str], *, is_terminal: bool = F
     console = Console(file=stream, force_terminal=is_terminal or None, width=None if is_terminal else 120)
     level = f"{round(result.confidence * 100):g}%"
     base = result.baseline
-    table = Table(title=f"PickScore by system ({result.prompts} prompts, {level} intervals, "
-                        f"{result.bootstrap} bootstrap resamples)", title_justify="left")
-    for name, justify in (("system", "left"), ("mean", "right"), (f"{level} CI", "right"),
-                          (f"win vs {esc(base)}", "right"), (f"{level} CI ", "right"), ("p", "right"),
+    table = Table()
+    for name, justify in (("system", "left"), ("mean", "right"), (f"mean {level} CI", "right"),
+                          (f"win vs {esc(base)}", "right"), (f"win {level} CI", "right"), ("p", "right"),
                           ("prompts", "right"), ("images", "right")):
         table.add_column(name, justify=justify, overflow="fold")
     for s in result.systems:
         p = result.pair(s.name, base)
         win = ("baseline", "", "") if s.name == base else ("-", "-", "-") if p is None else (
-            number(p.win_rate), interval(p.win_low, p.win_high), _p(p.p_value))
+            number(p.win_rate), marked(p.win_low, p.win_high, p.caveat), _p(p.p_value))
         images = f"{s.images}" + (f" ({s.failed} failed)" if s.failed else "")
-        table.add_row(esc(s.name), number(s.mean), interval(s.low, s.high), *win, str(s.prompts), images)
-    console.print(table)
+        table.add_row(esc(s.name), number(s.mean), marked(s.low, s.high, s.caveat), *win, str(s.prompts), images)
+    print_titled(console, f"PickScore by system ({result.prompts} prompts, {level} intervals, "
+                          f"{result.bootstrap} bootstrap resamples)", table)
+    note = caveat_note(result)
+    if note:
+        console.print(note, markup=False, highlight=False)
     if result.all_pairs:
         console.print(_matrix_table(result, esc))
+    if result.best_of_k:
+        print_titled(console, "best-of-k win rate", _curves_table(result, esc))
+
+
+def _curves_table(result: CompareResult, esc: Callable[[str], str]) -> object:
+    """One row per best-of-k curve: the win rate of the best of k samples of a system over one sample of another."""
+    from rich.table import Table
+
+    ks = sorted({k for c in result.best_of_k for k in c.ks})
+    # The description heads the rows' column: a title would wrap to the width of a few narrow k columns.
+    table = Table()
+    table.add_column("best of k samples vs one sample", justify="left", overflow="fold")
+    for k in ks:
+        table.add_column(f"k={k}", justify="right")
     for c in result.best_of_k:
-        # The description is a cell, not the title: a title wraps to the width of a few narrow k columns.
-        curve = Table(title="best-of-k win rate", title_justify="left")
-        curve.add_column("best of k samples vs one sample", justify="left", overflow="fold")
-        for k in c.ks:
-            curve.add_column(f"k={k}", justify="right")
-        curve.add_row(f"{esc(c.system)} vs {esc(c.reference)}", *(number(w) for w in c.win))
-        console.print(curve)
+        win = dict(zip(c.ks, c.win))
+        table.add_row(f"{esc(c.system)} vs {esc(c.reference)}", *(number(win[k]) if k in win else "" for k in ks))
+    return table
 
 
 def _matrix_table(result: CompareResult, esc: Callable[[str], str]) -> object:
@@ -86,6 +116,7 @@ def to_json(result: CompareResult, model: dict | None = None) -> dict:
     return {
         "settings": {"baseline": result.baseline, "all_pairs": result.all_pairs, "bootstrap": result.bootstrap,
                      "seed": result.seed, "confidence": result.confidence, "layout": result.layout},
+        "unreliable_intervals": caveat_note(result),
         "prompts": result.prompts,
         "systems": [dict(s.__dict__, missing=list(s.missing)) for s in result.systems],
         "pairs": [dict(p.__dict__) for p in result.pairs],
@@ -98,7 +129,7 @@ def to_json(result: CompareResult, model: dict | None = None) -> dict:
 
 CSV_FIELDS = ("kind", "system", "reference", "k", "prompts", "images", "failed", "mean", "mean_low",
               "mean_high", "win_rate", "win_low", "win_high", "wins", "ties", "losses", "mean_diff", "diff_low",
-              "diff_high", "pref_prob", "p_value", "sample_win_rate")
+              "diff_high", "pref_prob", "p_value", "sample_win_rate", "interval_caveat")
 
 
 def csv_rows(result: CompareResult) -> Iterator[dict]:
@@ -106,17 +137,17 @@ def csv_rows(result: CompareResult) -> Iterator[dict]:
     point (kind=best_of_k); the columns that do not apply are empty."""
     for s in result.systems:
         yield {"kind": "system", "system": s.name, "prompts": s.prompts, "images": s.images, "failed": s.failed,
-               "mean": s.mean, "mean_low": s.low, "mean_high": s.high}
+               "mean": s.mean, "mean_low": s.low, "mean_high": s.high, "interval_caveat": s.caveat}
     for p in result.pairs:
         yield {"kind": "pair", "system": p.system, "reference": p.reference, "prompts": p.prompts,
                "win_rate": p.win_rate, "win_low": p.win_low, "win_high": p.win_high, "wins": p.wins,
                "ties": p.ties, "losses": p.losses, "mean_diff": p.mean_diff, "diff_low": p.diff_low,
                "diff_high": p.diff_high, "pref_prob": p.pref_prob, "p_value": p.p_value,
-               "sample_win_rate": p.sample_win_rate}
+               "sample_win_rate": p.sample_win_rate, "interval_caveat": p.caveat}
     for c in result.best_of_k:
         for k, w, lo, hi in zip(c.ks, c.win, c.low, c.high):
             yield {"kind": "best_of_k", "system": c.system, "reference": c.reference, "k": k,
-                   "prompts": c.prompts, "win_rate": w, "win_low": lo, "win_high": hi}
+                   "prompts": c.prompts, "win_rate": w, "win_low": lo, "win_high": hi, "interval_caveat": c.caveat}
 
 
 def write_csv(result: CompareResult, stream: IO[str]) -> None:

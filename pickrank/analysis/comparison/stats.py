@@ -19,6 +19,21 @@ from pickrank.records import Record
 DEFAULT_BOOTSTRAP = 10_000
 DEFAULT_SEED = 0
 DEFAULT_CONFIDENCE = 0.95
+# Below these a percentile bootstrap interval is not to be trusted (README, "Comparing systems"): over few prompts
+# it can be no wider than their own spread (one prompt: [x, x]) and covers less than it says; with few resamples
+# its ends are noise themselves (they may even miss the estimate). Such intervals are marked, in every format.
+MIN_PROMPTS = 20
+MIN_BOOTSTRAP = 1000
+
+
+def interval_caveat(prompts: int, bootstrap: int) -> str | None:
+    """Why an interval over `prompts` prompts from `bootstrap` resamples is unreliable; None when it is not (or
+    when there is no interval: bootstrap 0)."""
+    if bootstrap <= 0:
+        return None
+    why = ([f"{prompts} prompt(s), under {MIN_PROMPTS}"] if prompts < MIN_PROMPTS else []) + \
+          ([f"{bootstrap} resample(s), under {MIN_BOOTSTRAP}"] if bootstrap < MIN_BOOTSTRAP else [])
+    return "; ".join(why) or None
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,7 @@ class SystemStats:
     images: int
     failed: int
     missing: tuple[str, ...]  # ids of prompts with no scored image for this system
+    caveat: str | None = None  # why its interval is unreliable (`interval_caveat`), None when it is not
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,7 @@ class PairStats:
     sample_win_rate: float | None = None  # all sample pairs within a prompt, prompts weighted equally
     sample_low: float | None = None
     sample_high: float | None = None
+    caveat: str | None = None  # why its intervals are unreliable (`interval_caveat`), None when they are not
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,7 @@ class BestOfK:
     win: tuple[float, ...]
     low: tuple[float | None, ...]
     high: tuple[float | None, ...]
+    caveat: str | None = None  # why its intervals are unreliable (`interval_caveat`), None when they are not
 
 
 @dataclass(frozen=True)
@@ -186,7 +204,8 @@ def _mirror(p: PairStats) -> PairStats:
     return PairStats(p.reference, p.system, p.prompts, p.losses, p.ties, p.wins, one_minus(p.win_rate),
                      one_minus(p.win_high), one_minus(p.win_low), neg(p.mean_diff), neg(p.diff_high),
                      neg(p.diff_low), one_minus(p.pref_prob), one_minus(p.pref_high), one_minus(p.pref_low),
-                     p.p_value, one_minus(p.sample_win_rate), one_minus(p.sample_high), one_minus(p.sample_low))
+                     p.p_value, one_minus(p.sample_win_rate), one_minus(p.sample_high), one_minus(p.sample_low),
+                     p.caveat)
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -305,6 +324,27 @@ def bootstrap_means(values: np.ndarray, masks: np.ndarray, bootstrap: int, seed:
     return out
 
 
+def bootstrap_bytes(bootstrap: int, columns: int) -> int:
+    """About the most memory the bootstrap of `columns` statistics takes: the (bootstrap, columns) float64
+    resampled means, and the copies the percentiles sort."""
+    return 3 * 8 * bootstrap * max(columns, 1)
+
+
+def check_bootstrap(bootstrap: int, columns: int) -> None:
+    """A UsageError, before any image is scored, when the bootstrap of `columns` statistics cannot fit in this
+    machine's memory (half of it: the model and the images need the rest)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not told (Windows): left to the bootstrap itself
+        return
+    need = bootstrap_bytes(bootstrap, columns)
+    if need > memory // 2:
+        most = max(0, (memory // 2) // bootstrap_bytes(1, columns))
+        raise UsageError(f"--bootstrap {bootstrap}: the intervals of {columns} statistics would take about "
+                         f"{need / 1e9:,.1f} GB, over half this machine's memory ({memory / 1e9:.1f} GB); "
+                         f"give at most {most:,}")
+
+
 def _pairs(systems: Sequence[str], baseline: str, all_pairs: bool) -> list[tuple[int, int]]:
     """(system, reference) indices: each against the baseline; with all_pairs every pair, the earlier system
     (baseline first) as reference."""
@@ -353,38 +393,42 @@ def compare_systems(table: ScoreTable, *, baseline: str | None = None, all_pairs
                     ks = _best_of_k_values(samples[x], samples[y], mask)
                     if len(ks) >= 2:
                         curve_cols.append((x, y, int(mask.sum()), [cols.add(v, mask) for v in ks]))
+    check_bootstrap(bootstrap, len(cols.values))
     point, low, high = cols.estimates(bootstrap, seed, confidence)
     est = (lambda c: (_opt(point[c]), _opt(low[c]), _opt(high[c])))
-    systems = tuple(_system_stats(table, s, est(sys_cols[s])) for s in range(len(table.systems)))
-    pair_stats = tuple(_pair_stats(table, a, b, means, samples, [est(c) for c in pc])
+    systems = tuple(_system_stats(table, s, est(sys_cols[s]), bootstrap) for s in range(len(table.systems)))
+    pair_stats = tuple(_pair_stats(table, a, b, means, samples, [est(c) for c in pc], bootstrap)
                        for (a, b), pc in zip(pairs, pair_cols))
     curves = tuple(BestOfK(table.systems[x], table.systems[y], n, tuple(range(1, len(cs) + 1)),
                            tuple(float(point[c]) for c in cs), tuple(_opt(low[c]) for c in cs),
-                           tuple(_opt(high[c]) for c in cs)) for x, y, n, cs in curve_cols)
+                           tuple(_opt(high[c]) for c in cs), interval_caveat(n, bootstrap))
+                   for x, y, n, cs in curve_cols)
     return CompareResult(systems, pair_stats, curves, baseline, len(table.prompts), all_pairs, bootstrap, seed,
                          confidence, table.layout, table.excluded)
 
 
-def _system_stats(table: ScoreTable, s: int, est: tuple) -> SystemStats:
+def _system_stats(table: ScoreTable, s: int, est: tuple, bootstrap: int) -> SystemStats:
     scored = [sum(x.score is not None for x in row.samples[s]) for row in table.prompts]
     failed = sum(x.score is None for row in table.prompts for x in row.samples[s])
     missing = tuple(row.id for row, n in zip(table.prompts, scored) if n == 0)
-    return SystemStats(table.systems[s], *est, prompts=sum(n > 0 for n in scored), images=sum(scored),
-                       failed=failed, missing=missing)
+    prompts = sum(n > 0 for n in scored)
+    return SystemStats(table.systems[s], *est, prompts=prompts, images=sum(scored), failed=failed, missing=missing,
+                       caveat=interval_caveat(prompts, bootstrap) if est[1] is not None else None)
 
 
 def _pair_stats(table: ScoreTable, a: int, b: int, means: list[np.ndarray], samples: list[np.ndarray],
-                ests: list[tuple]) -> PairStats:
+                ests: list[tuple], bootstrap: int) -> PairStats:
     mask = ~np.isnan(means[a]) & ~np.isnan(means[b])
     d = (means[a] - means[b])[mask]
     wins, losses = int(np.sum(d > 0)), int(np.sum(d < 0))
     several = max(np.sum(~np.isnan(samples[a][mask]), 1).max(initial=0),
                   np.sum(~np.isnan(samples[b][mask]), 1).max(initial=0)) > 1
     sample = ests[3] if several else (None, None, None)
+    caveat = interval_caveat(int(mask.sum()), bootstrap) if ests[0][1] is not None else None
     return PairStats(table.systems[a], table.systems[b], int(mask.sum()), wins, int(d.size - wins - losses),
-                     losses, *ests[0], *ests[1], *ests[2], sign_test(wins, losses), *sample)
+                     losses, *ests[0], *ests[1], *ests[2], sign_test(wins, losses), *sample, caveat=caveat)
 
 
 __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "DEFAULT_CONFIDENCE", "Sample", "PromptScores", "ScoreTable",
            "collect_scores", "SystemStats", "PairStats", "BestOfK", "CompareResult", "compare_systems", "sign_test",
-           "bootstrap_means"]
+           "bootstrap_means", "MIN_PROMPTS", "MIN_BOOTSTRAP", "interval_caveat", "bootstrap_bytes", "check_bootstrap"]

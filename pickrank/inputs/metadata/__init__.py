@@ -10,15 +10,23 @@ prompt. A new generator's parser is a module with a `PARSER`, added to PARSERS b
 
 from __future__ import annotations
 
+from pickrank.errors import InvalidText
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.files import DEFAULT_MAX_BYTES, ReadError
 from pickrank.inputs.metadata import comfyui, invokeai, novelai, parameters, text
 from pickrank.inputs.metadata.comfyui import comfy_prompt
 from pickrank.inputs.metadata.comfyui_workflow import workflow_graph
 from pickrank.inputs.metadata.common import FoundPrompt, Parser, no_prompt
-from pickrank.inputs.metadata.exif import EXIF_PREFIX, EXIF_USER_COMMENT, decode_user_comment, text_fields
+from pickrank.inputs.metadata.exif import (
+    EXIF_PREFIX,
+    EXIF_USER_COMMENT,
+    decode_user_comment,
+    text_fields,
+    unreadable_fields,
+)
 from pickrank.inputs.metadata.parameters import a1111_prompt
 from pickrank.inputs.metadata.reading import read_image_metadata
+from pickrank.inputs.textfile import check_text
 
 __all__ = ["EXIF_PREFIX", "EXIF_USER_COMMENT", "PARSERS", "SOURCES", "FoundPrompt", "Parser", "a1111_prompt",
            "comfy_prompt", "decode_user_comment", "prompt_from_image", "prompt_from_metadata_dict",
@@ -57,10 +65,17 @@ def prompt_from_metadata_dict(info: dict[str, str | bytes], fmt: str | None = No
         if found is None or (fmt is not None and found.source not in (fmt, None)):  # not this format
             continue
         if found.prompt is not None:
-            return found
+            try:
+                check_text(found.prompt, f"its {found.source or 'metadata'} prompt")
+                return found
+            except InvalidText as e:  # JSON escapes can hold what no tokenizer takes: this image's own problem
+                found = no_prompt(str(e), found.source, found.field)
         first = first or found  # this format, but no prompt: keep looking, report the first reason
     if first is not None:
         return first
+    unreadable = unreadable_fields(info)
+    if unreadable:
+        return no_prompt("unreadable metadata: " + "; ".join(unreadable.values()))
     if fmt is not None:
         return no_prompt(f"no {fmt} metadata")
     return no_prompt("no generation metadata" if not fields else

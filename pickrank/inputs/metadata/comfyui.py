@@ -3,6 +3,7 @@ UserComment; the positive prompt found by walking the graph from the output node
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Iterator
 
 from pickrank.inputs.metadata.comfyui_workflow import Graph, workflow_graph
@@ -11,6 +12,28 @@ from pickrank.inputs.metadata.exif import EXIF_PREFIX, EXIF_USER_COMMENT
 
 # A graph walk stops after this many nodes: a crafted graph cannot make it run long.
 _MAX_STEPS = 20_000
+# All the walks over one image's graph visit at most this many node inputs together, and a string built from string
+# nodes (concatenations) holds at most this many characters: past either, the graph is not read.
+_MAX_WORK = 1_000_000
+_MAX_TEXT = 100_000
+# String nodes linked to string nodes: followed this deep at most.
+_MAX_STRING_DEPTH = 50
+
+
+class GraphTooComplex(Exception):
+    """A graph whose reading would take more than its budget (`_MAX_WORK`, `_MAX_TEXT`)."""
+
+
+class Budget:
+    """The work left for one image's graph: every node visited spends its inputs' count."""
+
+    def __init__(self, work: int = _MAX_WORK) -> None:
+        self.left = work
+
+    def spend(self, n: int) -> None:
+        self.left -= max(1, n)
+        if self.left < 0:
+            raise GraphTooComplex(f"ComfyUI graph too complex to read (over {_MAX_WORK:,} steps)")
 
 
 def _from_comfyui(fields: dict[str, str]) -> FoundPrompt | None:
@@ -124,32 +147,33 @@ def comfy_prompt(graph: Graph) -> tuple[str | None, str | None]:
     text (see _TEXT_INPUTS); several distinct texts are joined with ', ' in input order (conditioning_1 first).
     """
     graph = {str(k): v for k, v in graph.items() if isinstance(v, dict)}
-    samplers = _final_samplers(graph)
-    if not samplers:
-        return None, "ComfyUI graph has no sampler upstream of its output"
-    texts: list[str] = []
-    unresolved: list[str] = []
-    for sid in samplers:
-        positive = _positive_input(graph, sid)
-        if positive is None:
-            continue
-        for text in _texts_from(graph, positive, unresolved):
-            texts.append(text)
+    strings = Strings(graph, Budget())
+    try:
+        samplers = _final_samplers(graph, strings.budget)
+        if not samplers:
+            return None, "ComfyUI graph has no sampler upstream of its output"
+        texts: list[str] = []
+        for sid in samplers:
+            positive = _positive_input(graph, sid)
+            if positive is not None:
+                texts.extend(_texts_from(graph, positive, strings))
+    except GraphTooComplex as e:
+        return None, str(e)
     prompt = join_texts(texts)
     if prompt:
         return prompt, None
-    if unresolved:
-        return None, f"ComfyUI prompt text comes from a node whose output is not stored ({unresolved[0]})"
+    if strings.unresolved:
+        return None, f"ComfyUI prompt text comes from a node whose output is not stored ({strings.unresolved[0]})"
     return None, "ComfyUI graph has no text encoder reachable from the sampler's positive input"
 
 
-def _final_samplers(graph: Graph) -> list[str]:
+def _final_samplers(graph: Graph, budget: Budget) -> list[str]:
     """The samplers nearest upstream of the chosen output node (see comfy_prompt), or the lowest-id sampler when
     no output node has one upstream."""
     outputs = _output_nodes(graph)
     best: tuple[int, list[str]] | None = None
     for oid in outputs:
-        nearest, passes = _upstream_samplers(graph, oid)
+        nearest, passes = _upstream_samplers(graph, oid, budget)
         if nearest and (best is None or passes > best[0]):
             best = (passes, nearest)
     if best is not None:
@@ -173,17 +197,19 @@ def _output_nodes(graph: Graph) -> list[str]:
     return [i for i in ids if i not in consumed]
 
 
-def _upstream_samplers(graph: Graph, start: str) -> tuple[list[str], int]:
+def _upstream_samplers(graph: Graph, start: str, budget: Budget) -> tuple[list[str], int]:
     """The samplers nearest upstream of node start (the walk stops at them), and how many samplers lie upstream
     in all (the number of passes)."""
     nearest: list[str] = []
     seen = {start}
-    frontier = [start]
+    frontier = collections.deque([start])
     steps = 0
     while frontier and steps < _MAX_STEPS:
-        nid = frontier.pop(0)
+        nid = frontier.popleft()
         steps += 1
-        for value in _inputs(graph[nid]).values():
+        inputs = _inputs(graph[nid])
+        budget.spend(len(inputs))
+        for value in inputs.values():
             link = _link(graph, value)
             if link is None or link[0] in seen:
                 continue
@@ -192,16 +218,18 @@ def _upstream_samplers(graph: Graph, start: str) -> tuple[list[str], int]:
                 nearest.append(link[0])
             else:
                 frontier.append(link[0])
-    passes = len([n for n in _closure(graph, nearest) if _is_sampler(graph[n])]) if nearest else 0
+    passes = len([n for n in _closure(graph, nearest, budget) if _is_sampler(graph[n])]) if nearest else 0
     return nearest, passes
 
 
-def _closure(graph: Graph, starts: list[str]) -> set[str]:
+def _closure(graph: Graph, starts: list[str], budget: Budget) -> set[str]:
     """Every node upstream of starts, starts included."""
     seen = set(starts)
     stack = list(starts)
     while stack and len(seen) < _MAX_STEPS:
-        for value in _inputs(graph[stack.pop()]).values():
+        inputs = _inputs(graph[stack.pop()])
+        budget.spend(len(inputs))
+        for value in inputs.values():
             link = _link(graph, value)
             if link and link[0] not in seen:
                 seen.add(link[0])
@@ -228,13 +256,14 @@ def _positive_input(graph: Graph, sid: str) -> Any:
     return None
 
 
-def _texts_from(graph: Graph, start: Any, unresolved: list[str]) -> Iterator[str]:
+def _texts_from(graph: Graph, start: Any, strings: Strings) -> Iterator[str]:
     """The encoder texts upstream of a conditioning input value, depth first in input order."""
     stack: list[Any] = [start]
     seen: set[tuple[str, int]] = set()
     steps = 0
     while stack and steps < _MAX_STEPS:
         steps += 1
+        strings.budget.spend(1)
         value = stack.pop()
         if isinstance(value, str):  # a node that takes the prompt as a string input (Efficient Loader)
             if value.strip():
@@ -247,7 +276,7 @@ def _texts_from(graph: Graph, start: Any, unresolved: list[str]) -> Iterator[str
         node = graph[link[0]]
         if _is_sampler(node):
             continue
-        text = _encoder_text(graph, node, unresolved)
+        text = _encoder_text(node, strings)
         if text is not None:
             if text:
                 yield text
@@ -267,7 +296,7 @@ def _conditioning_inputs(node: Any, slot: int) -> list[Any]:
     return [v for k, v in inputs.items() if k not in _SKIP_INPUTS and "negative" not in k.lower()]
 
 
-def _encoder_text(graph: Graph, node: Any, unresolved: list[str]) -> str | None:
+def _encoder_text(node: Any, strings: Strings) -> str | None:
     """The text of a text-encoder node ('' when empty), or None when the node is not a text encoder."""
     inputs = _inputs(node)
     keys = [k for k in _TEXT_INPUTS if k in inputs]
@@ -276,7 +305,7 @@ def _encoder_text(graph: Graph, node: Any, unresolved: list[str]) -> str | None:
     if not keys:
         return None
     for key in keys:
-        text = _string_value(graph, inputs[key], unresolved)
+        text = strings.value(inputs[key])
         if text and text.strip():
             return text.strip()
     return ""
@@ -287,30 +316,55 @@ def _is_encoder_class(ct: str) -> bool:
     return "TextEncode" in ct or "CLIPText" in ct
 
 
-def _string_value(graph: Graph, value: Any, unresolved: list[str], depth: int = 0) -> str | None:
-    """A string input's text: the value itself, or the text of the string node it is linked to (primitive,
-    string, concatenate nodes); None when not known (the output of a node that computes it)."""
-    if isinstance(value, str):
-        return None if is_json(value) else value
-    link = _link(graph, value)
-    if link is None or depth > 50:
+class Strings:
+    """The text of string inputs: the value itself, or the text of the string node it is linked to (primitive,
+    string, concatenate nodes), each node's worked out once; a node that feeds itself is no text, and the work and
+    the length of what is built are bounded (GraphTooComplex past them)."""
+
+    def __init__(self, graph: Graph, budget: Budget) -> None:
+        self.graph, self.budget = graph, budget
+        self.memo: dict[str, str | None] = {}
+        self.active: set[str] = set()  # the nodes being worked out: met again, they are a cycle
+        self.unresolved: list[str] = []  # nodes that compute their text when the graph runs (not stored)
+
+    def value(self, value: Any, depth: int = 0) -> str | None:
+        """A string input's text; None when not known."""
+        if isinstance(value, str):
+            return None if is_json(value) else value
+        link = _link(self.graph, value)
+        if link is None or depth > _MAX_STRING_DEPTH or link[0] in self.active:
+            return None
+        nid = link[0]
+        if nid not in self.memo:
+            self.active.add(nid)
+            try:
+                self.memo[nid] = self._node_text(nid, depth)
+            finally:
+                self.active.discard(nid)
+        return self.memo[nid]
+
+    def _node_text(self, nid: str, depth: int) -> str | None:
+        """The text a string node gives (None when it is not one pickrank can read)."""
+        node = self.graph[nid]
+        inputs = _inputs(node)
+        self.budget.spend(len(inputs))
+        ct = _class(node)
+        if "concat" in ct.lower():
+            delimiter = inputs.get("delimiter", "")
+            parts = [self.value(v, depth + 1) for k, v in sorted(inputs.items())
+                     if k != "delimiter" and (isinstance(v, str) or _link(self.graph, v))]
+            parts = [p for p in parts if p]
+            delimiter = delimiter if isinstance(delimiter, str) else ""
+            if sum(len(p) + len(delimiter) for p in parts) > _MAX_TEXT:  # before it is built: it may double per level
+                raise GraphTooComplex(f"ComfyUI graph builds a prompt of over {_MAX_TEXT:,} characters")
+            return delimiter.join(parts) if parts else None
+        for key in _STRING_INPUTS + tuple(k for k in inputs if k.startswith("widget_")):
+            if key in inputs:
+                text = self.value(inputs[key], depth + 1)
+                if text is not None:
+                    return text
+        self.unresolved.append(f"node {nid}: {ct or 'unknown'}")
         return None
-    node = graph[link[0]]
-    inputs = _inputs(node)
-    ct = _class(node)
-    if "concat" in ct.lower():
-        delimiter = inputs.get("delimiter", "")
-        parts = [_string_value(graph, v, unresolved, depth + 1) for k, v in sorted(inputs.items())
-                 if k != "delimiter" and (isinstance(v, str) or _link(graph, v))]
-        parts = [p for p in parts if p]
-        return (delimiter if isinstance(delimiter, str) else "").join(parts) if parts else None
-    for key in _STRING_INPUTS + tuple(k for k in inputs if k.startswith("widget_")):
-        if key in inputs:
-            text = _string_value(graph, inputs[key], unresolved, depth + 1)
-            if text is not None:
-                return text
-    unresolved.append(f"node {link[0]}: {ct or 'unknown'}")
-    return None
 
 
 PARSER = Parser(("comfyui",), _from_comfyui)

@@ -3,6 +3,8 @@ Pillow has already parsed, and decoded to text by their charset header."""
 
 from __future__ import annotations
 
+import re
+
 from PIL import Image
 
 # Keys under which the parsers find the EXIF fields read_image_metadata adds (raw, undecoded).
@@ -14,6 +16,8 @@ _USER_COMMENT = 0x9286
 # counting down from there (0x010E ImageDescription, ...).
 _EXIF_TEXT_TAGS = {0x010D: "DocumentName", 0x010E: "ImageDescription", 0x010F: "Make", 0x0110: "Model",
                    0x0131: "Software", 0x927C: "MakerNote"}
+# A UserComment's 8-byte charset header: a name in capitals padded with NULs (UNICODE, ASCII, JIS, ...).
+_CHARSET_HEADER = re.compile(rb"[A-Z][A-Z0-9_]{0,6}\0+")
 
 
 def exif_fields(image: Image.Image) -> dict[str, str | bytes]:
@@ -42,11 +46,13 @@ def _exif_tags(image: Image.Image) -> dict[str, str | bytes]:
 
 def decode_user_comment(raw: bytes | str) -> str:
     """The text of an EXIF UserComment: an 8-byte charset header (`UNICODE\\0`: UTF-16, by its BOM or else by where
-    the zero bytes are, big-endian as A1111 writes it through piexif; `ASCII`; `JIS`; zeros: undefined) or none."""
+    the zero bytes are, big-endian as A1111 writes it through piexif; `ASCII`; `JIS`; zeros: undefined) or none.
+    A header naming another charset is a ValueError: its text cannot be read (and the header is never text)."""
     if isinstance(raw, str):
         return raw.rstrip("\0")
     head, body = raw[:8], raw[8:]
     if head == b"UNICODE\0":
+        body = body[:len(body) - len(body) % 2]  # a dangling last byte is half a character: not text
         if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
             text = body.decode("utf-16", errors="replace")
         else:
@@ -57,6 +63,9 @@ def decode_user_comment(raw: bytes | str) -> str:
         text = body.decode("shift_jis", errors="replace")
     elif head == b"\0" * 8:
         text = body.decode("utf-8", errors="replace")
+    elif _CHARSET_HEADER.fullmatch(head):
+        name = head.rstrip(b"\0").decode("ascii")
+        raise ValueError(f"the EXIF UserComment is in a charset pickrank cannot read ({name})")
     else:  # no header at all (written as a plain string)
         text = raw.decode("utf-8", errors="replace")
     return text.rstrip("\0")
@@ -80,13 +89,32 @@ def _exif_text(value: str | bytes) -> str:
 
 
 def text_fields(info: dict[str, str | bytes]) -> dict[str, str]:
-    """The fields as text: the UserComment decoded by its charset header, EXIF strings as UTF-8, bytes dropped."""
+    """The fields as text: the UserComment decoded by its charset header, EXIF strings as UTF-8, bytes dropped (and a
+    UserComment that cannot be read: see unreadable_fields)."""
     out: dict[str, str] = {}
     for key, value in info.items():
         if key == EXIF_USER_COMMENT and isinstance(value, (str, bytes)):
-            out[key] = decode_user_comment(value)
+            try:
+                out[key] = decode_user_comment(value)
+            except ValueError:
+                continue
         elif key.startswith(EXIF_PREFIX) and isinstance(value, (str, bytes)):
             out[key] = _exif_text(value)
         elif isinstance(value, str):
             out[key] = value
+    return out
+
+
+def unreadable_fields(info: dict[str, str | bytes]) -> dict[str, str]:
+    """The fields that are there but cannot be read as text, and why: a PNG text chunk that is not valid UTF-8
+    (kept as bytes by `files.png_text`), a UserComment in an unknown charset."""
+    out: dict[str, str] = {}
+    for key, value in info.items():
+        if key == EXIF_USER_COMMENT and isinstance(value, bytes):
+            try:
+                decode_user_comment(value)
+            except ValueError as e:
+                out[key] = str(e)
+        elif not key.startswith(EXIF_PREFIX) and isinstance(value, bytes):
+            out[key] = f"the {key!r} text cannot be read (not UTF-8, or badly compressed)"
     return out

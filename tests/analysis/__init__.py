@@ -1,0 +1,1 @@
+"""Tests of pickrank.analysis: compare's statistics, eval."""

@@ -1,0 +1,1 @@
+"""Tests of pickrank.cli: the commands through the real CLI."""

@@ -1,0 +1,1 @@
+"""Tests of pickrank.core: the engine, scoring, score math, cache, provenance."""

@@ -1,0 +1,1 @@
+"""Tests of pickrank.doctor: the doctor's checks."""

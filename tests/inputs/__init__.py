@@ -1,0 +1,1 @@
+"""Tests of pickrank.inputs: discovery, reading, decoding, generator metadata."""

@@ -1,0 +1,1 @@
+"""Tests of pickrank.models: model sources, embedders, ONNX export, hashing."""

@@ -1,0 +1,1 @@
+"""Tests of pickrank.output: writers and output guards."""

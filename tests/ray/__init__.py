@@ -1,0 +1,1 @@
+"""Tests of pickrank.ray: the Ray engine and Ray Serve."""

@@ -1,0 +1,1 @@
+"""Tests of pickrank.report: the HTML pages, in Chromium too."""

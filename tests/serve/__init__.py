@@ -1,0 +1,1 @@
+"""Tests of pickrank.serve: the server and its client."""
