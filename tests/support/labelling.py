@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import signal
 import subprocess
-import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from tests.support.commands import pickrank_cmd
+from tests.support.server import running_command
 
 
 @dataclass
@@ -31,30 +29,6 @@ class Labelling:
 
 @contextlib.contextmanager
 def running_label(*args: str, env: dict | None = None) -> Iterator[Labelling]:
-    """Start `pickrank label ARGS --port 0` and read the URL it prints; always stopped (SIGINT, then SIGKILL)."""
-    proc = subprocess.Popen(pickrank_cmd("label", "--port", "0", *args), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
-                            start_new_session=True)
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:  # type: ignore[union-attr]
-            lines.append(line)
-            if "labelling" in line and "http://" in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        if not found.wait(90):
-            raise AssertionError(f"no URL printed: {''.join(lines)}")
-        line = next(text for text in lines if "http://" in text)
-        yield Labelling(proc, re.search(r"http://[^\s/]+", line).group(0), lines)  # type: ignore[union-attr]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    """Start `pickrank label ARGS --port 0` and read the URL it prints; always stopped."""
+    with running_command(pickrank_cmd("label", "--port", "0", *args), "labelling", env) as (proc, url, lines):
+        yield Labelling(proc, url, lines)

@@ -213,3 +213,28 @@ def test_a_damaged_or_foreign_head_file_is_refused(tuned: tuple[dict, Path], tmp
     foreign.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(UsageError):
         read_head(str(foreign))
+
+
+def test_compare_ranks_systems_by_the_tuned_score(synthetic: Synthetic, tuned: tuple[dict, Path], model_dir: Path,
+                                                  runner, tmp_path: Path) -> None:
+    """Two systems on the same two prompts: compare's per-system means are those of the head's scores."""
+    _, head = tuned
+    api = PickScorer.from_pretrained(str(model_dir), head=head)
+    means = {}
+    for s, system in enumerate(("base", "dpo")):
+        per_prompt = []
+        for p in range(2):
+            folder = tmp_path / system / f"p{p}"
+            folder.mkdir(parents=True)
+            prompt = f"a dog number {p}"
+            (folder / "prompt.txt").write_text(prompt)
+            src = synthetic.paths[16 * p + 8 * s]
+            (folder / "0.png").write_bytes(Path(src).read_bytes())
+            per_prompt.append(float(api.score(prompt, [src])[0]))
+        means[system] = sum(per_prompt) / 2
+    res = cli(runner, model_dir, "compare", str(tmp_path / "base"), str(tmp_path / "dpo"), "--head", str(head),
+              "-f", "json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert {s["name"]: s["mean"] for s in out["systems"]} == pytest.approx(means, abs=1e-4)
+    assert out["model"]["head"]["sha256"] == hashlib.sha256(head.read_bytes()).hexdigest()
