@@ -68,10 +68,13 @@ def embeddings(model: Path, paths: list[str], prompts: list[str]) -> tuple[np.nd
     return x, t[[index[p] for p in prompts]]
 
 
-def utilities(x: np.ndarray, prompt_ids: np.ndarray, taste: str) -> np.ndarray:
-    """What the synthetic labeller likes: along the images' second principal direction (A), or along it for even
-    prompts and against it for odd ones (B: a taste that depends on the prompt)."""
+def utilities(x: np.ndarray, t: np.ndarray, prompt_ids: np.ndarray, taste: str) -> np.ndarray:
+    """What the synthetic labeller likes: along the images' second principal direction, made orthogonal to the
+    prompts' mean embedding (A); or along it for even prompts and against it for odd ones (B: a taste that depends
+    on the prompt)."""
     direction = np.linalg.svd(x - x.mean(0), full_matrices=False)[2][1]
+    mean = t.mean(0) / np.linalg.norm(t.mean(0))
+    direction = direction - (direction @ mean) * mean
     u = x @ direction
     return u if taste == "A" else np.where(prompt_ids % 2 == 0, u, -u)
 
@@ -112,7 +115,7 @@ def part_c_and_f(model: Path, parts: set[str]) -> list[str]:
     ids = np.arange(len(paths)) // PER_PROMPT
     out: list[str] = []
     if "C" in parts:
-        util = utilities(x, ids, "A")
+        util = utilities(x, t, ids, "A")
         out += ["### Learning curve: held-out accuracy against the number of labels (synthetic taste A, 10% noise)",
                 "", "Nested 5-fold cross-validation over prompts (each pair judged by a head that never saw its "
                 "prompt), the paper's protocol as `pickrank eval`; mean of 3 draws of the labels (min-max).", "",
@@ -145,7 +148,7 @@ def part_c_and_f(model: Path, parts: set[str]) -> list[str]:
         for name, rank, k in forms:
             row, took = [], []
             for taste in ("A", "B"):
-                util = utilities(x, ids, taste)
+                util = utilities(x, t, ids, taste)
                 accs = []
                 for seed in range(3):
                     data = pair_data(x, t, sample(n_prompts, 400, util, seed), scale)
@@ -173,8 +176,8 @@ def part_t(model: Path, rounds: int) -> list[str]:
     paths, prompts = groups(n_prompts)
     x, t = embeddings(model, paths, prompts)
     labels, cache = BENCH / "taste-10k.jsonl", BENCH / "taste-cache.sqlite3"
-    write_labels(labels, paths, prompts, sample(n_prompts, n_pairs, utilities(x, np.arange(len(paths)) //
-                                                                           PER_PROMPT, "A"), 0))
+    write_labels(labels, paths, prompts, sample(n_prompts, n_pairs, utilities(x, t, np.arange(len(paths)) //
+                                                                              PER_PROMPT, "A"), 0))
     cache.unlink(missing_ok=True)
     head = BENCH / "taste-10k.safetensors"
     cmd = [*PICKRANK, "tune", str(labels), "-o", str(head), "--model", str(model), "--cache", str(cache), "-q",
