@@ -35,7 +35,7 @@ def label(
                                           help="Who labels (several labellers may share one file) [default: your "
                                                "user name].")] = None,
     order: Annotated[str, Opt(metavar="uncertain|random", panel=RUN,
-                              help="uncertain: the pairs the scorer (PickScore, or with --head the tuned one) is "
+                              help="uncertain: the pairs the scorer (PickScore, tuned when a head is given) is "
                                    "least sure about, one in four random; random: a plain random sample (no model "
                                    "needed).")] = "uncertain",
     prompts: Annotated[Optional[str], Opt("--prompts", metavar="CSV", panel=INPUT,

@@ -238,3 +238,15 @@ def test_compare_ranks_systems_by_the_tuned_score(synthetic: Synthetic, tuned: t
     out = json.loads(res.stdout)
     assert {s["name"]: s["mean"] for s in out["systems"]} == pytest.approx(means, abs=1e-4)
     assert out["model"]["head"]["sha256"] == hashlib.sha256(head.read_bytes()).hexdigest()
+
+
+def test_a_head_fitted_on_a_model_serves_on_its_onnx_export(synthetic: Synthetic, tuned: tuple[dict, Path],
+                                                            model_dir: Path, export_dir: Path, runner) -> None:
+    """The export's manifest names the weights it came from: the head is accepted there, and scores as on torch."""
+    _, head = tuned
+    files, prompt = synthetic.paths[:4], "a cat number 0"
+    api = PickScorer.from_pretrained(str(model_dir), head=head).score(prompt, files).tolist()
+    res = cli(runner, export_dir, "score", "-p", prompt, *files, "--head", str(head), "-f", "json")
+    assert res.exit_code == 0, res.output
+    onnx = {r["path"]: r["score"] for r in json.loads(res.stdout)}
+    assert max(abs(onnx[f] - api[i]) for i, f in enumerate(files)) <= 1e-4  # the ONNX path's own tolerance
