@@ -168,3 +168,21 @@ def test_listening_beyond_loopback_needs_a_token(source: Path, model_dir: Path, 
     res = cli(runner, model_dir, "label", str(source), "--labels", str(tmp_path / "l.jsonl"), "--host", "0.0.0.0")
     assert res.exit_code == 2 and "token" in res.stderr, res.output
     assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_a_token_opens_the_page_once_then_a_cookie_carries_it(source: Path, tmp_path: Path) -> None:
+    with running_label(str(source), "--labels", str(tmp_path / "l.jsonl"), "--order", "random",
+                       env={"PICKRANK_TOKEN": "s3cret-token"}) as session:
+        url = session.url
+        assert "?token=s3cret-token" in "".join(session.stderr)
+        assert httpx.get(url + "/", timeout=10).status_code == 401
+        assert httpx.get(url + "/?token=wrong", timeout=10).status_code == 401
+        login = httpx.get(url + "/?token=s3cret-token", timeout=10)
+        assert login.status_code == 303 and "HttpOnly" in login.headers["set-cookie"]
+        with httpx.Client(cookies=login.cookies, timeout=10) as client:
+            assert client.get(url + "/").status_code == 200
+            assert client.get(url + "/api/state").json()["current"] is not None
+        bearer = {"Authorization": "Bearer s3cret-token"}
+        assert httpx.get(url + "/img/0", headers=bearer, timeout=10).status_code == 200
+        assert httpx.get(url + "/img/0", timeout=10).status_code == 401
+    no_traceback("".join(session.stderr))

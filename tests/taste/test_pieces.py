@@ -116,3 +116,24 @@ def test_a_compare_layout_pairs_across_systems_only(tmp_path: Path) -> None:
     asked = [picker.next() for _ in range(8)]
     assert picker.next() is None
     assert all(pool.candidates[p.left].system != pool.candidates[p.right].system for p in asked)
+
+
+def test_several_labellers_share_one_file_each_asked_what_they_have_not_labelled(tmp_path: Path) -> None:
+    from pickrank.taste.session import LabelSession, SessionOptions
+
+    (tmp_path / "src" / "g").mkdir(parents=True)
+    (tmp_path / "src" / "g" / "prompt.txt").write_text("a red cat")
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(tmp_path / "src" / "g" / f"{i}.png")
+    pool = pool_from_source([str(tmp_path / "src")])
+    path = str(tmp_path / "labels.jsonl")
+    ann = LabelSession(pool, LabelFile(path), SessionOptions("ann", "random"))
+    for choice in ("left", "right", "tie"):
+        state = ann.answer(ann.state()["current"]["id"], choice)
+    assert state["current"] is None and state["labelled"] == 3
+    bob = LabelSession(pool, LabelFile(path), SessionOptions("bob", "random"))
+    assert bob.state()["labelled"] == 0 and bob.state()["current"] is not None  # ann's labels are not bob's
+    bob.answer(bob.state()["current"]["id"], "left")
+    again = LabelSession(pool, LabelFile(path), SessionOptions("ann", "random"))
+    assert again.state()["current"] is None and again.state()["labelled"] == 3
+    assert [lab.labeler for lab in read_labels(path)] == ["ann", "ann", "ann", "bob"]
