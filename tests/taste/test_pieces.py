@@ -137,3 +137,18 @@ def test_several_labellers_share_one_file_each_asked_what_they_have_not_labelled
     again = LabelSession(pool, LabelFile(path), SessionOptions("ann", "random"))
     assert again.state()["current"] is None and again.state()["labelled"] == 3
     assert [lab.labeler for lab in read_labels(path)] == ["ann", "ann", "ann", "bob"]
+
+
+def test_per_labeller_figures_count_agreement_on_shared_pairs_shown_either_way() -> None:
+    from pickrank.taste.fit import labeler_figures
+
+    rng = np.random.default_rng(3)
+    # pairs 0 and 1: the same pair (images 0, 1) shown both ways, ann and bob agree (0 then its mirror 1);
+    # pair 2: (2, 3) by ann, pair 3: the same by bob, who disagrees; pair 4: bob alone
+    data = PairData(rng.normal(size=(1, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32),
+                    np.zeros(5, int), np.array([0, 1, 2, 2, 4]), np.array([1, 0, 3, 3, 5]),
+                    np.array([0.0, 1.0, 0.0, 1.0, 0.5], np.float32), np.array([0, 1, 0, 1, 1]), ("ann", "bob"), 5.0)
+    head, base = np.array([1.0, 1.0, 0.0, 1.0, 0.5]), np.array([0.0, 0.0, 1.0, 1.0, 0.5])
+    figures = labeler_figures(data, head, base)
+    assert figures["ann"] == {"labels": 2, "pickscore": 0.5, "head": 0.5, "agreement": 0.5, "compared": 2}
+    assert figures["bob"]["labels"] == 3 and figures["bob"]["agreement"] == 0.5 and figures["bob"]["compared"] == 2
