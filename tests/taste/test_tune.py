@@ -250,3 +250,22 @@ def test_a_head_fitted_on_a_model_serves_on_its_onnx_export(synthetic: Synthetic
     assert res.exit_code == 0, res.output
     onnx = {r["path"]: r["score"] for r in json.loads(res.stdout)}
     assert max(abs(onnx[f] - api[i]) for i, f in enumerate(files)) <= 1e-4  # the ONNX path's own tolerance
+
+
+def test_a_head_is_a_differentiable_reward(tuned: tuple[dict, Path], model_dir: Path) -> None:
+    """Gradients reach the pixels through the head, and the tuned reward is the head applied to that path's
+    embeddings (the head file's own numbers, read back)."""
+    import torch
+
+    _, head = tuned
+    scorer = PickScorer.from_pretrained(str(model_dir), head=head, differentiable=True)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    reward = scorer.score("a cat number 0", pixels)
+    reward.sum().backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+    with torch.no_grad():
+        x = scorer.embed_images_differentiable(pixels).numpy()
+    t = scorer.embed_texts("a cat number 0").numpy()
+    p = read_head(str(head)).params
+    expected = p.a * scorer.scale * (x @ t[0]) + x @ p.weight[0]
+    assert np.allclose(reward.detach().numpy(), expected, atol=1e-4)
