@@ -25,8 +25,9 @@ def _default_labeler() -> str:
 @with_options(ModelOptions, (RunOptions, "workers", "max_pixels", "max_bytes"), CacheOptions, CommandOptions)
 def label(
     source: Annotated[Optional[list[str]], Arg(metavar="SOURCE", help="A best-of-n folder (its groups), a prompts "
-                                               "CSV with images, or two or more system folders (a compare "
-                                               "layout: pairs across systems).")] = None,
+                                               "CSV with images, two or more system folders (a compare layout: "
+                                               "pairs across systems), or dataset shards (samples grouped by "
+                                               "caption).")] = None,
     *,
     labels: Annotated[str, Opt("--labels", metavar="FILE", panel=OUTPUT,
                                help="The label file (JSON Lines, as eval reads): appended to, one line per label; a "

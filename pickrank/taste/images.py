@@ -18,13 +18,15 @@ DISPLAY_SIZE = 1024
 KEEP = 96  # pictures remembered (about 100 KB each)
 
 
-def display_jpeg(path: str, size: int, max_pixels: int | None, max_bytes: int | None) -> bytes | str:
-    """A JPEG of the image, long side at most `size`, or why there is none (a worker's unit: never raises)."""
+def display_jpeg(source: str | bytes, size: int, max_pixels: int | None, max_bytes: int | None) -> bytes | str:
+    """A JPEG of the image (a file, or a dataset sample's bytes, read within --max-bytes already), long side at
+    most `size`, or why there is none (a worker's unit: never raises)."""
     from pickrank.inputs.decode import make_thumbnail, open_image
     from pickrank.inputs.files import ReadError, read_bytes
 
     try:
-        return make_thumbnail(open_image(read_bytes(path, max_bytes), max_pixels), size)
+        data = source if isinstance(source, bytes) else read_bytes(source, max_bytes)
+        return make_thumbnail(open_image(data, max_pixels), size)
     except ReadError as e:
         return str(e)
     except Exception as e:  # a decoder bug costs one picture, not the page
@@ -35,8 +37,8 @@ class DisplayImages:
     """Pictures by candidate id: asked for ahead of time (`prefetch`), made in a worker pool (or in the asking
     thread with no workers), the last KEEP remembered."""
 
-    def __init__(self, paths: Sequence[str], workers: int, size: int = DISPLAY_SIZE, max_pixels: int | None = None,
-                 max_bytes: int | None = None) -> None:
+    def __init__(self, paths: Sequence[str | bytes], workers: int, size: int = DISPLAY_SIZE,
+                 max_pixels: int | None = None, max_bytes: int | None = None) -> None:
         self.paths, self.size, self.limits = paths, size, (max_pixels, max_bytes)
         self.pool: ProcessPoolExecutor | None = worker_pool(workers) if workers > 0 else None
         self.made: collections.OrderedDict[int, Future | bytes | str] = collections.OrderedDict()

@@ -115,8 +115,8 @@ def run_label(job: LabelJob, pool: Pool, embedder: ImageTextEmbedder | None,
 
     labels = LabelFile(job.labels)
     workers = default_workers() if job.run.workers is None else job.run.workers
-    images = DisplayImages([c.path for c in pool.candidates], min(workers, 4), max_pixels=job.run.max_pixels,
-                           max_bytes=job.run.max_bytes)
+    pictures = [c.data or c.path for c in pool.candidates]  # a dataset sample's bytes, else its file
+    images = DisplayImages(pictures, min(workers, 4), max_pixels=job.run.max_pixels, max_bytes=job.run.max_bytes)
     session = LabelSession(pool, labels, SessionOptions(job.labeler, job.order, job.seed), images)
     scoring = Scoring(session, embedder, job).start() if embedder is not None else None
     page, policy = label_page(" ".join(job.source.paths or (job.source.manifest or "",)), job.labeler, job.labels)

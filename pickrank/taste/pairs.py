@@ -4,8 +4,9 @@ a random pair so that the labels stay an unbiased sample; `--order random` only 
 twice.
 
 SOURCE is what pickrank already reads as candidate sets: a best-of-n folder (its groups), a prompts CSV with images
-(`batch`'s rows), or a compare layout (system folders with a prompts CSV, paired folders, or a manifest), where
-pairs are always across systems: the labels are then a human A/B evaluation of the systems.
+(`batch`'s rows), a compare layout (system folders with a prompts CSV, paired folders, or a manifest), where
+pairs are always across systems: the labels are then a human A/B evaluation of the systems; or dataset shards,
+whose samples are grouped by caption and named `SHARD#KEY` (as records name them; eval and tune read them back).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import itertools
 import logging
 import os
 import random
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 from pickrank.errors import UsageError
-from pickrank.records import CandidateSet, Query
+from pickrank.records import CandidateSet, ImageBytes, Item, Query
 from pickrank.taste.labels import pair_key
 
 log = logging.getLogger("pickrank")
@@ -32,11 +33,18 @@ _RANDOM_TRIES = 64
 
 @dataclass(frozen=True)
 class Candidate:
-    """One image to show: its file, the prompt (slot) it belongs to, and its system in a compare layout."""
+    """One image to show: its file (or a dataset sample's name, `SHARD#KEY`, with its image bytes in `data`), the
+    prompt (slot) it belongs to, and its system in a compare layout."""
 
     path: str
     slot: int
     system: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def item(self) -> Item:
+        """What the engine reads: the file, or the sample's bytes."""
+        return self.path if self.data is None else ImageBytes(self.path, self.data)
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ class Pool:
     def sets(self) -> list[CandidateSet]:
         """One candidate set per slot, for the engine to score."""
         return [CandidateSet(queries=(Query(prompt=s.prompt, id=str(i)),),
-                             paths=tuple(self.candidates[m].path for m in s.members)) for i, s in enumerate(self.slots)]
+                             paths=tuple(self.candidates[m].item for m in s.members)) for i, s in enumerate(self.slots)]
 
 
 class _Builder:
@@ -100,6 +108,20 @@ class _Builder:
             del self.candidates[len(self.candidates) - len(members):]
             log.warning("%s: fewer than two candidates: no pair to label", name)
 
+    def add_samples(self, samples: Iterable[tuple[str, str, bytes]]) -> None:
+        """Dataset samples (name, caption, image bytes), grouped by caption: one slot per caption, in order."""
+        by_caption: dict[str, list[tuple[str, bytes]]] = {}
+        for name, caption, data in samples:
+            by_caption.setdefault(caption, []).append((name, data))
+        for caption, found in by_caption.items():
+            if len(found) < 2:
+                log.warning("%s: one sample only for this caption: no pair to label", found[0][0])
+                continue
+            slot = len(self.slots)
+            members = tuple(range(len(self.candidates), len(self.candidates) + len(found)))
+            self.candidates += [Candidate(name, slot, data=data) for name, data in found]
+            self.slots.append(Slot(caption, found[0][0], members))
+
     def pool(self) -> Pool:
         if not self.slots:
             raise UsageError("no prompt has two candidates to compare")
@@ -121,10 +143,19 @@ def _from_sets(sets: list[CandidateSet], kind: str) -> Pool:
 def pool_from_source(sources: Sequence[str], prompts_csv: str | None = None, manifest: str | None = None,
                      prompt: str | None = None, max_pixels: int | None = None,
                      max_bytes: int | None = None) -> Pool:
-    """The candidates SOURCE names: one folder (best-of-n groups), one CSV (batch rows with images), or a compare
-    layout (two or more system folders, with --prompts or paired by file name, or a --manifest)."""
+    """The candidates SOURCE names: one folder (best-of-n groups), one CSV (batch rows with images), a compare
+    layout (two or more system folders, with --prompts or paired by file name, or a --manifest), or dataset shards
+    (webdataset .tar or parquet: samples grouped by caption, held in memory)."""
     from pickrank.inputs.sets import sets_for_batch, sets_for_best_of_n
 
+    from pickrank.inputs.datasets.paths import uses_datasets
+
+    if sources and manifest is None and uses_datasets(sources):
+        from pickrank.inputs.datasets.refs import captioned_samples
+
+        b = _Builder("dataset")
+        b.add_samples(captioned_samples(sources, max_bytes))
+        return b.pool()
     if manifest is not None or len(sources) > 1 or prompts_csv is not None:
         return pool_from_comparison(sources, prompts_csv, manifest, max_pixels, max_bytes)
     if len(sources) != 1:

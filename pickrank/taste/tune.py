@@ -20,7 +20,7 @@ from pickrank.core.cache import NullCache, open_cache
 from pickrank.core.engine import LocalBackend, encode_prompts, read_item
 from pickrank.errors import UsageError
 from pickrank.options import CacheOptions, ModelOptions, RunOptions
-from pickrank.records import Finished
+from pickrank.records import Finished, ImageBytes, Item
 from pickrank.taste.fit import DEFAULT_FOLDS, DEFAULT_RANK, IMAGE_DIRECTIONS, PairData, Tuned, tune_head
 from pickrank.taste.labels import Label, read_labels
 
@@ -130,8 +130,9 @@ class _Embedding:
         self.backend: LocalBackend | None = None
         self.waiting = 0
 
-    def add(self, path: str) -> None:
-        entry, data = read_item(path, self.run.max_bytes)
+    def add(self, item: Item) -> None:
+        path = item if isinstance(item, str) else item.name
+        entry, data = read_item(item, self.run.max_bytes)
         if entry.key is None:
             self.failed[path] = entry.error or "failed"
             return self.on_progress(1)
@@ -177,11 +178,15 @@ class _Embedding:
 def image_embeddings(embedder: ImageTextEmbedder, paths: list[str], cache: NullCache, run: RunOptions,
                      batch_size: int | None = None, on_progress: Callable[[int], None] | None = None
                      ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Normalised embeddings of image files by path, and why the others failed (read, decode)."""
+    """Normalised embeddings of image files (or dataset samples named `SHARD#KEY`) by path, and why the others
+    failed (read, decode)."""
+    from pickrank.inputs.datasets.refs import sample_bytes, split_ref
+
+    samples = sample_bytes([p for p in paths if split_ref(p)], run.max_bytes)
     work = _Embedding(embedder, cache, run, batch_size, on_progress)
     try:
         for path in paths:
-            work.add(path)
+            work.add(ImageBytes(path, samples[path]) if path in samples else path)
     except BaseException:
         if work.backend is not None:
             work.backend.close()

@@ -269,3 +269,41 @@ def test_a_head_is_a_differentiable_reward(tuned: tuple[dict, Path], model_dir: 
     p = read_head(str(head)).params
     expected = p.a * scorer.scale * (x @ t[0]) + x @ p.weight[0]
     assert np.allclose(reward.detach().numpy(), expected, atol=1e-4)
+
+
+def test_dataset_shards_are_a_source_and_eval_and_tune_read_their_samples_back(model_dir: Path, runner,
+                                                                               tmp_path: Path) -> None:
+    """Samples grouped by caption; labels name them SHARD#KEY; eval scores them as the same images as files, tune
+    embeds them; the page's pictures are made from their bytes."""
+    from pickrank.taste.images import DisplayImages
+    from pickrank.taste.labels import LabelFile
+    from pickrank.taste.pairs import pool_from_source
+    from pickrank.taste.session import LabelSession, SessionOptions
+    from tests.support.shards import CAPTIONS, build_shards
+
+    build_shards(tmp_path / "shards", n_shards=2, per_shard=4, files=tmp_path / "files")
+    pool = pool_from_source([str(tmp_path / "shards")])
+    assert pool.kind == "dataset" and sorted(s.prompt for s in pool.slots) == sorted(CAPTIONS)
+    assert [len(s.members) for s in pool.slots] == [4, 4]
+    assert DisplayImages([pool.candidates[0].data], 0).get(0)[:3] == b"\xff\xd8\xff"  # a JPEG
+    labels = tmp_path / "labels.jsonl"
+    session = LabelSession(pool, LabelFile(str(labels)), SessionOptions("ann", "random"))
+    state = session.state()
+    while state["current"] is not None:
+        state = session.answer(state["current"]["id"], "left")
+    rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["image_0"].startswith("shards/0000") and ".tar#" in r["image_0"] for r in rows)
+    pairs = tmp_path / "pairs.jsonl"
+    res = runner.invoke(app, ["eval", str(labels), "--model", str(model_dir), "-o", str(pairs), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["pairs"] == 12, res.output
+    scorer = PickScorer.from_pretrained(str(model_dir))
+    for row, scored in zip(rows, jsonl(pairs.read_text())):
+        files = [str(next((tmp_path / "files").glob(f"*/{row[k].rpartition('#')[2]}.*"))) for k in ("image_0",
+                                                                                                     "image_1")]
+        expected = scorer.score(row["prompt"], files).tolist()
+        assert [scored["score_0"], scored["score_1"]] == pytest.approx(expected, abs=1e-4)
+    res = cli(runner, model_dir, "tune", str(labels), "-o", str(tmp_path / "h.safetensors"), "-f", "json",
+              "--force")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["labels"] == 12 and report["skipped"] == 0 and report["images"] == 8
