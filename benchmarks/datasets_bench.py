@@ -34,7 +34,6 @@ import bench  # noqa: E402 - the harness: whole-process measurement, models, ima
 from bench import (  # noqa: E402,E501
     BENCH,
     PICKRANK,
-    REPORT,
     ROOT,
     child_env,
     ensure_images,
@@ -43,6 +42,7 @@ from bench import (  # noqa: E402,E501
     machine,
     measure,
     med,
+    write_marked,
 )
 
 PROMPT = "a photo of a red cat sitting on a blue sofa in the sun"
@@ -248,14 +248,6 @@ def part_pickscore(n_shards: int, per: int) -> list[str]:
             "(target <= 1e-5)", ""]
 
 
-def write_report(body: list[str]) -> None:
-    section = "\n".join(["<!-- bench:datasets:begin -->", *body, "<!-- bench:datasets:end -->"])
-    text = REPORT.read_text(encoding="utf-8")
-    pat = re.compile(r"<!-- bench:datasets:begin -->.*?<!-- bench:datasets:end -->", re.S)
-    text = pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    REPORT.write_text(text, encoding="utf-8")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="K,T,M,R,Y,P")
@@ -288,7 +280,7 @@ def main() -> int:
              f"{(time.perf_counter() - t0) / 60:.1f} min"]
     print("\n".join(body))
     if not args.no_report:
-        write_report(body)
+        write_marked("datasets", body)
     return 0
 
 

@@ -130,6 +130,10 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
              "its own cache entries).")], Decode.exact),
     "batch_size": (ModelOptions, Annotated[Optional[int], Opt(
         min=1, metavar="N", panel=MODEL, help="Images per model call [default: 32 on GPU, 8 on CPU].")], None),
+    "head": (ModelOptions, Annotated[Optional[str], Opt(
+        "--head", metavar="FILE", panel=MODEL,
+        help="A preference head made by `pickrank tune` (safetensors): scores, prob and ranks become PickScore "
+             "tuned to your labels; refused on another base model.")], None),
     "format": (OutputOptions, Annotated[Optional[Format], Opt(
         "--format", "-f", metavar="FORMAT", panel=OUTPUT,
         help="table, json, jsonl, csv, parquet or paths [default: from -o's extension (.jsonl, .json, .csv, "

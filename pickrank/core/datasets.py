@@ -32,6 +32,7 @@ from pickrank.output.sinks import Sink
 from pickrank.output.targets import Output
 from pickrank.output.writers import MetaWriter
 from pickrank.records import RunSummary
+from pickrank.taste.head import file_sha256
 
 if TYPE_CHECKING:
     from pickrank.models.protocol import ImageTextEmbedder
@@ -65,7 +66,10 @@ def _check_options(job: DatasetJob, options: ScoringOptions, shards: list[Shard]
 
 def _stamp(job: DatasetJob, options: ScoringOptions) -> Stamp:
     """The run's stamp for per-shard outputs (the shard's own fields are filled per shard)."""
-    return Stamp(fingerprint=model_info(options.model).fingerprint, prompt=job.prompt,
+    fingerprint = model_info(options.model).fingerprint
+    if options.model.head is not None:  # a head changes every score: a shard scored without it is not done
+        fingerprint += f";head sha256:{file_sha256(options.model.head)}"
+    return Stamp(fingerprint=fingerprint, prompt=job.prompt,
                  scale=options.run.scale.value, reading=json.dumps(asdict(job.dataset), sort_keys=True),
                  shard="", size=None, mtime_ns=None)
 

@@ -15,7 +15,6 @@ import pytest
 
 from tests.support.commands import Completed, invoke, jsonl, no_traceback, pickrank_cmd
 from tests.support.images import draw_image
-from tests.support.shared import built_once
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -44,18 +43,6 @@ def run(*args: str, env: dict | None = None, timeout: int = 180) -> Completed | 
     base = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(pickrank_cmd(*args), capture_output=True, text=True, env={**base, **(env or {})},
                           timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def export_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported once per test run through the real command."""
-
-    def export(out: Path) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        r = run("export", "onnx", str(out), "--model", str(model_dir), env={"HF_HUB_OFFLINE": "1"})
-        assert r.returncode == 0, r.stderr
-
-    return built_once(tmp_path_factory, "tiny-onnx", export)
 
 
 @pytest.fixture
