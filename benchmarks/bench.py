@@ -686,6 +686,16 @@ the targets' sizes.
 """
 
 
+def write_marked(name: str, body: list[str]) -> None:
+    """Replace the section between BENCHMARKS.md's `bench:NAME` markers with `body` (appended when there is none)."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    section = "\n".join([begin, *body, end])
+    text = REPORT.read_text(encoding="utf-8")
+    pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+    REPORT.write_text(text, encoding="utf-8")
+
+
 def write_section(case: int, title: str, body: list[str], quick: bool, mach: dict, started: dt.datetime,
                   elapsed: float, load: float) -> None:
     cmd = shlex.join([os.path.relpath(PY, ROOT) if PY.startswith(str(ROOT)) else PY,

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/datasets_bench.py                   # the issue's sizes (20 x 1,000 JPEGs, ...)
     .venv/bin/python benchmarks/datasets_bench.py --scale 0.1       # a tenth of the images per shard
-    .venv/bin/python benchmarks/datasets_bench.py --parts T,M,R,Y,P # some parts only
+    .venv/bin/python benchmarks/datasets_bench.py --parts K,T,M,R,Y,P # some parts only
 
-Parts: T throughput (shards vs files, tiny model), M peak RSS (4 vs 40 shards), R resume (a run killed half-way,
+Parts: K the main process's reading alone (shards vs files, CPU per image), T throughput (shards vs files, tiny model), M peak RSS (4 vs 40 shards), R resume (a run killed half-way,
 then the rerun, against a full run), Y `--engine ray` against local on the same shards (fixed cost and marginal
 throughput), P PickScore's architecture on a few shards (time and scores against files). Shards are built from
 bench.py's 512x512 JPEGs (the same bytes as the files), each sample a jpg, a txt caption and a json with a uid.
@@ -34,7 +34,6 @@ import bench  # noqa: E402 - the harness: whole-process measurement, models, ima
 from bench import (  # noqa: E402,E501
     BENCH,
     PICKRANK,
-    REPORT,
     ROOT,
     child_env,
     ensure_images,
@@ -43,6 +42,7 @@ from bench import (  # noqa: E402,E501
     machine,
     measure,
     med,
+    write_marked,
 )
 
 PROMPT = "a photo of a red cat sitting on a blue sofa in the sun"
@@ -185,6 +185,44 @@ def part_ray(tiny: Path, per: int) -> list[str]:
             "and last shard)", *lines, ""]
 
 
+def _read_all(kind: str, shards: Path, files: str) -> int:
+    """Read (and hash, as the engine does) every image of the shards or of the files, in this process: the reading
+    alone, without decoding or a model."""
+    from pickrank.core.engine import content_key
+    from pickrank.inputs.datasets.webdataset import tar_samples
+    from pickrank.inputs.files import read_bytes
+    from pickrank.options import DatasetOptions
+
+    n = 0
+    if kind == "shards":
+        for shard in sorted(shards.glob("*.tar")):
+            for sample in tar_samples(str(shard), DatasetOptions(), None):
+                content_key(sample.image or b"")
+                n += 1
+    else:
+        for path in sorted((ROOT / files).iterdir()):
+            content_key(read_bytes(str(path), None))
+            n += 1
+    return n
+
+
+def part_reading(n_shards: int, per: int, rounds: int = 5) -> list[str]:
+    """The main process's reading cost per image: shards (tar headers parsed in Python) against files (one open
+    each), CPU seconds in this process, the median of alternating rounds after one warm-up of each."""
+    shards, files = build_shards(n_shards, per), image_folder(512, n_shards * per)
+    cpu: dict[str, list[float]] = {"shards": [], "files": []}
+    for r in range(rounds + 1):
+        for kind in (("shards", "files") if r % 2 == 0 else ("files", "shards")):
+            t = time.process_time()
+            n = _read_all(kind, shards, files)
+            if r:
+                cpu[kind].append(time.process_time() - t)
+    us = {k: 1e6 * statistics.median(v) / n for k, v in cpu.items()}
+    return [f"### Reading alone: {n_shards} shards x {per:,} against the same {n:,} files (read and hashed in one "
+            "process, no decoding)", "", "| input | CPU us per image (median) |", "|---|---|",
+            *[f"| {k} | {v:.0f} |" for k, v in us.items()], ""]
+
+
 def _scores(path: Path) -> dict[str, float]:
     import pyarrow.parquet as pq
 
@@ -210,17 +248,9 @@ def part_pickscore(n_shards: int, per: int) -> list[str]:
             "(target <= 1e-5)", ""]
 
 
-def write_report(body: list[str]) -> None:
-    section = "\n".join(["<!-- bench:datasets:begin -->", *body, "<!-- bench:datasets:end -->"])
-    text = REPORT.read_text(encoding="utf-8")
-    pat = re.compile(r"<!-- bench:datasets:begin -->.*?<!-- bench:datasets:end -->", re.S)
-    text = pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    REPORT.write_text(text, encoding="utf-8")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="T,M,R,Y,P")
+    ap.add_argument("--parts", default="K,T,M,R,Y,P")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the issue's images per shard")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of part T")
     ap.add_argument("--no-report", action="store_true")
@@ -237,10 +267,10 @@ def main() -> int:
             f"torch {mach['torch']}, Pillow {mach['pillow']}; 1-min load average at start {mach['load'][0]:.2f}",
             f"- date: {started:%Y-%m-%d %H:%M} UTC (system clock)", ""]
     n_before = len(bench.ALL_RUNS)
-    builders = {"T": lambda: part_throughput(tiny, 20, per, args.rounds), "M": lambda: part_memory(tiny, per),
+    builders = {"K": lambda: part_reading(20, per), "T": lambda: part_throughput(tiny, 20, per, args.rounds), "M": lambda: part_memory(tiny, per),
                 "R": lambda: part_resume(tiny, 20, per), "Y": lambda: part_ray(tiny, per),
                 "P": lambda: part_pickscore(2, 4)}
-    for name in "TMRYP":
+    for name in "KTMRYP":
         if name in parts:
             print(f"\n== part {name}", flush=True)
             body += builders[name]()
@@ -250,7 +280,7 @@ def main() -> int:
              f"{(time.perf_counter() - t0) / 60:.1f} min"]
     print("\n".join(body))
     if not args.no_report:
-        write_report(body)
+        write_marked("datasets", body)
     return 0
 
 

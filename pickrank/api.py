@@ -215,7 +215,7 @@ class PickScorer:
                         batch_size: int | None = None, differentiable: bool = False,
                         max_pixels: int | None = DEFAULT_MAX_PIXELS, *, alpha: Alpha | str = "white",
                         preprocess: str = "exact", scale: Scale | str = "raw",
-                        options: ModelOptions | None = None) -> "PickScorer":
+                        options: ModelOptions | None = None, head: str | os.PathLike | None = None) -> "PickScorer":
         """Load as the CLI does: model (default $PICKRANK_MODEL, else yuvalkirstain/PickScore_v1), processor (default
         the model folder when it has processor files, else the LAION CLIP-ViT-H-14 one), safetensors only.
 
@@ -226,9 +226,12 @@ class PickScorer:
         `differentiable=True` makes `score` take the differentiable path for float tensors by default;
         `preprocess="torch"` makes it take the batched on-device path for image tensors (see the module docstring).
         `scale`: the unit of `score` and `rank` ("raw", "cosine" or "unit26", as --scale); kept in `score_scale`.
+        `head`: a preference head file made by `pickrank tune` (as --head): every score, prob and rank is then
+        PickScore tuned to those labels (refused on another base model).
         """
         given = ModelOptions.from_values(model=model, processor=processor, revision=revision, offline=offline,
-                                         device=device, dtype=dtype, batch_size=batch_size, alpha=alpha)
+                                         device=device, dtype=dtype, batch_size=batch_size, alpha=alpha,
+                                         head=os.fspath(head) if head is not None else None)
         if options is not None and given != ModelOptions():
             raise UsageError("give the model options either as arguments or as options=ModelOptions(...), not both")
         loading_embedder = loading.load_embedder(options or given)
@@ -370,9 +373,10 @@ class PickScorer:
             image = self.embed_images_differentiable(images) if want and is_float_batch \
                 else self.embed_images_on_device(images)
             # clone(): text embeddings come from inference mode, which autograd cannot save for backward
-            scores = paired_scores(text.clone().to(image.device), image, self.scale)
+            scores = paired_scores(text.clone().to(image.device), image, self.scale, self.embedder.head)
             return self._finite(scores / divisor).to(images.device)  # a division by a constant: gradients flow
-        return self._finite(paired_scores(text, self.embed_images(images), self.scale) / divisor)
+        scores = paired_scores(text, self.embed_images(images), self.scale, self.embedder.head)
+        return self._finite(scores / divisor)
 
     def _finite(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores, or NonFiniteScores naming the model and the images: a NaN reward is an error, never a

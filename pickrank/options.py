@@ -7,6 +7,7 @@ Each bundle's `from_values` takes plain values (an enum or its name) and applies
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, TypeVar
@@ -186,6 +187,9 @@ class ModelOptions(_Bundle):
     backend: BackendName | None = None  # None: onnx when `model` is an ONNX export folder, else torch
     # Part of the preprocessing (as alpha), hence of the cache fingerprint: here, where the fingerprint is made.
     decode: Decode = Decode.exact
+    # A preference head file (`pickrank tune`): every score goes through it, after the embeddings (not part of the
+    # cache fingerprint: embeddings are PickScore's with or without it).
+    head: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", DType.parse(self.dtype))
@@ -193,6 +197,8 @@ class ModelOptions(_Bundle):
         object.__setattr__(self, "decode", as_enum(Decode, self.decode, "--decode value"))
         if self.backend is not None:
             object.__setattr__(self, "backend", as_enum(BackendName, self.backend, "backend"))
+        if self.head is not None:  # read where the model loads: a Ray replica's working folder is not ours
+            object.__setattr__(self, "head", os.path.abspath(os.fspath(self.head)))
 
 
 @dataclass(frozen=True)

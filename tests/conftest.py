@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +18,7 @@ import torch  # noqa: E402
 
 from pickrank import PickScorer  # noqa: E402
 from pickrank.devtools import build_model  # noqa: E402
+from tests.support.commands import pickrank_cmd  # noqa: E402
 from tests.support.images import draw_image  # noqa: E402
 from tests.support.pairs import PROMPTS as PAIR_PROMPTS  # noqa: E402
 from tests.support.shared import built_once, run_folder  # noqa: E402
@@ -88,6 +90,22 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built_once(tmp_path_factory, "tiny-clip", _build_tiny_clip)
 
 
+
+
+@pytest.fixture(scope="session")
+def export_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported to ONNX once per test run, through the real command (this checkout's code)."""
+
+    def export(out: Path) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        r = subprocess.run(pickrank_cmd("export", "onnx", str(out), "--model", str(model_dir)), capture_output=True,
+                           text=True, env=env, timeout=180)
+        assert r.returncode == 0, r.stderr
+
+    return built_once(tmp_path_factory, "tiny-onnx", export)
 
 
 @pytest.fixture

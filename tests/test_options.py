@@ -16,15 +16,19 @@ from pickrank.cli.cache import cache_clear, cache_info, cache_prune
 from pickrank.cli.compare import compare
 from pickrank.cli.evaluate import eval_
 from pickrank.cli.export import export_onnx
+from pickrank.cli.label import label
 from pickrank.cli.prompts import prompts
 from pickrank.cli.report import report
 from pickrank.cli.score import batch, best_of_n, score
 from pickrank.cli.shared import SHARED
+from pickrank.cli.tune import tune
 from pickrank.errors import UsageError
 from pickrank.models import loading
 from pickrank.options import DType, Format, ModelOptions, OnError, RunOptions
 from tests.support.help import assert_shared_options_once
 from tests.support.pairs import write_csv
+
+DATASET = ["image_key", "caption_key", "image_column", "caption_column", "key_column"]
 
 # Each command, its function, and the shared options it takes (as on the command line).
 COMMANDS = {
@@ -32,10 +36,16 @@ COMMANDS = {
     ("best-of-n",): (best_of_n, list(SHARED)),
     ("batch",): (batch, list(SHARED)),
     ("eval",): (eval_, ["model", "processor", "revision", "offline", "device", "dtype", "alpha", "backend",
-                            "decode", "batch_size", "quiet", "max_pixels", "debug", "scale", "with_meta", "meta"]),
+                            "decode", "batch_size", "head", "quiet", "max_pixels", "debug", "scale", "with_meta",
+                            "meta"]),
+    ("label",): (label, ["model", "processor", "revision", "offline", "device", "dtype", "alpha", "backend", "decode",
+                         "batch_size", "head", "workers", "max_pixels", "max_bytes", "cache", "no_cache", "quiet",
+                         "debug"]),
+    ("tune",): (tune, ["model", "processor", "revision", "offline", "device", "dtype", "alpha", "backend", "decode",
+                       "batch_size", "workers", "max_pixels", "max_bytes", "cache", "no_cache", "quiet", "debug"]),
     ("export", "onnx"): (export_onnx, ["model", "processor", "revision", "offline", "quiet", "debug"]),
-    ("compare",): (compare, [n for n in SHARED if n not in ("format", "html", "null", "with_meta")]),
-    ("prompts",): (prompts, ["format", "output", "quiet", "max_pixels", "max_bytes", "debug"]),
+    ("compare",): (compare, [n for n in SHARED if n not in ("format", "html", "null", "with_meta", *DATASET)]),
+    ("prompts",): (prompts, ["format", "output", "quiet", "max_pixels", "max_bytes", "debug", *DATASET]),
     ("report",): (report, ["quiet", "debug"]),
     ("cache", "info"): (cache_info, ["cache", "debug"]),
     ("cache", "clear"): (cache_clear, ["cache", "debug"]),

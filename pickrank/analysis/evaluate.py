@@ -275,6 +275,8 @@ class Dataset:
             index += 1
 
     def _table_pairs(self, rows: Iterator[tuple[int, dict]]) -> Iterator[Pair]:
+        from pickrank.inputs.datasets.refs import sample_bytes, split_ref
+
         base = os.path.dirname(os.path.abspath(self.path))
 
         def resolve(p: object) -> str | None:
@@ -283,14 +285,19 @@ class Dataset:
             p = os.path.expanduser(p.strip())
             return p if os.path.isabs(p) else os.path.join(base, p)
 
-        for index, row in rows:
+        table = list(rows)  # small: the file's text is in memory already
+        # images inside dataset shards (SHARD#KEY, as `pickrank label` writes them): each shard read once
+        samples = sample_bytes([p for _, row in table for p in map(resolve, (row["image_0"], row["image_1"]))
+                                if p is not None and split_ref(p)], None)
+        for index, row in table:
             error = None
             label = None
             try:
                 label = _label(row["label"])
             except (TypeError, ValueError):
                 error = f"label {row['label']!r} is not 0, 1 or 0.5"
-            im0, im1 = resolve(row["image_0"]), resolve(row["image_1"])
+            im0, im1 = (samples.get(p, p) if p is not None else None for p in map(resolve, (row["image_0"],
+                                                                                            row["image_1"])))
             if im0 is None or im1 is None:
                 error = error or "missing image path"
             prompt = row["prompt"]

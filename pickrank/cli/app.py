@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from pickrank import __version__
-from pickrank.cli import cache, compare, doctor, evaluate, export, filter, prompts, report, score, serve
+from pickrank.cli import cache, compare, doctor, evaluate, export, filter, label, prompts, report, score, serve, tune
 from pickrank.errors import EXIT_USAGE, UsageError
 from pickrank.signals import STOP_SIGNALS, set_handlers
 
@@ -86,7 +86,8 @@ COMMANDS = ((app, "score", score.score), (app, "best-of-n", score.best_of_n), (a
             (app, "filter", filter.filter_),
             (app, "prompts", prompts.prompts), (cache_app, "info", cache.cache_info),
             (cache_app, "clear", cache.cache_clear), (cache_app, "prune", cache.cache_prune),
-            (app, "report", report.report), (app, "eval", evaluate.eval_), (app, "compare", compare.compare),
+            (app, "report", report.report), (app, "eval", evaluate.eval_), (app, "label", label.label),
+            (app, "tune", tune.tune), (app, "compare", compare.compare),
             (app, "serve", serve.serve), (app, "doctor", doctor.doctor), (export_app, "onnx", export.export_onnx))
 for _group, _name, _function in COMMANDS:
     _group.command(_name, cls=_Command)(_function)

@@ -37,8 +37,9 @@ def filter_(
                                           help="Samples per new shard (--reshard).")] = 10_000,
     *, opts: Opts,
 ) -> None:
-    """Keep a scored dataset's best samples: by --min-score, --top-fraction over the whole dataset, or --top-k per
-    prompt (all those given). The scores are read twice, the images never; --reshard copies the kept samples.
+    """Keep a scored dataset's best samples: by --min-score, --top-fraction of all, or --top-k per prompt.
+
+    Every cut-off given must hold. The scores are read twice, the images never; --reshard copies the kept samples.
 
     Examples:
       $ pickrank filter scores/ --top-fraction 0.3 -o kept.parquet --uids kept.npy --reshard filtered/

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import typer
 
@@ -25,7 +25,7 @@ from pickrank.errors import (
 from pickrank.options import CommandOptions, ModelOptions
 from pickrank.output.guards import InputIsOutput
 from pickrank.output.sinks import Closable, abandon
-from pickrank.signals import noted, set_handlers
+from pickrank.signals import noted, restore_handlers, set_handlers
 
 if TYPE_CHECKING:
     from pickrank.cli.progress import NoBar, ProgressBar
@@ -47,11 +47,20 @@ class _StderrHandler(logging.Handler):
         write_line(f"pickrank: {level}{terminal_safe(record.getMessage())}")  # above the progress bar, if up
 
 
-def setup_logging(quiet: bool) -> None:
-    """pickrank's messages go to stderr as one line each (info unless quiet)."""
+def setup_logging(quiet: bool) -> Callable[[], None]:
+    """pickrank's messages go to stderr as one line each (info unless quiet); returns what puts the logger's
+    previous settings back."""
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
     log.handlers[:] = [_StderrHandler()]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+    def restore() -> None:
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
+
+    return restore
 
 
 def _on_stop_signal(signum: int, frame: object) -> None:
@@ -118,13 +127,26 @@ class Command:
         self.code = EXIT_OK
 
     def __enter__(self) -> "Command":
-        setup_logging(self.options.quiet)
+        self._restore_logging = setup_logging(self.options.quiet)
         # SIGTERM and SIGHUP stop a run as Ctrl-C does: outputs keep their whole records, workers are shut down.
-        set_handlers(_on_stop_signal, tuple(s for s in (getattr(signal, "SIGTERM", None),
-                                                         getattr(signal, "SIGHUP", None)) if s is not None))
+        # The host's handlers and logging come back when the command ends (a command run in process, as tests and
+        # notebooks do, leaves them as they were).
+        self._saved_handlers = set_handlers(_on_stop_signal, tuple(
+            s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None))
         return self
 
     def __exit__(self, kind: type | None, e: BaseException | None, tb: object) -> None:
+        try:
+            code = self._end(e)
+        finally:
+            try:
+                restore_handlers(self._saved_handlers)
+            finally:
+                self._restore_logging()
+        raise typer.Exit(code)
+
+    def _end(self, e: BaseException | None) -> int:
+        """The outputs kept or discarded, and the command's exit code (--debug re-raises)."""
         code = self.code
         late: list[int] = []
         with noted(late):  # the outputs being closed stay whole, whatever signal comes now
@@ -137,7 +159,7 @@ class Command:
                 code = close_outputs(self.sinks, code)
         if late and code in (EXIT_OK, EXIT_PARTIAL):
             code = exit_code(Terminated(late[0]) if late[0] != signal.SIGINT else KeyboardInterrupt(), False)
-        raise typer.Exit(code)
+        return code
 
 
 def say_loaded(embedder: ImageTextEmbedder) -> None:

@@ -7,10 +7,11 @@ from typing import Annotated
 
 from pickrank.cli.lifecycle import Command
 from pickrank.cli.shared import Arg, Opts, with_options
-from pickrank.options import CommandOptions, OutputOptions, RunOptions
+from pickrank.options import CommandOptions, DatasetOptions, OutputOptions, RunOptions
 
 
-@with_options((OutputOptions, "format", "output"), (RunOptions, "max_pixels", "max_bytes"), CommandOptions)
+@with_options((OutputOptions, "format", "output"), (RunOptions, "max_pixels", "max_bytes"), DatasetOptions,
+              CommandOptions)
 def prompts(
     paths: Annotated[list[str], Arg(metavar="PATH", help="Image files, folders, quoted globs ('**' too), or - "
                                                              "to read paths from stdin.")],
@@ -33,5 +34,5 @@ def prompts(
         check_outputs([("-o", opts.output.output)], paths)
         out = Output(opts.output.output)
         cmd.sinks.append(out)  # an -o file is replaced only when every image was listed
-        write_prompts(prompt_rows(paths, sys.stdin, opts.run.max_pixels, opts.run.max_bytes),
+        write_prompts(prompt_rows(paths, sys.stdin, opts.run.max_pixels, opts.run.max_bytes, opts.dataset),
                       fmt or ("table" if out.is_terminal else "jsonl"), out)

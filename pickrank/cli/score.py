@@ -57,14 +57,19 @@ def _dataset_job(paths: list[str], prompt: str | None, prompt_from: PromptFrom |
     return DatasetJob(tuple(paths), prompt, dataset, overwrite)
 
 
+def _files_only(opts: Opts) -> str | None:
+    """The option of a run that needs image files, not dataset shards' samples (--html shows the files)."""
+    return "--html" if opts.output.html else None
+
+
 PATHS_HELP = "Image files, folders, quoted globs ('**' too), or - to read paths from stdin."
+SHARDS_HELP = ("dataset shards: .tar (webdataset), .parquet, a folder of them, a quoted glob or brace range "
+               "('shards/{00000..00099}.tar').")
 
 
 @with_options(*SCORING)
 def score(
-    paths: Annotated[list[str], Arg(metavar="PATH", help=PATHS_HELP[:-1] + "; or dataset shards: .tar "
-                                         "(webdataset), .parquet, a folder of them, a quoted glob or brace range "
-                                         "('shards/{00000..00099}.tar').")],
+    paths: Annotated[list[str], Arg(metavar="PATH", help=PATHS_HELP[:-1] + "; or " + SHARDS_HELP)],
     prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT, help="The prompt the "
                                          "images were generated for [default: each image's own metadata "
                                          "prompt; a dataset sample's caption].")] = None,
@@ -74,18 +79,6 @@ def score(
                                            "its own caption. Images (samples of a shard) with the same prompt form "
                                            "one ranking.")] = None,
     top: Annotated[Optional[int], Opt(min=1, metavar="K", panel=OUTPUT, help="Show only the best K.")] = None,
-    image_key: Annotated[Optional[str], Opt(metavar="EXT", panel=DATASETS, help="Webdataset: the image member's "
-                                            "extension [default: the first of jpg, jpeg, png, webp].")] = None,
-    caption_key: Annotated[str, Opt(metavar="EXT", panel=DATASETS,
-                                    help="Webdataset: the caption member's extension.")] = "txt",
-    image_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the column of image "
-                                               "bytes (binary, or a struct with bytes) [default: jpg, image, ... or "
-                                               "the one binary column].")] = None,
-    caption_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the caption column "
-                                                 "[default: caption, txt, text or prompt].")] = None,
-    key_column: Annotated[Optional[str], Opt(metavar="NAME", panel=DATASETS, help="Parquet: the key column "
-                                             "[default: key, __key__, id, image_id or uid; else the row "
-                                             "number].")] = None,
     overwrite: Annotated[bool, Opt("--overwrite", panel=DATASETS, help="-o DIR/: score again the shards whose "
                                    "output was made another way (model, prompt, scale, columns, or the shard "
                                    "changed) instead of refusing.")] = False,
@@ -104,7 +97,7 @@ def score(
     from pickrank.inputs.sets import sets_for_score
 
     run = replace(opts.run, top=top)
-    dataset = DatasetOptions(image_key, caption_key, image_column, caption_column, key_column)
+    dataset = opts.dataset or DatasetOptions()
 
     def sets() -> list[CandidateSet]:
         return sets_for_score(prompt, paths, sys.stdin, run.max_pixels, run.max_bytes)
@@ -120,29 +113,34 @@ def score(
 @with_options(*SCORING)
 def best_of_n(
     folder: Annotated[str, Arg(metavar="FOLDER", help="Folder of candidates; each subfolder with images is a "
-                                                      "group (the images directly in FOLDER are one too).")],
+                                                      "group (the images directly in FOLDER are one too); or "
+                                                      "dataset shards, each shard a group: .tar (webdataset), "
+                                                      ".parquet, a folder of them, a quoted glob or brace range.")],
     prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT, help="Prompt for every "
                                          "group [default: prompt.txt in the group, else the first image's "
-                                         "metadata prompt].")] = None,
+                                         "metadata prompt; a shard's first caption].")] = None,
     top: Annotated[int, Opt(min=1, metavar="K", panel=OUTPUT, help="Keep the best K of each group.")] = 1,
     copy_to: Annotated[Optional[str], Opt(metavar="DIR", panel=OUTPUT, help="Copy the winners into DIR/GROUP/ "
                                           "(never overwrites: NAME-1.png when NAME.png is taken).")] = None,
     *, opts: Opts,
 ) -> None:
-    """Keep the best of N candidates in each group of a folder.
+    """Keep the best of N candidates in each group of a folder (or in each dataset shard).
 
     Examples:
       $ pickrank best-of-n out/                     # the best of each group
       $ pickrank best-of-n out/ --top 2 --copy-to keep/
       $ pickrank best-of-n out/ -p "a castle at dawn" --html best.html
       $ pickrank best-of-n out/ -f paths -0 | xargs -0 ls -l
+      $ pickrank best-of-n 'shards/{00000..00009}.tar' -p "a castle"   # a group per shard
     """
     from pickrank.inputs.sets import sets_for_best_of_n
 
     run = replace(opts.run, top=top)
+    files_only = "--copy-to" if copy_to else _files_only(opts)
     _score_command("best-of-n", replace(opts, run=run),
-                   lambda: sets_for_best_of_n(folder, prompt, run.max_pixels, run.max_bytes), copy_to=copy_to,
-                   inputs=[folder])
+                   lambda: sets_for_best_of_n(folder, prompt, run.max_pixels, run.max_bytes, files_only,
+                                              opts.dataset or DatasetOptions()),
+                   copy_to=copy_to, inputs=[folder])
 
 
 @with_options(*SCORING)
@@ -150,7 +148,7 @@ def batch(
     prompts_csv: Annotated[str, Arg(metavar="PROMPTS.csv", help="CSV with a 'prompt' column; optional 'id' and "
                                     "'images' (folder, glob or paths separated by ';').")],
     paths: Annotated[Optional[list[str]], Arg(metavar="PATH", help="Images for rows without an 'images' "
-                                              "cell.")] = None,
+                                              "cell; or " + SHARDS_HELP)] = None,
     top: Annotated[Optional[int], Opt(min=1, metavar="K", panel=OUTPUT, help="Show only the best K of each "
                                       "row.")] = None,
     *, opts: Opts,
@@ -160,8 +158,11 @@ def batch(
     Examples:
       $ pickrank batch prompts.csv generations/ -f csv -o scores.csv
       $ pickrank batch prompts.csv --top 1 --html best.html   # rows name images
+      $ pickrank batch prompts.csv 'shards/{00000..00009}.tar' -f parquet -o scores.parquet
     """
     from pickrank.inputs.sets import sets_for_batch
 
     _score_command("batch", replace(opts, run=replace(opts.run, top=top)),
-                   lambda: sets_for_batch(prompts_csv, paths or [], sys.stdin), inputs=[prompts_csv, *(paths or [])])
+                   lambda: sets_for_batch(prompts_csv, paths or [], sys.stdin, opts.run.max_bytes, _files_only(opts),
+                                          opts.dataset or DatasetOptions()),
+                   inputs=[prompts_csv, *(paths or [])])

@@ -17,6 +17,7 @@ from pickrank.options import (
     BackendName,
     CacheOptions,
     CommandOptions,
+    DatasetOptions,
     Decode,
     DType,
     EngineName,
@@ -84,6 +85,20 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
         min=1, metavar="BYTES", panel=INPUT,
         help="Refuse image files larger than this, before reading them [default: 536,870,912 = 512 MiB].")],
         None),
+    "image_key": (DatasetOptions, Annotated[Optional[str], Opt(
+        metavar="EXT", panel=DATASETS,
+        help="Webdataset: the image member's extension [default: the first of jpg, jpeg, png, webp].")], None),
+    "caption_key": (DatasetOptions, Annotated[str, Opt(
+        metavar="EXT", panel=DATASETS, help="Webdataset: the caption member's extension.")], "txt"),
+    "image_column": (DatasetOptions, Annotated[Optional[str], Opt(
+        metavar="NAME", panel=DATASETS, help="Parquet: the column of image bytes (binary, or a struct with bytes) "
+                                             "[default: jpg, image, ... or the one binary column].")], None),
+    "caption_column": (DatasetOptions, Annotated[Optional[str], Opt(
+        metavar="NAME", panel=DATASETS, help="Parquet: the caption column [default: caption, txt, text or "
+                                             "prompt].")], None),
+    "key_column": (DatasetOptions, Annotated[Optional[str], Opt(
+        metavar="NAME", panel=DATASETS, help="Parquet: the key column [default: key, __key__, id, image_id or uid; "
+                                             "else the row number].")], None),
     "model": (ModelOptions, Annotated[Optional[str], Opt(
         "--model", envvar="PICKRANK_MODEL", metavar="ID|DIR", panel=MODEL,
         help="Hub id or local folder of the model [default: yuvalkirstain/PickScore_v1].")], None),
@@ -115,6 +130,10 @@ SHARED: dict[str, tuple[type, Any, Any]] = {
              "its own cache entries).")], Decode.exact),
     "batch_size": (ModelOptions, Annotated[Optional[int], Opt(
         min=1, metavar="N", panel=MODEL, help="Images per model call [default: 32 on GPU, 8 on CPU].")], None),
+    "head": (ModelOptions, Annotated[Optional[str], Opt(
+        "--head", metavar="FILE", panel=MODEL,
+        help="A preference head made by `pickrank tune` (safetensors): scores, prob and ranks become PickScore "
+             "tuned to your labels; refused on another base model.")], None),
     "format": (OutputOptions, Annotated[Optional[Format], Opt(
         "--format", "-f", metavar="FORMAT", panel=OUTPUT,
         help="table, json, jsonl, csv, parquet or paths [default: from -o's extension (.jsonl, .json, .csv, "
@@ -178,6 +197,7 @@ class Opts:
     cache: CacheOptions | None = None
     output: OutputOptions | None = None
     engine: EngineOptions | None = None
+    dataset: DatasetOptions | None = None
     command: CommandOptions = CommandOptions()
 
     def scoring(self) -> ScoringOptions:
@@ -190,7 +210,7 @@ class Opts:
 
 # Which field of Opts holds each bundle.
 _SLOTS = {ModelOptions: "model", RunOptions: "run", CacheOptions: "cache", OutputOptions: "output",
-          EngineOptions: "engine", CommandOptions: "command"}
+          EngineOptions: "engine", DatasetOptions: "dataset", CommandOptions: "command"}
 
 
 def with_options(*bundles: type | tuple) -> Callable[[Callable], Callable]:
@@ -265,4 +285,4 @@ def by_panel(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
             for p in ordered]
 
 
-SCORING = (ModelOptions, RunOptions, CacheOptions, OutputOptions, EngineOptions, CommandOptions)
+SCORING = (ModelOptions, RunOptions, CacheOptions, OutputOptions, EngineOptions, DatasetOptions, CommandOptions)

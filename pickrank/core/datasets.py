@@ -4,19 +4,20 @@ then `scoring.score_into` over the shards' candidate sets, streamed (`Engine.ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from pickrank.core.scoring import Scored, ScoringOptions, open_outputs, score_into
 from pickrank.errors import UsageError
 from pickrank.inputs.datasets.parquet import require_pyarrow
 from pickrank.inputs.datasets.paths import Shard, find_shards
-from pickrank.inputs.datasets.sets import DatasetSets, Reading, check_layouts
+from pickrank.inputs.datasets.sets import DatasetSets, Reading, SampleReader, check_layouts, shard_samples
 from pickrank.inputs.sets import check_prompt
 from pickrank.models.loading import model_info
-from pickrank.options import DatasetOptions, OnError
+from pickrank.options import DatasetOptions, EngineName, EngineOptions, OnError
 from pickrank.output.datasets import (
     DatasetRecords,
     ShardFiles,
@@ -31,6 +32,7 @@ from pickrank.output.sinks import Sink
 from pickrank.output.targets import Output
 from pickrank.output.writers import MetaWriter
 from pickrank.records import RunSummary
+from pickrank.taste.head import file_sha256
 
 if TYPE_CHECKING:
     from pickrank.models.protocol import ImageTextEmbedder
@@ -64,7 +66,10 @@ def _check_options(job: DatasetJob, options: ScoringOptions, shards: list[Shard]
 
 def _stamp(job: DatasetJob, options: ScoringOptions) -> Stamp:
     """The run's stamp for per-shard outputs (the shard's own fields are filled per shard)."""
-    return Stamp(fingerprint=model_info(options.model).fingerprint, prompt=job.prompt,
+    fingerprint = model_info(options.model).fingerprint
+    if options.model.head is not None:  # a head changes every score: a shard scored without it is not done
+        fingerprint += f";head sha256:{file_sha256(options.model.head)}"
+    return Stamp(fingerprint=fingerprint, prompt=job.prompt,
                  scale=options.run.scale.value, reading=json.dumps(asdict(job.dataset), sort_keys=True),
                  shard="", size=None, mtime_ns=None)
 
@@ -105,6 +110,22 @@ def score_dataset(job: DatasetJob, options: ScoringOptions, sinks: list[Sink], *
     else:
         open_outputs("dataset", options.output, [s.path for s in shards], None, sinks)
         receivers, todo = [ToSinks(sinks)], shards
-    sets = DatasetSets(todo, reading)
-    adapter = DatasetRecords(sets.parts, receivers, by_caption, options.run.scale)
-    return score_into([adapter], sets, options, on_progress=on_progress, on_loaded=on_loaded, stream=True)
+    with shard_reader(todo, reading, options.engine) as read:
+        sets = DatasetSets(todo, reading, read)
+        adapter = DatasetRecords(sets.parts, receivers, by_caption, options.run.scale)
+        return score_into([adapter], sets, options, on_progress=on_progress, on_loaded=on_loaded, stream=True)
+
+
+@contextlib.contextmanager
+def shard_reader(shards: list[Shard], reading: Reading, engine: EngineOptions) -> Iterator[SampleReader]:
+    """What reads the shards: this process, or with --engine ray, Ray Data's tasks (`ray.datasets.RayShards`)."""
+    if engine.engine is not EngineName.ray:
+        yield shard_samples
+        return
+    from pickrank.ray.datasets import RayShards
+
+    ray_shards = RayShards(shards, reading, engine.ray_address)
+    try:
+        yield ray_shards.samples
+    finally:
+        ray_shards.close()

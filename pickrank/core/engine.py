@@ -405,7 +405,7 @@ class _Prompts:
         emb = as_array(emb, self.embedder.backend)
         if not self.keep_scores:
             return emb
-        return stack([pick_scores(self.text, e[None], self.embedder.scale)[:, 0] for e in emb])
+        return stack([pick_scores(self.text, e[None], self.embedder.scale, self.embedder.head)[:, 0] for e in emb])
 
     def scorer(self, prompt: str) -> Callable[[torch.Tensor], float]:
         """The score of `prompt` from what to_memo kept."""
@@ -414,8 +414,8 @@ class _Prompts:
         pi = self.index[prompt]
         if self.keep_scores:
             return lambda v: float(v[pi])
-        text, scale = self.text[pi:pi + 1], self.embedder.scale
-        return lambda v: float(pick_scores(text, v[None], scale)[0, 0])
+        text, scale, head = self.text[pi:pi + 1], self.embedder.scale, self.embedder.head
+        return lambda v: float(pick_scores(text, v[None], scale, head)[0, 0])
 
 
 class _PromptStream:
@@ -456,8 +456,8 @@ class _PromptStream:
         from pickrank.core.scores import pick_score
 
         self._encode()
-        text, scale = self.vectors[prompt], self.embedder.scale
-        return lambda v: pick_score(text, v, scale)
+        text, scale, head = self.vectors[prompt], self.embedder.scale, self.embedder.head
+        return lambda v: pick_score(text, v, scale, head)
 
 
 @dataclass

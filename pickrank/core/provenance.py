@@ -48,6 +48,7 @@ class Provenance:
     scale: str  # the unit scores are reported in (options.Scale)
     exp_logit_scale: float  # raw = exp_logit_scale * cosine: what converts between the units
     versions: dict[str, str | None] = field(default_factory=dict)
+    head: dict | None = None  # the preference head scores go through (--head: its file and SHA-256); None: none
 
     def as_dict(self) -> dict:
         """A plain, JSON-ready dict (a copy)."""
@@ -74,7 +75,8 @@ def compute(embedder: "ImageTextEmbedder", scale: Scale | str = Scale.raw,
         dtype=str(described.get("dtype")), device=str(described.get("device")),
         gpu=gpu_name(str(described.get("device"))), backend=embedder.backend,
         preprocessing=preprocessing(embedder.spec, Decode(embedder.spec.decode)),
-        scale=Scale(scale).value, exp_logit_scale=float(embedder.scale), versions=versions())
+        scale=Scale(scale).value, exp_logit_scale=float(embedder.scale), versions=versions(),
+        head=embedder.head.describe() if embedder.head is not None else None)
 
 
 def for_run(embedder: "ImageTextEmbedder", scale: Scale | str, cache: str | None) -> dict:
@@ -149,9 +151,11 @@ def summary_lines(p: dict) -> list[str]:
     weights = ", ".join(f"{name} sha256:{digest}" for name, digest in p["weights"].items())
     where = f"{p['device']} ({p['gpu']})" if p.get("gpu") else p["device"]
     libs = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v is not None)
+    head = p.get("head")
     return [f"revision    {p['revision'] or 'local folder'}",
             f"weights     {weights}",
             f"tokenizer   {p['processor']} sha256:{p['tokenizer_sha256']}",
             f"backend     {p['backend']} on {where}, {p['dtype']}",
             f"scale       {p['scale']} (exp(logit_scale) = {p['exp_logit_scale']:.4f})",
-            f"versions    {libs}"]
+            f"versions    {libs}",
+            *([f"head        {head['path']} sha256:{head['sha256']}"] if head else [])]

@@ -2,11 +2,15 @@
 
 The same functions serve both backends: torch tensors (the torch embedder: computed exactly as before) or numpy
 arrays (an ONNX export, in an environment without torch). torch is imported only when a tensor is given.
+
+A preference head (`--head`, `pickrank.taste.head.Head`) is applied here, after the embeddings: every score function
+takes the embedder's `head` and, when there is one, returns the tuned score (the raw score without one). The
+embedding cache never sees it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
@@ -14,6 +18,17 @@ if TYPE_CHECKING:
     import torch
 
 Array = Union["torch.Tensor", np.ndarray]
+
+
+class ScoreHead(Protocol):
+    """A correction of PickScore learnt from labels: the tuned score from the raw one and both embeddings."""
+
+    def tuned(self, raw: Array, text: Array, images: Array, paired: bool) -> Array:
+        """Tuned scores of `images` against `text`: every prompt x image (P, N) from raw (P, N), text (P, D) and
+        images (N, D); with `paired`, row i against row i (N,) from raw (N,), text (N, D), images (N, D)."""
+
+    def describe(self) -> dict:
+        """What the provenance says of it: its file and SHA-256, its form and what it was fitted on."""
 
 
 def is_tensor(x: object) -> bool:
@@ -34,9 +49,11 @@ def _f32(x: Array) -> Array:
     return x.float() if is_tensor(x) else np.asarray(x, dtype=np.float32)
 
 
-def pick_scores(text: Array, images: Array, scale: float) -> Array:
-    """exp(logit_scale) * cos(text, image) for every prompt x image: (P, D), (N, D) -> (P, N), fp32."""
-    return scale * (_f32(text) @ _f32(images).T)
+def pick_scores(text: Array, images: Array, scale: float, head: ScoreHead | None = None) -> Array:
+    """exp(logit_scale) * cos(text, image) for every prompt x image: (P, D), (N, D) -> (P, N), fp32 (tuned by
+    `head` when there is one)."""
+    raw = scale * (_f32(text) @ _f32(images).T)
+    return raw if head is None else head.tuned(raw, _f32(text), _f32(images), paired=False)
 
 
 def softmax_probs(scores: Array) -> Array:
@@ -68,11 +85,14 @@ def ranks(scores: list[float]) -> list[int]:
     return out
 
 
-def pick_score(text: Array, image: Array, scale: float) -> float:
+def pick_score(text: Array, image: Array, scale: float, head: ScoreHead | None = None) -> float:
     """One prompt against one image, from 1-D normalised embeddings: scale * cos, as a float (eval's pairs)."""
-    return float(scale * (text @ image))
+    if head is None:
+        return float(scale * (text @ image))
+    return float(paired_scores(text[None], image[None], scale, head)[0])
 
 
-def paired_scores(text: Array, images: Array, scale: float) -> Array:
+def paired_scores(text: Array, images: Array, scale: float, head: ScoreHead | None = None) -> Array:
     """Row i of `text` against row i of `images`: (N, D), (N, D) -> (N,) (PickScorer.score)."""
-    return scale * (text * images).sum(-1)
+    raw = scale * (text * images).sum(-1)
+    return raw if head is None else head.tuned(raw, text, images, paired=True)

@@ -11,6 +11,7 @@ check is a function decorated with `@check(name, needs=...)` in the module of wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from typing import Callable
@@ -34,13 +35,14 @@ class ChecksFailed(PickrankError):
 def run_checks(model: ModelOptions, cache: CacheOptions, debug: bool = False) -> list[Check]:
     """Every check in order; one that needs a failed check is not run (a warning saying which), one that crashes
     fails with the exception's text (with `debug`, raises it)."""
-    _quiet_transformers()
     subject = make_subject(model, cache)
     done: dict[str, Check] = {}
-    for name, needs, fn in CHECKS:
-        blocked = [n for n in needs if _blocks(done[n])]
-        done[name] = (Check(name, Status.warn, f"{NOT_CHECKED}{', '.join(blocked)}") if blocked
-                      else _guarded(name, fn, subject, debug))
+    with contextlib.ExitStack() as scope:
+        _quiet_transformers(scope)
+        for name, needs, fn in CHECKS:
+            blocked = [n for n in needs if _blocks(done[n])]
+            done[name] = (Check(name, Status.warn, f"{NOT_CHECKED}{', '.join(blocked)}") if blocked
+                          else _guarded(name, fn, subject, debug))
     return list(done.values())
 
 
@@ -72,14 +74,15 @@ def failed(checks: list[Check]) -> list[str]:
     return [c.name for c in checks if c.status is Status.fail]
 
 
-def _quiet_transformers() -> None:
-    """transformers' load reports and progress bars would mix into the doctor's output."""
+def _quiet_transformers(scope: contextlib.ExitStack) -> None:
+    """transformers' load reports and progress bars would mix into the doctor's output: off while the checks run,
+    the host's settings back after them."""
     try:
-        from transformers.utils import logging as hf_logging
-    except Exception:  # a broken transformers: the checks that need it say so
+        from pickrank.models.torch_embedder import quiet_transformers
+
+        scope.enter_context(quiet_transformers())
+    except Exception:  # a broken torch or transformers: the checks that need them say so
         return
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 # -- output -------------------------------------------------------------------------------------------------------

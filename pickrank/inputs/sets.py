@@ -7,15 +7,25 @@ import io
 import logging
 import os
 from dataclasses import replace
-from typing import TextIO
+from typing import Iterator, TextIO
 
 from pickrank.errors import InvalidText, NoImages, UsageError
+from pickrank.inputs.datasets.items import (
+    NamedSample,
+    dataset_shards,
+    expand_items,
+    named_samples,
+    refuse_shards,
+    shard_items,
+)
+from pickrank.inputs.datasets.paths import is_dataset_arg
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.discover import expand, first_visit, is_glob, is_image_name, peek
 from pickrank.inputs.files import DEFAULT_MAX_BYTES
 from pickrank.inputs.metadata import FoundPrompt, prompt_from_image
 from pickrank.inputs.textfile import check_text, read_utf8
-from pickrank.records import CandidateSet, Query
+from pickrank.options import DatasetOptions
+from pickrank.records import CandidateSet, Item, Query
 
 log = logging.getLogger("pickrank")
 
@@ -75,8 +85,9 @@ def _no_prompt_set(path: str, reason: str) -> CandidateSet:
 
 def check_named_paths(args: list[str]) -> None:
     """A file or folder named on the command line that does not exist is a usage error at once (a typo), before
-    the model loads; globs (which may match nothing) and - (stdin) are left to discovery."""
-    missing = [a for a in args if a != "-" and not is_glob(a) and not os.path.lexists(a)]
+    the model loads; globs (which may match nothing), - (stdin) and dataset shards (a brace range, or a shard whose
+    reading says it is missing) are left to discovery."""
+    missing = [a for a in args if a != "-" and not is_glob(a) and not os.path.lexists(a) and not is_dataset_arg(a)]
     if missing:
         raise UsageError(f"no such file or folder: {', '.join(missing)}")
 
@@ -102,6 +113,7 @@ def prompt_from_metadata(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
 
 NO_PROMPT = "no prompt: give --prompt, add prompt.txt, or embed it in the image metadata"
+SHARD_NO_PROMPT = "no prompt: give --prompt, or caption the samples"
 
 
 def prompt_txt(folder: str) -> str | None:
@@ -159,14 +171,20 @@ def _unreadable_set(folder: str, e: OSError) -> CandidateSet:
 
 
 def sets_for_best_of_n(folder: str, prompt: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                  max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[CandidateSet]:
-    """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own.
+                       max_bytes: int | None = DEFAULT_MAX_BYTES, files_only: str | None = None,
+                       options: DatasetOptions = DatasetOptions()) -> list[CandidateSet]:
+    """`pickrank best-of-n`: images directly in FOLDER form one group; each subfolder with images is its own; when
+    FOLDER names dataset shards, each shard is a group (`shard_groups`).
 
     max_pixels and max_bytes apply to the images whose metadata is read for a group's prompt, as when scoring.
-    A folder that cannot be listed is an error record, in its place.
+    A folder that cannot be listed is an error record, in its place. files_only: the option that needs image files
+    (--copy-to, --html), which refuses shards; options: where a shard sample's parts are.
     """
     if prompt is not None:
         check_prompt(prompt)
+    if is_dataset_arg(folder):
+        refuse_shards(folder, files_only)
+        return _checked_groups(shard_groups(folder, prompt, max_bytes, options), folder)
     if not os.path.isdir(folder):
         raise UsageError(f"{folder}: not a folder")
     sets: list[CandidateSet] = []
@@ -197,12 +215,46 @@ def sets_for_best_of_n(folder: str, prompt: str | None = None, max_pixels: int |
             query = Query(prompt=found.prompt, group=group, prompt_source=found.source)
             sets.append(CandidateSet(queries=(query,), paths=images))
     report_unlisted()
+    return _checked_groups(sets, folder)
+
+
+def shard_groups(arg: str, prompt: str | None, max_bytes: int | None,
+                 options: DatasetOptions = DatasetOptions()) -> list[CandidateSet]:
+    """best-of-n over dataset shards: each shard is a group named by its file, scored against --prompt, else the
+    first caption found in it (as a folder's group takes its first image's metadata prompt)."""
+    plan, reading = dataset_shards([arg], max_bytes, options=options)
+    sets = []
+    for shard in plan[0]:  # type: ignore[union-attr]
+        text, source = (prompt, "option") if prompt else (_first_caption(named_samples(shard, reading)), "caption")
+        if text is None:
+            error = f"{SHARD_NO_PROMPT} (no sample has a caption)"
+            log.warning("%s: %s", shard.path, error)
+            sets.append(CandidateSet(queries=(Query(prompt="", group=shard.stem),), source=shard.path,
+                                     error=error))
+        else:
+            query = Query(prompt=text, group=shard.stem, prompt_source=source)
+            sets.append(CandidateSet(queries=(query,), paths=shard_items(shard, reading)))
+    return sets
+
+
+def _first_caption(samples: Iterator[NamedSample]) -> str | None:
+    """The first caption among the samples (read no further), or None."""
+    for n in samples:
+        if n.sample.caption:
+            return n.sample.caption
+    return None
+
+
+def _checked_groups(sets: list[CandidateSet], folder: str) -> list[CandidateSet]:
+    """best-of-n's groups, or a usage error when there are none, or none has a prompt."""
     if not sets:
         raise NoImages(f"no images found in {folder}")
-    if all(s.error is not None and s.error.startswith(NO_PROMPT) for s in sets):  # the model would load for nothing
-        first = sets[0].error[len(NO_PROMPT):].strip(" ()")  # type: ignore[index]
-        raise UsageError(f"none of the {len(sets)} group(s) has a prompt: give --prompt TEXT, add prompt.txt, or "
-                         f"embed it in the image metadata ({sets[0].source}: {first})")
+    if all(s.error is not None and s.error.startswith("no prompt") for s in sets):  # the model would load for nothing
+        hint, what = ((NO_PROMPT, "give --prompt TEXT, add prompt.txt, or embed it in the image metadata")
+                      if sets[0].error.startswith(NO_PROMPT) else  # type: ignore[union-attr]
+                      (SHARD_NO_PROMPT, "give --prompt TEXT, or caption the samples"))
+        first = sets[0].error[len(hint):].strip(" ()")  # type: ignore[index]
+        raise UsageError(f"none of the {len(sets)} group(s) has a prompt: {what} ({sets[0].source}: {first})")
     return sets
 
 
@@ -245,8 +297,12 @@ def _row_images(spec: str, base: str) -> list[str]:
             (os.path.expanduser(x) for x in parts)]
 
 
-def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None) -> list[CandidateSet]:
-    """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images."""
+def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None, max_bytes: int | None = None,
+                   files_only: str | None = None, options: DatasetOptions = DatasetOptions()
+                   ) -> list[CandidateSet]:
+    """`pickrank batch`: one ranking per CSV row; rows without `images` share the PATH arguments' images. PATHs
+    and `images` cells may name dataset shards, whose samples are read in memory within max_bytes; files_only:
+    the option that needs image files (--html), which refuses them; options: where a sample's parts are."""
     rows = read_prompts_csv(csv_path)
     base = os.path.dirname(csv_path)
     check_named_paths(args)
@@ -277,12 +333,12 @@ def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None) 
     sets: list[CandidateSet] = []
     for spec in order:
         if spec is None:
-            first, paths = peek(expand(args, stdin))
+            first, paths = peek(expand_items(args, stdin, max_bytes, files_only, options))
             if first is None:
                 raise NoImages(f"no images found in {' '.join(args)}")
             sets.append(CandidateSet(queries=tuple(shared_queries), paths=paths))
         else:
-            first, paths = peek(expand(_row_images(spec, base)))
+            first, paths = peek(_cell_items(_row_images(spec, base), max_bytes, files_only, options))
             if first is None:
                 log.warning("%s: images %r match no file (row %s)", csv_path, spec,
                             ", ".join(q.id or "?" for q in own[spec]))
@@ -291,3 +347,12 @@ def sets_for_batch(csv_path: str, args: list[str], stdin: TextIO | None = None) 
             else:
                 sets.append(CandidateSet(queries=tuple(own[spec]), paths=paths))
     return sets
+
+
+def _cell_items(paths: list[str], max_bytes: int | None, files_only: str | None,
+                options: DatasetOptions) -> Iterator[Item]:
+    """A row's images (shards' samples too); a pattern of shards that matches none is a row with no images."""
+    try:
+        return expand_items(paths, None, max_bytes, files_only, options)
+    except NoImages:
+        return iter(())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
     from pickrank.models.hashing import HashStore
     from pickrank.models.torch_embedder import Embedder
+    from pickrank.taste.head import Head
 
 
 def in_thread(work: Callable[[], object], name: str) -> Future:
@@ -47,7 +49,7 @@ class LoadingEmbedder:
     def __init__(self, info: ModelInfo, future: Future) -> None:
         self.info = info
         self.spec, self.fingerprint, self.backend = info.spec, info.fingerprint, info.backend
-        self.source, self.revision = info.source, info.revision
+        self.source, self.revision, self.head = info.source, info.revision, info.head
         self._future = future
 
     @property
@@ -94,19 +96,37 @@ class LoadingEmbedder:
         return self.result().embed_images(pixels)
 
 
+def with_head(info: ModelInfo, head: Head | None) -> ModelInfo:
+    """The run's ModelInfo with its preference head (--head), once the head is found to fit its embedding spec."""
+    if head is None:
+        return info
+    head.check_model(info)
+    return replace(info, head=head)
+
+
+def check_head_base(info: ModelInfo, head: Head | None) -> None:
+    """In the load thread, before the weights load: refuse a head fitted on other weights (hashed once, then
+    remembered beside the embedding cache)."""
+    if head is not None:
+        head.check_base(info)
+
+
 def load_in_background(source: ModelSource, device: str = "auto", dtype: str = "fp32",
                        batch_size: int | None = None,
                        on_loaded: Callable[["Embedder"], None] | None = None,
                        alpha: str = "white", decode: str = "exact",
-                       on_progress: Callable[[Progress], None] | None = None) -> LoadingEmbedder:
+                       on_progress: Callable[[Progress], None] | None = None,
+                       head: Head | None = None) -> LoadingEmbedder:
     """Check the model now (a bad folder or id fails here), then import torch and transformers and load the
     weights in a thread, so that the caller's reading and decoding overlap them; `on_loaded` runs in that thread,
-    and so does `on_progress` (a first download's bytes, then "loading")."""
-    info = inspect_model(source, dtype, alpha, decode)
+    and so does `on_progress` (a first download's bytes, then "loading"). `head`: the preference head every score
+    goes through (checked against the model here and in the thread)."""
+    info = with_head(inspect_model(source, dtype, alpha, decode), head)
 
     def load() -> "Embedder":
         from pickrank.models.torch_embedder import Embedder
 
+        check_head_base(info, head)
         embedder = Embedder.load(source, device=device, dtype=dtype, batch_size=batch_size, info=info,
                                  on_progress=on_progress)
         if on_loaded is not None:
@@ -130,16 +150,17 @@ def require_torch(what: str) -> None:
 
 def load_export_in_background(source: ModelSource, options: ModelOptions,
                               on_loaded: Callable[[object], None] | None = None,
-                              store: HashStore | None = None) -> LoadingEmbedder:
+                              store: HashStore | None = None, head: Head | None = None) -> LoadingEmbedder:
     """`load_in_background` for an ONNX export: checked now from its JSON files, its files against the manifest's
     SHA-256 (through `store`, default the default one) and opened on ONNX Runtime in a thread (no torch, no
     transformers)."""
     from pickrank.models.hashing import HashStore
     from pickrank.models.onnx_embedder import OnnxEmbedder, inspect_export, read_manifest, verify_files
 
-    info = inspect_export(source, options.dtype.value, options.alpha.value, options.decode.value)
+    info = with_head(inspect_export(source, options.dtype.value, options.alpha.value, options.decode.value), head)
 
     def load() -> OnnxEmbedder:
+        check_head_base(info, head)
         verify_files(source.model, read_manifest(source.model), store or HashStore())
         embedder = OnnxEmbedder.load(info, device=options.device, batch_size=options.batch_size)
         if on_loaded is not None:
@@ -167,14 +188,20 @@ def load_embedder(options: ModelOptions, on_loaded: Callable[["Embedder"], None]
     """Check the model now (a bad folder or id fails here) and load it in a thread; the CLI and
     `PickScorer.from_pretrained` both load through this (the latter waits for `.result()`). An ONNX export folder
     (or --backend onnx) loads on ONNX Runtime. `on_progress` hears of a first download and of the load (in the
-    loading thread)."""
+    loading thread). A preference head (--head) is read and checked here, and every score of the embedder goes
+    through it."""
     from pickrank.models.onnx_embedder import wants_onnx
 
     source = resolve_source(options.model, options.processor, options.revision, options.offline)
     backend = options.backend.value if options.backend is not None else None
+    head = None
+    if options.head is not None:
+        from pickrank.taste.head import read_head
+
+        head = read_head(options.head)
     if wants_onnx(backend, source, options.processor is not None):
-        return load_export_in_background(source, options, on_loaded)
+        return load_export_in_background(source, options, on_loaded, head=head)
     require_torch(f"the torch backend (--model {source.model})")
     return load_in_background(source, device=options.device, dtype=options.dtype.value,
                               batch_size=options.batch_size, on_loaded=on_loaded, alpha=options.alpha.value,
-                              decode=options.decode.value, on_progress=on_progress)
+                              decode=options.decode.value, on_progress=on_progress, head=head)

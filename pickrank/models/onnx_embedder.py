@@ -269,6 +269,7 @@ class OnnxEmbedder:
         self.info, self.manifest, self.device, self.providers = info, manifest, device, providers
         self.spec, self.fingerprint = info.spec, info.fingerprint
         self.source, self.revision, self.folder = info.source, info.revision, info.source.model
+        self.head = info.head
         self.batch_size = batch_size
         self.scale = float(manifest["scale"])  # exp(logit_scale) as the torch embedder computed it at export
         self.tokenizer = ExportTokenizer(self.folder)

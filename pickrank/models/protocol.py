@@ -18,6 +18,8 @@ from pickrank.models.source import ModelSource
 if TYPE_CHECKING:
     import torch
 
+    from pickrank.core.scores import ScoreHead
+
 
 @runtime_checkable
 class ImageTextEmbedder(Protocol):
@@ -31,6 +33,7 @@ class ImageTextEmbedder(Protocol):
     backend: str  # what runs the model: "torch" (embeddings are torch tensors) or "onnx" (numpy arrays, no torch)
     source: ModelSource  # where the model and processor come from
     revision: str | None  # the hub commit the weights came from; None for a local folder
+    head: ScoreHead | None  # the preference head every score goes through (--head); None: PickScore itself
 
     @property
     def ready(self) -> bool:

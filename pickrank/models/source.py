@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pickrank.errors import ModelLoadError
 from pickrank.inputs.decode import ImageSpec
@@ -33,6 +33,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("added_tokens.json", "merges.txt", "special_tokens_map.json", "tokenizer.json",
                    "tokenizer_config.json", "vocab.json")
 WEIGHTS_INDEX = "model.safetensors.index.json"
+
+if TYPE_CHECKING:
+    from pickrank.core.scores import ScoreHead
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ class ModelInfo:
     revision: str | None  # the hub commit, None for a local folder
     dtype: str
     backend: str = "torch"  # what runs the model: "torch", or "onnx" (an export folder; numpy arrays, no torch)
+    head: ScoreHead | None = None  # the preference head applied after the embeddings (--head); None: PickScore
 
 
 def run_fingerprint(ident: str, dtype: str, spec: ImageSpec) -> str:

@@ -203,6 +203,7 @@ class Embedder:
 
     ready = True  # as `loading.LoadingEmbedder.ready`: an Embedder is loaded
     backend = "torch"  # what runs the model (the provenance says it); embeddings are torch tensors (ONNX: numpy)
+    head = None  # the preference head (`ModelInfo.head`, set by `load`); None: PickScore itself
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, spec: ImageSpec, device: torch.device,
                  dtype: torch.dtype, fingerprint: str, source: ModelSource,
@@ -249,8 +250,10 @@ class Embedder:
         # embed_texts counts tokens untruncated to report truncation itself; this tokenizer's own "longer than the
         # maximum" warning would say the opposite of what happens (the text is cut at 77 tokens)
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-        return cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
-                   batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
+        embedder = cls(towers, tokenizer, info.spec, dev, tdtype, info.fingerprint, source,
+                       batch_size or (32 if dev.type != "cpu" else 8), revision=info.revision)
+        embedder.head = info.head
+        return embedder
 
     def to(self, device: str | torch.device) -> "Embedder":
         """Move the model to `device` (checked as --device is); the dtype must run there."""

@@ -149,7 +149,7 @@ class Stamp:
     mtime_ns: int | None
 
     # How each field is named when it differs.
-    WHAT = {"fingerprint": "the model (or its --dtype, --alpha, --decode)", "prompt": "the prompt",
+    WHAT = {"fingerprint": "the model (or its --dtype, --alpha, --decode, --head)", "prompt": "the prompt",
             "scale": "--scale", "reading": "the sample columns or keys", "shard": "the input shard's path",
             "size": "the input shard (its size)", "mtime_ns": "the input shard (its modification time)"}
 

@@ -3,6 +3,7 @@ discovered later: inputs are guarded as they are read)."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import stat
@@ -11,7 +12,8 @@ from dataclasses import replace
 from typing import Iterable, Iterator, Sequence
 
 from pickrank.errors import UsageError
-from pickrank.inputs.discover import is_image_name
+from pickrank.inputs.datasets.paths import dataset_kind, expand_braces, is_dataset_arg
+from pickrank.inputs.discover import is_glob, is_image_name
 from pickrank.output.targets import Target, resolve_output
 from pickrank.records import CandidateSet, Item
 
@@ -59,20 +61,34 @@ def check_outputs(outputs: list[tuple[str, str | None]], inputs: Sequence[str]) 
 
 
 def check_not_an_input(name: str, real: str, st: os.stat_result, inputs: Sequence[str]) -> None:
-    """An existing output file must not be a named input, nor an image inside a named input folder."""
-    for arg in inputs:
-        if arg == "-":
+    """An existing output file must not be a named input, nor an image or dataset shard inside a named input
+    folder. Dataset shards are named by brace ranges and globs too: those are expanded here, as their samples are
+    read in memory where `guard_inputs` sees no path."""
+    for given in inputs:
+        if given == "-":
             continue
-        try:
-            ast = os.stat(arg)
-        except OSError:  # a glob, or missing: checked as paths are read (guard_inputs)
-            continue
-        if stat.S_ISDIR(ast.st_mode):
-            folder = os.path.realpath(arg)
-            if is_image_name(real) and os.path.commonpath([real, folder]) == folder:
-                raise InputIsOutput(f"{name}: is an image in the input folder {arg}; it would be overwritten")
-        elif os.path.samestat(ast, st):
-            raise InputIsOutput(f"{name}: is also an input ({arg}); it would be overwritten")
+        for arg in _dataset_names(given):
+            try:
+                ast = os.stat(arg)
+            except OSError:  # an image glob, or missing: checked as paths are read (guard_inputs)
+                continue
+            if stat.S_ISDIR(ast.st_mode):
+                folder = os.path.realpath(arg)
+                what = "an image" if is_image_name(real) else "a dataset shard" if dataset_kind(real) else None
+                if what and os.path.commonpath([real, folder]) == folder:
+                    raise InputIsOutput(f"{name}: is {what} in the input folder {arg}; it would be overwritten")
+            elif os.path.samestat(ast, st):
+                raise InputIsOutput(f"{name}: is also an input ({arg}); it would be overwritten")
+
+
+def _dataset_names(arg: str) -> Iterator[str]:
+    """The argument itself, or the shards its brace range or dataset glob names."""
+    if not is_dataset_arg(arg):
+        yield arg
+        return
+    for name in expand_braces(arg):
+        yield from (sorted(glob.iglob(name, recursive=True)) if is_glob(name) and not os.path.lexists(name)
+                    else (name,))
 
 
 def guard_inputs(sets: list[CandidateSet], files: dict[tuple[int, int], str]) -> list[CandidateSet]:
@@ -85,6 +101,9 @@ def guard_inputs(sets: list[CandidateSet], files: dict[tuple[int, int], str]) ->
 
     def guarded(paths: Iterable[Item]) -> Iterator[Item]:
         for p in paths:
+            if not isinstance(p, str):  # a shard's sample in memory: its shard was checked as an input
+                yield p
+                continue
             try:
                 st = os.stat(p)
             except OSError:  # reported as the image's error when it is read

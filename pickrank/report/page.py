@@ -60,10 +60,12 @@ def page_script(body: str) -> str:
             + 'd.documentElement.setAttribute("data-ready","1");\n})();\n')
 
 
-def content_security_policy(script: str) -> str:
-    """The pages' policy: nothing fetched, inline styles, and only `script` (by its hash) may run."""
+def content_security_policy(script: str, images: str = "* data: file: blob:", connect: str | None = None) -> str:
+    """The pages' policy: nothing fetched, inline styles, and only `script` (by its hash) may run; a page served
+    by pickrank names where its images come from and what its script may fetch (`connect`)."""
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    return ("default-src 'none'; img-src * data: file: blob:; style-src 'unsafe-inline'; "
+    fetch = f"connect-src {connect}; " if connect else ""
+    return (f"default-src 'none'; img-src {images}; {fetch}style-src 'unsafe-inline'; "
             f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
 
 
@@ -108,7 +110,10 @@ def header_meta(meta: dict) -> list[tuple[str, object]]:
     """The header's model items, from the provenance (or the fields saved results carry), and the date."""
     date = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
     version = meta.get("pickrank") or (meta.get("versions") or {}).get("pickrank") or __version__
-    return [("model", meta.get("model")), ("revision", meta.get("revision")), ("dtype", meta.get("dtype")),
+    head = meta.get("head")  # a preference head (--head): its file and SHA-256, beside the model
+    tuned = [("head", f"{os.path.basename(head.get('path') or '?')} sha256:{(head.get('sha256') or '?')[:12]}")] \
+        if isinstance(head, dict) else []
+    return [("model", meta.get("model")), *tuned, ("revision", meta.get("revision")), ("dtype", meta.get("dtype")),
             ("device", meta.get("device")), ("scale", meta.get("scale")), ("pickrank", version), ("date", date)]
 
 
@@ -132,11 +137,13 @@ def provenance_block(meta: dict) -> str:
 
 
 def page_head(title: str, subtitle: str, css: str, script: str, items: Sequence[tuple[str, object]],
-              meta: dict) -> str:
-    """The page up to its body's content: the head (CSP for `script`, `css` with the provenance style), the
-    header with the title and the `items` (name, value; None shows as unknown), and the provenance block."""
+              meta: dict, policy: str | None = None) -> str:
+    """The page up to its body's content: the head (CSP for `script`, or `policy`; `css` with the provenance
+    style), the header with the title and the `items` (name, value; None shows as unknown), and the provenance
+    block."""
+    policy = policy or content_security_policy(script)
     parts = ['<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
-             f'<meta http-equiv="Content-Security-Policy" content="{esc(content_security_policy(script))}">\n',
+             f'<meta http-equiv="Content-Security-Policy" content="{esc(policy)}">\n',
              '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
              f'<meta name="generator" content="pickrank {esc(__version__)}">\n',
              f"<title>{esc(title)}</title>\n<style>{css}{PROVENANCE_CSS}</style>\n</head>\n<body>\n",

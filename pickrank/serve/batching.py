@@ -82,7 +82,7 @@ def score_batch(embedder: ImageTextEmbedder, pixels: list[np.ndarray],
         batcher.add(Decoded(str(i), px))
     images = batcher.embed(len(batcher)).embeddings
     text, truncated = encode_paired(embedder, prompts, warn=False)
-    return np.asarray(paired_scores(text, images, embedder.scale), dtype=np.float32), truncated
+    return np.asarray(paired_scores(text, images, embedder.scale, embedder.head), dtype=np.float32), truncated
 
 
 Group = tuple[list[np.ndarray], list[str]]  # one caller's images and their prompts

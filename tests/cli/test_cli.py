@@ -368,3 +368,28 @@ def test_batch_paths_from_stdin(runner, model_dir, images, tmp_path):
     res = invoke(runner, model_dir, "batch", str(csv_path), "-", input="\n".join(image_paths(images)))
     assert res.exit_code == 0
     assert len(jsonl(res.stdout)) == 6
+
+
+def test_a_command_run_in_process_leaves_logging_and_signal_handlers_as_they_were(runner, model_dir, images):
+    """A notebook or a test that runs a command in its own process gets its logging and SIGTERM/SIGHUP handlers
+    back when the command ends, whether it succeeded or failed."""
+    import logging
+    import signal
+
+    log = logging.getLogger("pickrank")
+    mine = logging.NullHandler()
+    log.addHandler(mine)
+    marker = lambda signum, frame: None  # noqa: E731
+    saved = {s: signal.signal(s, marker) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        before = (list(log.handlers), log.level, log.propagate)
+        for args in (["score", "-p", "x", str(images), "--model", str(model_dir), "--no-cache", "--workers", "0"],
+                     ["score", "-p", "x", str(images), "--model", str(images / "no-model"), "--no-cache"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code in (0, 1), res.output
+            assert (list(log.handlers), log.level, log.propagate) == before
+            assert all(signal.getsignal(s) is marker for s in saved)
+    finally:
+        log.removeHandler(mine)
+        for s, h in saved.items():
+            signal.signal(s, h)

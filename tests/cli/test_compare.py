@@ -15,6 +15,7 @@ import pytest
 from pickrank.cli.app import app
 from pickrank.cli.compare import compare
 from pickrank.cli.shared import SHARED
+from pickrank.options import DatasetOptions
 from tests.support.help import assert_shared_options_once
 from tests.support.images import draw_image
 
@@ -50,8 +51,9 @@ def two_samples(root: Path, system: str, seed: int, n: int = 4) -> Path:
 
 
 def test_help_names_the_layouts_and_lists_each_shared_option_once(runner, monkeypatch):
-    # compare has its own -f and --html; its JSON carries the provenance without --with-meta
-    takes = [n for n in SHARED if n not in ("format", "html", "null", "with_meta")]
+    # compare has its own -f and --html; its JSON carries the provenance without --with-meta; it reads no shards
+    takes = [n for n, (bundle, _, _) in SHARED.items()
+             if n not in ("format", "html", "null", "with_meta") and bundle is not DatasetOptions]
     assert_shared_options_once(runner, monkeypatch, ("compare",), compare, takes)
     text = runner.invoke(app, ["compare", "--help"]).stdout
     for layout in ("prompts-csv", "paired-folders", "manifest"):

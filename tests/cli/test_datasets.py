@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pickrank.cli.app import app
+from tests.support.commands import invoke
 from tests.support.shards import CAPTIONS, build_shards, image_bytes, read_records, write_parquet, write_tar
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -336,7 +337,7 @@ def test_a_signal_mid_run_keeps_finished_shards_and_the_rerun_resumes(sig, code,
     assert 1 <= len(done) < 16, "the run was not stopped mid-way"
     for name in done:  # every output there is whole
         assert len(read_records(out / name)) == 3
-    rerun = subprocess.run([c for c in cmd if c != "-q"], capture_output=True, text=True, timeout=300)
+    rerun = invoke(*[c for c in cmd[3:] if c != "-q"])
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(done)} of 16 shard(s) already scored" in rerun.stderr
     left = 3 * (16 - len(done))

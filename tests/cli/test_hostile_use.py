@@ -29,10 +29,10 @@ from PIL import Image, PngImagePlugin
 from pickrank import PickScorer
 from pickrank.cli.app import app
 from pickrank.errors import ArgumentTypeError, InvalidArgument, InvalidText, NonFiniteScores, PickrankError
-from tests.support.commands import PROMPT, cli, no_traceback, pickrank_cmd, png_chunk
+from tests.support.commands import PROMPT, cli, invoke, no_traceback, pickrank_cmd, png_chunk
 from tests.support.databases import foreign_database
 from tests.support.images import draw_image
-from tests.support.measured import GIB, run_cli
+from tests.support.measured import GIB, run_cli, run_here
 
 
 def records(text: str) -> list[dict]:
@@ -163,7 +163,7 @@ def test_the_library_refuses_text_no_tokenizer_takes_as_a_value_error(scorer, tm
 def test_a_metadata_prompt_that_is_not_text_is_that_images_error(model_dir, tmp_path):
     bad = comfy_png(tmp_path / "bad.png", _graph("caf\udce9", {}))  # json.dumps writes the escape \udce9
     good = comfy_png(tmp_path / "good.png", _graph("a red cat", {}))
-    run = run_cli(model_dir, tmp_path, "score", str(bad), str(good))
+    run = run_here(model_dir, "score", str(bad), str(good))
     assert run.code == 3, run.err
     errs = {os.path.basename(r["path"]): r["error"] for r in run.records}
     assert errs["good.png"] is None and "not valid text: a lone surrogate U+DCE9" in errs["bad.png"]
@@ -199,8 +199,8 @@ def test_the_doctor_reports_a_safetensors_header_nested_without_end(model_dir, t
     folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
     header = ("[" * 100_000 + "]" * 100_000).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
-    res = run_quick("doctor", "-f", "json", "--model", str(folder), timeout=300)
-    err = res.stderr.decode()
+    res = invoke("doctor", "-f", "json", "--model", str(folder))
+    err = res.stderr
     assert res.returncode == 1, err
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
     assert checks["weights_complete"]["status"] == "fail"
@@ -240,7 +240,7 @@ def nan_model(model_dir, tmp_path_factory) -> Path:
 
 def test_a_model_giving_nan_for_every_image_is_fatal_and_never_ranks(nan_model, tmp_path):
     paths = [str(draw_image(tmp_path / f"{i}.png", (64, 48), seed=i)) for i in range(3)]
-    run = run_cli(nan_model, tmp_path, "score", "-p", PROMPT, *paths, "-f", "jsonl")
+    run = run_here(nan_model, "score", "-p", PROMPT, *paths, "-f", "jsonl")
     assert run.code == 1, run.err
     recs = records(run.stdout.decode())  # every record written, none with NaN
     assert len(recs) == 3 and all(r["rank"] is None and r["score"] is None for r in recs)

@@ -15,7 +15,7 @@ from pickrank.cli.app import app
 from pickrank.core.cache import EmbeddingCache, default_cache_path
 from pickrank.devtools import build_model
 from pickrank.models.torch_embedder import PickScoreTowers
-from tests.support.commands import jsonl
+from tests.support.commands import invoke, jsonl
 from tests.support.images import draw_image
 
 
@@ -107,6 +107,7 @@ def test_fingerprint_dtype_and_model_folder(runner, model_dir, images, cache_fil
 
 
 def pickrank_cmd(model_dir, cache_file, *args) -> list[str]:
+    """`python -m pickrank score` with this model and cache (in process: the arguments after `-m pickrank`)."""
     return [sys.executable, "-m", "pickrank", "score", "--model", str(model_dir), "--cache", str(cache_file), *args]
 
 
@@ -131,12 +132,10 @@ def test_killed_run_resumes_from_finished_batches(model_dir, tmp_path, cache_fil
     proc.wait()
     kept = EmbeddingCache(cache_file).info().entries
     assert 4 <= kept < 40 or kept == 40  # whole batches survived the kill
-    res = subprocess.run(pickrank_cmd(model_dir, cache_file, "-p", "x", str(folder)), capture_output=True,
-                         text=True, timeout=120)
+    res = invoke(*pickrank_cmd(model_dir, cache_file, "-p", "x", str(folder))[3:])
     assert res.returncode == 0, res.stderr
     assert f"{40 - kept} embedded, {kept} from cache" in res.stderr
-    ref = subprocess.run(pickrank_cmd(model_dir, cache_file, "-p", "x", "--no-cache", str(folder)),
-                         capture_output=True, text=True, timeout=120)
+    ref = invoke(*pickrank_cmd(model_dir, cache_file, "-p", "x", "--no-cache", str(folder))[3:])
     resumed, fresh = ({r["path"]: r["score"] for r in jsonl(p.stdout)} for p in (res, ref))
     assert resumed.keys() == fresh.keys()
     # batch sizes differed between the runs: the same up to float rounding of batched matmuls
@@ -151,8 +150,7 @@ def test_two_processes_share_a_cache(model_dir, tmp_path, cache_file):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
-    ref = subprocess.run(pickrank_cmd(model_dir, cache_file, "-p", "x", "--no-cache", str(folder)),
-                         capture_output=True, text=True, timeout=120)
+    ref = invoke(*pickrank_cmd(model_dir, cache_file, "-p", "x", "--no-cache", str(folder))[3:])
     expected = {r["path"]: r["score"] for r in jsonl(ref.stdout)}
     for out, err in outs:
         got = {r["path"]: r["score"] for r in jsonl(out)}

@@ -18,17 +18,21 @@ import pytest
 from pickrank.cli.app import app
 from pickrank.core.cache import EmbeddingCache
 from pickrank.doctor import CHECKS
-from tests.support.commands import no_traceback, pickrank_cmd
+from tests.support.commands import Completed, invoke, no_traceback, pickrank_cmd
 from tests.support.databases import foreign_database
 
 NAMES = [name for name, _, _ in CHECKS]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def doctor(*args: str, env: dict | None = None, fmt: str = "json") -> tuple[subprocess.CompletedProcess, dict]:
-    """`pickrank doctor -f FMT ARGS` in a subprocess; with json, its output parsed (checks by name)."""
-    proc = subprocess.run(pickrank_cmd("doctor", "-f", fmt, *args), capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+def doctor(*args: str, env: dict | None = None, fmt: str = "json") -> tuple[Completed, dict]:
+    """`pickrank doctor -f FMT ARGS`; with json, its output parsed (checks by name). In this process, or in a
+    subprocess with `env` (huggingface_hub reads its cache's place once, when imported)."""
+    if env is None:
+        proc = invoke("doctor", "-f", fmt, *args)
+    else:
+        proc = subprocess.run(pickrank_cmd("doctor", "-f", fmt, *args), capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **env})
     no_traceback(proc.stderr)
     if fmt != "json":
         return proc, {}
@@ -46,7 +50,7 @@ def copy_model(model_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(model_dir, tmp_path / "model"))
 
 
-def assert_fails_with(proc: subprocess.CompletedProcess, out: dict, name: str, *words: str) -> None:
+def assert_fails_with(proc: Completed | subprocess.CompletedProcess, out: dict, name: str, *words: str) -> None:
     """Exit 1, the check failed and named on stderr in one line, its detail saying what and why."""
     assert proc.returncode == 1, proc.stderr
     assert out["failed"] == [name], out["failed"]

@@ -3,7 +3,6 @@ entries, and it reaches the decode workers."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from PIL import Image
 
 from pickrank.inputs.decode import ImageSpec, decode_and_preprocess
 from pickrank.options import Decode, ModelOptions
-from tests.support.commands import jsonl, pickrank_cmd
+from tests.support.commands import invoke, jsonl
 from tests.support.images import draw_image
 
 FAST = replace(ImageSpec(), decode="fast")
@@ -56,9 +55,7 @@ def test_fast_leaves_other_formats_and_small_jpegs_as_they_are(tmp_path: Path) -
 
 
 def run(*args: str, env: dict) -> tuple[int, str, str]:
-    import subprocess
-
-    r = subprocess.run(pickrank_cmd(*args), capture_output=True, text=True, env={**os.environ, **env}, timeout=180)
+    r = invoke(*args, env=env)
     return r.returncode, r.stdout, r.stderr
 
 

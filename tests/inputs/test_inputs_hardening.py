@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.support.commands import PROMPT, drop_file_access_override, no_traceback, pickrank_cmd, png_chunk
+from tests.support.commands import PROMPT, drop_file_access_override, invoke, no_traceback, png_chunk
 from tests.support.images import draw_image
-from tests.support.measured import GIB, Run, run_cli
+from tests.support.measured import GIB, Run, run_cli, run_here
 
 
 def png_text(path: Path, seed: int, size: tuple[int, int] = (120, 90), **text: str) -> Path:
@@ -83,7 +83,7 @@ def test_best_of_n_prompt_lookup_checks_max_pixels_before_decoding(model_dir, tm
     # on disk, with a prompt before the image data: the lookup must not decode it, nor take its prompt.
     (group / "a.png").write_bytes(blank_1bit_png(12_000, 12_000, text_before=text_chunk("parameters", "huge")))
     png_text(group / "b.png", seed=2, parameters="a small boat")
-    run = run_cli(model_dir, tmp_path, "best-of-n", str(group), "--top", "5")
+    run = run_here(model_dir, "best-of-n", str(group), "--top", "5")
     assert run.code == 3, run.err
     assert "DecompressionBombWarning" not in run.err and "exceeds limit" not in run.err  # nothing leaks from Pillow
     recs = run.records
@@ -106,7 +106,7 @@ def test_best_of_n_prompt_after_the_image_data_is_read_without_decoding(model_di
                                   + text_chunk("parameters", "a lighthouse at dusk\nSteps: 20")
                                   + png_chunk(b"IEND", b""))
     draw_image(group / "b.png", (100, 80), seed=3)  # no metadata
-    run = run_cli(model_dir, tmp_path, "best-of-n", str(group), "--top", "5")
+    run = run_here(model_dir, "best-of-n", str(group), "--top", "5")
     assert run.code == 3, run.err
     recs = run.records
     assert {r["prompt"] for r in recs} == {"a lighthouse at dusk"}
@@ -143,7 +143,7 @@ def test_explicit_files_of_other_formats_pillow_reads_are_still_scored(model_dir
     for i, fmt in enumerate(("TGA", "PPM", "ICO")):
         paths.append(str(draw_image(tmp_path / f"pic.{fmt.lower()}", (64, 48), seed=20 + i, fmt=fmt)))
     (tmp_path / "notes.txt").write_text("hello, I am not a picture\n")
-    run = run_cli(model_dir, tmp_path, "score", "-p", PROMPT, *paths, str(tmp_path / "notes.txt"))
+    run = run_here(model_dir, "score", "-p", PROMPT, *paths, str(tmp_path / "notes.txt"))
     assert run.code == 3, run.err
     assert errors(run.records) == {"pic.tga": None, "pic.ppm": None, "pic.ico": None,
                                    "notes.txt": "not an image (unrecognised format)"}
@@ -155,19 +155,18 @@ def test_max_bytes_option(model_dir, tmp_path):
     limit = big.stat().st_size - 1
     assert small.stat().st_size <= limit
     # score: the file over the limit is an error record, the other is scored
-    run = run_cli(model_dir, tmp_path, "score", "-p", PROMPT, "--max-bytes", str(limit), str(big), str(small))
+    run = run_here(model_dir, "score", "-p", PROMPT, "--max-bytes", str(limit), str(big), str(small))
     assert run.code == 3, run.err
     assert errors(run.records) == {
         "a.png": f"too large: {limit + 1:,} bytes, limit {limit:,} (raise it with --max-bytes)", "b.png": None}
     # best-of-n: the prompt lookup skips it too (its prompt comes first by name)
-    run = run_cli(model_dir, tmp_path, "best-of-n", str(tmp_path / "group"), "--top", "5", "--max-bytes", str(limit))
+    run = run_here(model_dir, "best-of-n", str(tmp_path / "group"), "--top", "5", "--max-bytes", str(limit))
     assert run.code == 3, run.err
     assert {r["prompt"] for r in run.records} == {"a small picture"}
     assert errors(run.records)["a.png"].startswith("too large")
     # documented on every scoring command
     for command in ("score", "best-of-n", "batch"):
-        res = subprocess.run(pickrank_cmd(command, "--help"), capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "COLUMNS": "200"})
+        res = invoke(command, "--help", env={"COLUMNS": "200"})
         assert "--max-bytes" in res.stdout and "512 MiB" in res.stdout, res.stdout
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.commands import jsonl, no_traceback, pickrank_cmd
+from tests.support.commands import Completed, invoke, jsonl, no_traceback, pickrank_cmd
 from tests.support.images import draw_image
-from tests.support.shared import built_once
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -36,23 +35,14 @@ sys.meta_path.insert(0, _Blocked())
 '''
 
 
-def run(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    """The real CLI in a child process (this checkout's code)."""
+def run(*args: str, env: dict | None = None, timeout: int = 180) -> Completed | subprocess.CompletedProcess:
+    """The real CLI: in this process, or in a child process (this checkout's code) where `env` sets what is read
+    at start-up (PYTHONPATH, XDG_CACHE_HOME)."""
+    if not set(env or {}) - {"PICKRANK_CACHE", "HF_HUB_OFFLINE"}:
+        return invoke(*args, env=env)
     base = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(pickrank_cmd(*args), capture_output=True, text=True, env={**base, **(env or {})},
                           timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def export_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported once per test run through the real command."""
-
-    def export(out: Path) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        r = run("export", "onnx", str(out), "--model", str(model_dir), env={"HF_HUB_OFFLINE": "1"})
-        assert r.returncode == 0, r.stderr
-
-    return built_once(tmp_path_factory, "tiny-onnx", export)
 
 
 @pytest.fixture

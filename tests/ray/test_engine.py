@@ -31,11 +31,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def run_both(runner, model_dir, *args: str, extra: tuple[str, ...] = ("--no-cache",)):
-    """The same command with --engine local and --engine ray: (exit codes, record lists, ray stderr)."""
+def run_both(runner, model_dir, *args: str, extra: tuple[str, ...] = ("--no-cache",), actors: int = 1):
+    """The same command with --engine local and --engine ray (`actors` embedding actors: each is a process that
+    imports torch and loads the model, so one where the test is not about sharing work): both results."""
     out = {}
     for engine in ("local", "ray"):
-        eng = ["--engine", engine] + (["--ray-actors", "2"] if engine == "ray" else [])
+        eng = ["--engine", engine] + (["--ray-actors", str(actors)] if engine == "ray" else [])
         res = runner.invoke(app, [*args, "--model", str(model_dir), "-f", "jsonl", *extra, *eng])
         out[engine] = res
     return out["local"], out["ray"]
@@ -62,7 +63,7 @@ def mixed(images):
 
 
 def test_score_matches_local_with_an_unreadable_image(ray_cluster, runner, model_dir, mixed):
-    local, ray = run_both(runner, model_dir, "score", "-p", "a red cat on a blue sofa", str(mixed))
+    local, ray = run_both(runner, model_dir, "score", "-p", "a red cat on a blue sofa", str(mixed), actors=2)
     assert local.exit_code == 3, local.output
     assert ray.exit_code == 3, ray.output
     recs = jsonl(ray.stdout)
@@ -82,7 +83,7 @@ def test_best_of_n_matches_local(ray_cluster, runner, model_dir, tmp_path):
             draw_image(root / g / f"{i}.png", (90 + 7 * i, 120), seed=hash((g, i)) % 1000)
         (root / g / "prompt.txt").write_text(f"prompt of {g}")
     (root / "g2" / "bad.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    local, ray = run_both(runner, model_dir, "best-of-n", str(root), "--top", "2")
+    local, ray = run_both(runner, model_dir, "best-of-n", str(root), "--top", "2", actors=2)
     assert local.exit_code == ray.exit_code == 3, ray.output
     recs = jsonl(ray.stdout)
     assert_same_records(jsonl(local.stdout), recs)
@@ -122,7 +123,7 @@ def test_ray_fills_the_cache_the_local_engine_reads(ray_cluster, runner, model_d
 
 def test_on_error_fail_stops_the_ray_run(ray_cluster, runner, model_dir, mixed):
     res = runner.invoke(app, ["score", "-p", "x", str(mixed), "--model", str(model_dir), "--no-cache",
-                              "--engine", "ray", "--on-error", "fail"])
+                              "--engine", "ray", "--ray-actors", "1", "--on-error", "fail"])
     assert res.exit_code == 1
     assert "broken.png" in res.stderr
 
@@ -166,16 +167,30 @@ def test_actor_plan(resources, actors, expect):
     assert cpus_left >= 1  # room for at least one decode task, or the pipeline would stall
 
 
-def test_dataset_shards_match_local(ray_cluster, runner, model_dir, tmp_path):
-    """Webdataset shards, each sample against its caption, with a damaged shard among them: Ray's records are the
-    local engine's, shard by shard."""
+def test_dataset_shards_match_local(ray_cluster, runner, model_dir, tmp_path, monkeypatch):
+    """Webdataset shards, each sample against its caption, with a shard cut short and one that is no tar among
+    them: Ray's records are the local engine's, shard by shard, and the shards were read on Ray Data's tasks, not
+    by the driver."""
+    import pickrank.core.datasets
     from tests.support.shards import build_shards
 
-    build_shards(tmp_path / "shards", n_shards=2, per_shard=3)
-    (tmp_path / "shards" / "00002.tar").write_bytes(b"not a tar")
+    built = build_shards(tmp_path / "shards", n_shards=3, per_shard=3)
+    cut = built.shards[2].read_bytes()
+    built.shards[2].write_bytes(cut[:len(cut) // 2])  # its first sample(s) are scored, then a record of the damage
+    (tmp_path / "shards" / "00003.tar").write_bytes(b"not a tar")
+    read_here: list[str] = []
+    local_reader = pickrank.core.datasets.shard_samples
+
+    def counting(shard, reading, damage):
+        read_here.append(shard.path)
+        return local_reader(shard, reading, damage)
+
+    monkeypatch.setattr(pickrank.core.datasets, "shard_samples", counting)
     local, ray = run_both(runner, model_dir, "score", str(tmp_path / "shards"), "--prompt-from", "caption")
     assert local.exit_code == 3, local.output
     assert ray.exit_code == 3, ray.output
+    assert len(read_here) == 4  # the local run's four shards; the Ray run read none in this process
     recs = jsonl(ray.stdout)
     assert_same_records(jsonl(local.stdout), recs)
-    assert len(recs) == 7 and "not a readable tar" in recs[-1]["error"]
+    assert "not a readable tar" in recs[-1]["error"]
+    assert any("truncated" in (r["error"] or "") and "00002.tar" in (r["shard"] or "") for r in recs)

@@ -1,5 +1,6 @@
 """`pickrank serve --engine ray` on a local Ray with one CPU replica (tiny real CLIP, nothing mocked)
-returns the local server's scores, through the same HTTP API, and stops on SIGTERM with exit 0."""
+returns the local server's scores, through the same HTTP API, and stops on SIGTERM with exit 0. Both servers run
+with a preference head (`--head`), so the replica is shown to apply it as the local server and the library do."""
 
 from __future__ import annotations
 
@@ -16,33 +17,44 @@ import torch
 
 from pickrank.api import PickScorer
 from pickrank.serve.client import RemoteScorer
+from tests.support.heads import random_head
 from tests.support.server import LIMITS, POSTS, RTOL, TOL, Server, as_json, drawn, post_json, running_server, scores_of
 
 pytest.importorskip("ray.serve")
 
 
 @pytest.fixture(scope="module")
-def ray_server(model_dir: Path) -> Iterator[Server]:
+def head(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_head(model_dir, tmp_path_factory.mktemp("head") / "head.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ray_server(model_dir: Path, head: Path) -> Iterator[Server]:
     """One Ray Serve deployment for the module (Ray's start-up is the slow part)."""
-    with running_server(model_dir, "--engine", "ray", "--replicas", "1", "--token", "tok", *LIMITS) as s:
+    with running_server(model_dir, "--engine", "ray", "--replicas", "1", "--token", "tok", "--head", str(head),
+                        *LIMITS) as s:
         yield s
 
 
-def test_ray_deployment_scores_as_the_local_server(ray_server: Server, model_dir: Path, tmp_path: Path) -> None:
+def test_ray_deployment_scores_as_the_local_server(ray_server: Server, model_dir: Path, head: Path,
+                                                   tmp_path: Path) -> None:
     files = drawn(tmp_path, 5, seed=50)
     prompts = ["a red cat", "a blue dog", "a red cat", "the sea", "a red cat"]
     auth = {"authorization": "Bearer tok"}
     assert httpx.post(ray_server.url + "/v1/score", json={"prompt": "a", "images": []}).status_code == 401
-    with running_server(model_dir, *LIMITS, workers=0) as local:
+    with running_server(model_dir, "--head", str(head), *LIMITS, workers=0) as local:
         local.wait_ready()
         expected = {name: scores_of(post(local.url, prompts, files)) for name, post in POSTS.items()}
     for name, post in POSTS.items():
         got = scores_of(post(ray_server.url, prompts, files, headers=auth))
         assert np.allclose(got, expected[name], atol=TOL, rtol=RTOL), name
-    scorer = PickScorer.from_pretrained(str(model_dir))
+    scorer = PickScorer.from_pretrained(str(model_dir), head=str(head))
     batch = torch.rand(12, 3, 48, 40)  # more than --max-batch 8: two @serve.batch calls at least
     with RemoteScorer(ray_server.url, token="tok", deadline=60) as r:
-        assert torch.allclose(r.score("x", batch), scorer.score("x", batch), atol=TOL, rtol=RTOL)
+        served = r.score("x", batch)
+        assert torch.allclose(served, scorer.score("x", batch), atol=TOL, rtol=RTOL)
+        plain = PickScorer.from_pretrained(str(model_dir)).score("x", batch)
+        assert not torch.allclose(served, plain, atol=0.1), "the head was not applied"
         with pytest.raises(Exception, match="413"):
             r.score("x", torch.rand(49, 3, 8, 8))
     info = httpx.get(ray_server.url + "/v1/info", headers=auth, timeout=10).json()

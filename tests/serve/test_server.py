@@ -359,8 +359,8 @@ def test_serve_help_lists_each_shared_option_once(runner, monkeypatch) -> None:
     from pickrank.cli.shared import SHARED
     
     takes = [n for n in SHARED if n in ("model", "processor", "revision", "offline", "device", "dtype", "alpha",
-                                        "backend", "decode", "batch_size", "workers", "quiet", "max_pixels", "debug",
-                                        "engine", "scale", "ray_address")]
+                                        "backend", "decode", "batch_size", "head", "workers", "quiet", "max_pixels",
+                                        "debug", "engine", "scale", "ray_address")]
     assert_shared_options_once(runner, monkeypatch, ("serve",), serve, takes)
     text = runner.invoke(app, ["serve", "--help"]).stdout
     assert "$ pickrank serve" in text and "--insecure-no-auth" in text

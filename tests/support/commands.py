@@ -7,7 +7,11 @@ import io
 import json
 import struct
 import sys
+import traceback
 import zlib
+from dataclasses import dataclass
+
+from typer.testing import CliRunner
 
 from pickrank.cli.app import app
 
@@ -18,6 +22,27 @@ def cli(runner, model_dir, *args, input: str | None = None, workers: int = 0):
     """The real CLI in process, with the tiny model, no cache and in-process decoding unless asked."""
     return runner.invoke(app, [*args, "--model", str(model_dir), "--no-cache", "--workers", str(workers)],
                          input=input)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What a `python -m pickrank` run gives, as `subprocess.CompletedProcess` has it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Completed:
+    """`python -m pickrank ARGS` run in this process: a new interpreter costs seconds of CPU importing torch, so a
+    subprocess is for what needs one (a signal, a pipe, a terminal, memory, privileges, settings read at import).
+    `env` is set for the run only. An exception that escapes the CLI is on stderr as its traceback, as the
+    interpreter would print it."""
+    res = CliRunner().invoke(app, list(args), env=env, input=input)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(res.exception))
+    return Completed(res.exit_code, res.stdout, err)
 
 
 def jsonl(text: str) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.commands import pickrank_cmd
+from tests.support.commands import invoke, pickrank_cmd
 
 GIB = 1 << 30
 
@@ -21,7 +21,7 @@ class Run:
     code: int
     stdout: bytes
     stderr: bytes
-    max_rss: int  # peak resident memory of the CLI process, in bytes
+    max_rss: int | None  # peak resident memory of the CLI process, in bytes (None: run in this process)
 
     @property
     def records(self) -> list[dict]:
@@ -51,3 +51,9 @@ def run_cli(model_dir: Path, tmp_path: Path, *args: str, timeout: float = 120, p
             time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
     return Run(proc.returncode, out.read_bytes(), err.read_bytes(), usage.ru_maxrss * 1024)
+
+
+def run_here(model_dir: Path, *args: str) -> Run:
+    """`run_cli` in this process, where neither its memory, a hang nor its privileges are what is tested."""
+    res = invoke(*args, "--model", str(model_dir), "--no-cache", "--workers", "0")
+    return Run(res.returncode, res.stdout.encode(), res.stderr.encode(), None)

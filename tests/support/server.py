@@ -53,9 +53,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, *args: str, env: dict | None = None, workers: int = 1) -> Iterator[Server]:
-    """Start `pickrank serve --port 0` and read the URL it prints; always stopped (SIGTERM, then SIGKILL)."""
-    cmd = pickrank_cmd("serve", "--model", str(model_dir), "--port", "0", "--workers", str(workers), *args)
+def running_command(cmd: list[str], ready: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str,
+                                                                                           list[str]]]:
+    """Start a command that prints its URL on stderr on a line holding `ready`: (the process, the URL, its stderr
+    lines as they come); always stopped at the end (SIGTERM, then SIGKILL) unless it has ended already."""
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
     lines: list[str] = []
@@ -64,15 +65,15 @@ def running_server(model_dir: Path, *args: str, env: dict | None = None, workers
     def read() -> None:
         for line in proc.stderr:  # type: ignore[union-attr]
             lines.append(line)
-            if "listening on" in line:
+            if ready in line and "http://" in line:
                 found.set()
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        if not found.wait(60):
+        if not found.wait(90):
             raise AssertionError(f"no URL printed: {''.join(lines)}")
-        url = re.search(r"http://\S+", next(l for l in lines if "listening on" in l)).group(0)  # type: ignore
-        yield Server(proc, url, lines)
+        line = next(text for text in lines if ready in text and "http://" in text)
+        yield proc, re.search(r"http://[^\s/]+", line).group(0), lines  # type: ignore[union-attr]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -81,6 +82,14 @@ def running_server(model_dir: Path, *args: str, env: dict | None = None, workers
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, *args: str, env: dict | None = None, workers: int = 1) -> Iterator[Server]:
+    """Start `pickrank serve --port 0` and read the URL it prints; always stopped (SIGTERM, then SIGKILL)."""
+    cmd = pickrank_cmd("serve", "--model", str(model_dir), "--port", "0", "--workers", str(workers), *args)
+    with running_command(cmd, "listening on", env) as (proc, url, lines):
+        yield Server(proc, url, lines)
 
 
 def group_gone(pgid: int, timeout: float = 10) -> bool:

@@ -186,7 +186,9 @@ class ComparisonRun:
         self.kept = scored.kept
         if settings.monitor_model is not None:
             log.info("held-out scorer: %s", settings.monitor_model)
-            held_out = replace(options, model=replace(options.model, model=settings.monitor_model, processor=None),
+            # the held-out scorer is plain CLIP: no processor or preference head of the reward's
+            held_out = replace(options, model=replace(options.model, model=settings.monitor_model, processor=None,
+                                                      head=None),
                                run=replace(options.run, signals=False, scale=Scale.cosine))
             also = score_into([self.monitor], guard_inputs(self.plan.candidate_sets(), self.files), held_out,
                               on_progress=on_progress)

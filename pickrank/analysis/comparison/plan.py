@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from pickrank.errors import UsageError
+from pickrank.inputs.datasets.paths import is_dataset_arg
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.discover import is_image_name
 from pickrank.inputs.files import DEFAULT_MAX_BYTES
@@ -87,6 +88,7 @@ def plan_comparison(paths: Sequence[str] = (), *, prompts_csv: str | None = None
                     max_bytes: int | None = DEFAULT_MAX_BYTES, series: bool = False) -> Comparison:
     """The comparison the arguments describe; UsageError (exit 2) for bad input. `series`: the systems are a
     run's checkpoints, ordered by the numbers in their names, the first the baseline (`watch.as_series`)."""
+    _refuse_shards(paths)
     if series:
         if baseline is not None:
             raise UsageError("--series compares each checkpoint with the first: leave out --baseline")
@@ -137,6 +139,15 @@ def _check_every_system_has_images(systems: Sequence[str], slots: Sequence[Slot]
     for i, name in enumerate(systems):
         if not any(slot.images[i] for slot in slots):
             raise UsageError(f"system {name!r} has no images to compare (in the prompts the comparison keeps)")
+
+
+def _refuse_shards(paths: Sequence[str]) -> None:
+    """Dataset shards are a usage error: systems are paired by image file names, which a shard's samples lack (a
+    tar is read in order, not looked up by key)."""
+    for p in paths:
+        if is_dataset_arg(p):
+            raise UsageError(f"{p}: compare pairs image files across system folders and reads no dataset shards; "
+                             "score each system's shards with pickrank score -p TEXT or --prompt-from caption")
 
 
 def _check_folders(paths: Sequence[str]) -> None:

@@ -12,7 +12,7 @@ import collections
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pickrank.errors import InputFailed
 from pickrank.inputs.datasets.parquet import Layout, layout, open_parquet, parquet_samples
@@ -72,12 +72,32 @@ def check_layouts(shards: list[Shard], options: DatasetOptions, by_caption: bool
     return layouts
 
 
+def shard_samples(shard: Shard, reading: Reading, damage: list[str]) -> Iterator[Sample]:
+    """The shard's samples, read as `reading` says; the damage that ended them early, if any, is appended to
+    `damage`."""
+    try:
+        if shard.kind == "tar":
+            yield from tar_samples(shard.path, reading.options, reading.max_bytes)
+            return
+        with open_parquet(shard.path) as pf:
+            lay = reading.layouts.get(shard.path) or layout(pf.schema_arrow, reading.options, reading.by_caption,
+                                                            shard.path)
+            yield from parquet_samples(pf, lay, reading.max_bytes)
+    except ShardError as e:
+        damage.append(str(e))
+
+
+# What reads a shard's samples (`shard_samples`, or its stand-in that takes them from Ray Data).
+SampleReader = Callable[[Shard, Reading, list[str]], Iterator[Sample]]
+
+
 class DatasetSets:
     """Iterable over the run's candidate sets; `parts` holds, in order, what each set handed out stands for (the
     consumer pops one per ranking)."""
 
-    def __init__(self, shards: list[Shard], reading: Reading) -> None:
+    def __init__(self, shards: list[Shard], reading: Reading, read: SampleReader | None = None) -> None:
         self.shards, self.reading = shards, reading
+        self.read: SampleReader = read or shard_samples  # what reads a shard's samples: here, or on Ray
         self.parts: collections.deque[Part] = collections.deque()
 
     def __iter__(self) -> Iterator[CandidateSet]:
@@ -90,7 +110,7 @@ class DatasetSets:
 
     def _shard(self, shard: Shard) -> Iterator[CandidateSet]:
         damage: list[str] = []
-        samples = self._samples(shard, damage)
+        samples = self.read(shard, self.reading, damage)
         if self.reading.prompt is not None:
             part = Part(shard, "samples")
             query = Query(prompt=self.reading.prompt, prompt_source="option")
@@ -103,19 +123,6 @@ class DatasetSets:
             query = Query(prompt=self.reading.prompt or "", prompt_source="option" if self.reading.prompt else None)
             yield self._push(Part(shard, "error"), CandidateSet(queries=(query,), error=damage[0], source=shard.path))
         yield self._push(Part(shard, "end"), CandidateSet(queries=()))
-
-    def _samples(self, shard: Shard, damage: list[str]) -> Iterator[Sample]:
-        """The shard's samples; the damage that ended them early, if any, is appended to `damage`."""
-        r = self.reading
-        try:
-            if shard.kind == "tar":
-                yield from tar_samples(shard.path, r.options, r.max_bytes)
-                return
-            with open_parquet(shard.path) as pf:
-                lay = r.layouts.get(shard.path) or layout(pf.schema_arrow, r.options, r.by_caption, shard.path)
-                yield from parquet_samples(pf, lay, r.max_bytes)
-        except ShardError as e:
-            damage.append(str(e))
 
     def _items(self, samples: Iterator[Sample], part: Part) -> Iterator[Item]:
         """--prompt: the shard's samples as engine items (those unusable already say why), each noted in `part`."""

@@ -22,6 +22,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # tarfile reads a pax or GNU long-name header whole into memory: one larger than this is taken for damage.
 MAX_HEADER_BYTES = 1 << 20
 READ_BUFFER = 1 << 20
+# tarfile's own stream buffer: it keeps what is left of it after each read by copying it, so a large one costs a
+# copy of itself per member header; the file's buffer (READ_BUFFER) does the large reads.
+TAR_BUFFER = tarfile.RECORDSIZE
 _HEADER_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                            tarfile.GNUTYPE_LONGLINK})
 # What reading a damaged tar or compressed stream raises.
@@ -154,7 +157,7 @@ def _open_tar(path: str, ends: list[Exception]) -> tuple[io.BufferedReader, tarf
     except ReadError as e:
         raise ShardError(str(e)) from None
     try:
-        return f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_info_class(ends), bufsize=READ_BUFFER)
+        return f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_info_class(ends), bufsize=TAR_BUFFER)
     except _DAMAGE as e:
         f.close()
         raise ShardError(f"not a readable tar file ({e})") from None
