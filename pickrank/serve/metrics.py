@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pickrank.inputs.imagestats import STAT_NAMES, ImageStats
 
-
 # Histogram buckets of each image statistic (`serve --signals`), on its scale (README, "Watch a training run").
 _UNIT = tuple(round(0.05 * i, 2) for i in range(1, 20))
 STAT_BUCKETS: dict[str, tuple[float, ...]] = {

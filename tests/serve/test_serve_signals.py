@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 import httpx
-import pytest
 
 from pickrank.inputs.decode import ImageSpec, decode_and_preprocess
 from pickrank.inputs.imagestats import STAT_NAMES

@@ -39,7 +39,6 @@ def base_picture(p: int, k: int, size: int = 96) -> Image.Image:
     rng = np.random.default_rng(1000 * p + k)
     im = Image.new("RGB", (size, size), tuple(int(x) for x in rng.integers(60, 200, 3)))
 
-    from PIL import ImageDraw
 
     d = ImageDraw.Draw(im)
     for _ in range(5):

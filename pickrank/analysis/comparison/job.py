@@ -17,8 +17,8 @@ from pickrank.analysis.comparison.stats import (
     MIN_BOOTSTRAP,
     MIN_PROMPTS,
     CompareResult,
-    check_bootstrap,
     ScoreTable,
+    check_bootstrap,
     collect_scores,
     compare_systems,
 )
