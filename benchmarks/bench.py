@@ -586,7 +586,7 @@ def case3(cfg: dict, quick: bool, ref_cap_gb: float) -> tuple[list[str], dict]:
 
 def _default_workers() -> int:
     try:
-        from pickrank.core.engine import default_workers
+        from pickrank.core.backend import default_workers
 
         return default_workers()
     except Exception:  # pragma: no cover

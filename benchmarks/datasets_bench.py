@@ -188,9 +188,8 @@ def part_ray(tiny: Path, per: int) -> list[str]:
 def _read_all(kind: str, shards: Path, files: str) -> int:
     """Read (and hash, as the engine does) every image of the shards or of the files, in this process: the reading
     alone, without decoding or a model."""
-    from pickrank.core.engine import content_key
     from pickrank.inputs.datasets.webdataset import tar_samples
-    from pickrank.inputs.files import read_bytes
+    from pickrank.inputs.files import content_key, read_bytes
     from pickrank.options import DatasetOptions
 
     n = 0

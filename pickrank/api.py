@@ -38,7 +38,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from pickrank.core.engine import Batcher, encode_paired, encode_prompts
+from pickrank.core.backend import Batcher
+from pickrank.core.engine import encode_paired, encode_prompts
 from pickrank.core.scores import paired_scores
 from pickrank.errors import ArgumentTypeError, InputFailed, InvalidArgument, NonFiniteScores, UsageError
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, check_geometry, preprocess, to_image

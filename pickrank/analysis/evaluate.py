@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from pickrank.core.backend import LocalBackend
 from pickrank.core.cache import NullCache
-from pickrank.core.engine import Engine, LocalBackend, Ranking
+from pickrank.core.engine import Engine, Ranking
 from pickrank.errors import InvalidText, PickrankError, UsageError
 from pickrank.inputs.decode import DEFAULT_MAX_PIXELS
 from pickrank.inputs.textfile import check_text, loads_json, read_utf8

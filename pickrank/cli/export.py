@@ -18,8 +18,9 @@ def export_onnx(
                                 "there is replaced, anything else is refused.")],
     *, opts: Opts,
 ) -> None:
-    """Export the vision and text towers as ONNX graphs (fp32), checked against torch, for the onnx backend (the
-    folder is then the model of any scoring command, run by ONNX Runtime).
+    """Export the vision and text towers as ONNX graphs (fp32), checked against torch, for the onnx backend.
+
+    The folder is then the model of any scoring command, run by ONNX Runtime.
 
     Examples:
       $ pickrank export onnx pickscore-onnx/

@@ -57,9 +57,10 @@ def label(
     seed: Annotated[int, Opt(metavar="N", panel=RUN, help="Seed of the pair order.")] = 0,
     opts: Opts,
 ) -> None:
-    """Label pairs in a browser: which of two candidates is better for the prompt (keys: left/right or 1/2, down or
-    0 a tie, space skip, u or backspace undo). Every label is on disk at once; Ctrl-C ends the session, and a
-    restart resumes. Then fit a head on the labels with pickrank tune.
+    """Label pairs in a browser: which of two candidates is better for the prompt.
+
+    Keys: left/right or 1/2, down or 0 a tie, space skip, u or backspace undo. Every label is on disk at once;
+    Ctrl-C ends the session, and a restart resumes. Then fit a head on the labels with pickrank tune.
 
     Examples:
       $ pickrank label out/ --labels labels.jsonl --open

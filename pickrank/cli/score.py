@@ -84,8 +84,9 @@ def score(
                                    "changed) instead of refusing.")] = False,
     *, opts: Opts,
 ) -> None:
-    """Score images against one prompt, or each against its own metadata prompt, and rank them; or score a
-    dataset's samples (webdataset shards, parquet), with `-o DIR/` one parquet per shard, resumable.
+    """Score images against one prompt, or each against its own metadata prompt, and rank them.
+
+    Also a dataset's samples (webdataset shards, parquet): with `-o DIR/` one parquet per shard, resumable.
 
     Examples:
       $ pickrank score -p "a red cat on a sofa" images/

@@ -14,7 +14,7 @@
 This module holds the app: its routes, errors, info and metrics. Requests are parsed in `serve.requests`;
 decoding and batching are `serve.batching`'s, and nothing there decodes, preprocesses or scores on its own:
 encoded images go through `workers.decode_many` in the CLI's worker pool, pixel arrays through
-`decode.image_pixels`, the model through `core.engine.Batcher` and `core.engine.encode_paired`, the math through
+`decode.image_pixels`, the model through `core.backend.Batcher` and `core.engine.encode_paired`, the math through
 `core.scores`. The event loop only parses and waits: decoding runs in the pool (or threads), the model in one
 thread of its own. `serve.server` listens and runs the app.
 """

@@ -74,7 +74,8 @@ class Decoders:
 def score_batch(embedder: ImageTextEmbedder, pixels: list[np.ndarray],
                 prompts: list[str]) -> tuple[np.ndarray, list[bool]]:
     """Raw PickScores of pixel i against prompt i, in one model call (the engine's Batcher and score math)."""
-    from pickrank.core.engine import Batcher, encode_paired
+    from pickrank.core.backend import Batcher
+    from pickrank.core.engine import encode_paired
     from pickrank.core.scores import paired_scores
 
     batcher = Batcher(embedder)

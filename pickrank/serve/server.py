@@ -73,7 +73,7 @@ def check_limits(limits: ServeLimits) -> None:
 
 def serve_workers(workers: int | None) -> int:
     """Decode processes of the server: as the CLI's --workers [default: one per CPU, at most 8]."""
-    from pickrank.core.engine import default_workers
+    from pickrank.core.backend import default_workers
 
     return default_workers() if workers is None else workers
 

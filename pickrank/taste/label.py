@@ -106,7 +106,7 @@ class Scoring:
 def run_label(job: LabelJob, pool: Pool, embedder: ImageTextEmbedder | None,
               on_listening: Callable[[str], None]) -> int:
     """Serve the label page until a stop signal; the number of labels made in this session."""
-    from pickrank.core.engine import default_workers
+    from pickrank.core.backend import default_workers
     from pickrank.taste.images import DisplayImages
     from pickrank.taste.labels import LabelFile
     from pickrank.taste.page import label_page

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from pickrank.core.backend import LocalBackend
 from pickrank.core.cache import NullCache, open_cache
-from pickrank.core.engine import LocalBackend, encode_prompts, read_item
+from pickrank.core.engine import encode_prompts, read_item
 from pickrank.errors import UsageError
 from pickrank.options import CacheOptions, ModelOptions, RunOptions
 from pickrank.records import Finished, ImageBytes, Item

@@ -48,6 +48,18 @@ def test_help_at_80_columns(runner, path):
     assert "Options ─" in text
 
 
+def test_each_command_is_summed_up_in_one_line():
+    """The command list of `pickrank --help` shows a command's first paragraph with its line breaks kept: that
+    paragraph is one line, so the list reads as sentences at any width."""
+    root = typer.main.get_command(app)
+    for path in commands()[1:]:
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]  # type: ignore[attr-defined]
+        summary = (cmd.help or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, (path, summary)
+
+
 def test_every_option_states_its_panel():
     """A new option names its help panel where it is declared (Opt(..., panel=...)); none is left in typer's
     catch-all "Options" panel with --help."""

@@ -7,7 +7,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from pickrank.core.engine import Engine, LocalBackend
+from pickrank.core.backend import LocalBackend
+from pickrank.core.engine import Engine
 from pickrank.inputs.files import content_key, read_bytes
 from pickrank.inputs.sets import sets_for_score
 from pickrank.models.loading import LoadingEmbedder, load_in_background
