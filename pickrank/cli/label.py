@@ -42,8 +42,7 @@ def label(
     prompts: Annotated[Optional[str], Opt("--prompts", metavar="CSV", panel=INPUT,
                                           help="A compare layout's prompts CSV (id,prompt).")] = None,
     manifest: Annotated[Optional[str], Opt("--manifest", metavar="FILE", panel=INPUT,
-                                           help="A compare manifest (system,prompt,image) instead of folders.")]
-    = None,
+                                           help="A compare manifest (system,prompt,image), not folders.")] = None,
     prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", panel=INPUT,
                                          help="The prompt of every best-of-n group [default: prompt.txt, else the "
                                               "images' metadata].")] = None,
